@@ -1,0 +1,1 @@
+"""The ``atc`` command line: thin wiring over the ``compressor`` library."""

@@ -1,0 +1,138 @@
+"""Where attention is taken: automatic teacher/student pairing and activation taps.
+
+One traced forward on an example input records, in completion order, every module whose
+output is a 4-D feature map. For each spatial resolution the *last* module to finish at that
+resolution is the stage output (normalisation, activation, pooling and dropout layers are
+skipped, so for a WRN this is each group's output before the final BN-ReLU). Teacher and
+student stages are aligned from the deepest one; where their resolutions differ the AT loss
+pools the larger map to the smaller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from compressor.errors import ConfigError, ModelError
+
+_NOT_A_STAGE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
+                nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.Identity, nn.Dropout, nn.Dropout2d,
+                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str
+    shape: tuple[int, ...]  # C, H, W of one sample
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.shape[1], self.shape[2]
+
+
+@dataclass(frozen=True)
+class AttentionPair:
+    student: Stage
+    teacher: Stage
+
+    def describe(self) -> str:
+        s, t = self.student, self.teacher
+        return f"{s.module} {'×'.join(map(str, s.shape))}  ↔  {t.module} {'×'.join(map(str, t.shape))}"
+
+
+def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
+    """Stage outputs of ``model``, highest resolution first (one forward on ``example``)."""
+    finished: list[tuple[str, tuple[int, ...]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, _NOT_A_STAGE):
+            continue
+
+        def record(mod, inputs, output, name=name):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                finished.append((name, tuple(output.shape[1:])))
+
+        handles.append(module.register_forward_hook(record))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example[:1])
+    except Exception as exc:  # the user's model failed on a plain forward
+        raise ModelError(f"a forward pass on input {tuple(example.shape[1:])} failed ({exc}); check --input-size") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    last_at: dict[tuple[int, int], tuple[str, tuple[int, ...]]] = {}
+    for name, shape in finished:
+        if shape[1] > 1 or shape[2] > 1:
+            last_at.pop((shape[1], shape[2]), None)  # re-insert so dict order follows completion
+            last_at[(shape[1], shape[2])] = (name, shape)
+    stages = [Stage(name, shape) for name, shape in last_at.values()]
+    return sorted(stages, key=lambda s: -(s.shape[1] * s.shape[2]))
+
+
+def pair_stages(student: Sequence[Stage], teacher: Sequence[Stage]) -> list[AttentionPair]:
+    """Align stages from the deepest one, as many as the network with fewer stages has."""
+    n = min(len(student), len(teacher))
+    if n == 0:
+        raise ModelError("no spatial feature maps found to transfer attention between; use --method kd or none")
+    return [AttentionPair(s, t) for s, t in zip(student[len(student) - n:], teacher[len(teacher) - n:])]
+
+
+def select_pairs(pairs: list[AttentionPair], layers: str = "all") -> list[AttentionPair]:
+    """``all``, ``lastN`` (the N deepest pairs) or a comma list of student or teacher module names."""
+    if layers == "all":
+        return pairs
+    if layers.startswith("last") and layers[4:].isdigit():
+        n = int(layers[4:])
+        if not 1 <= n <= len(pairs):
+            raise ConfigError(f"--at-layers {layers}: there are {len(pairs)} attention pairs; use last1..last{len(pairs)}")
+        return pairs[-n:]
+    wanted = [w.strip() for w in layers.split(",") if w.strip()]
+    chosen = [p for p in pairs if p.student.module in wanted or p.teacher.module in wanted]
+    known = [p.student.module for p in pairs]
+    if len(chosen) != len(wanted):
+        raise ConfigError(f"--at-layers {layers}: choose from all, lastN or the stage names {', '.join(known)}")
+    return chosen
+
+
+def find_pairs(student: nn.Module, teacher: nn.Module, example: torch.Tensor, layers: str = "all") -> list[AttentionPair]:
+    return select_pairs(pair_stages(find_stages(student, example), find_stages(teacher, example)), layers)
+
+
+class Taps:
+    """Forward hooks that keep the latest output of named modules during training."""
+
+    def __init__(self, model: nn.Module, module_names: Sequence[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._handles = []
+        for name in module_names:
+            def keep(mod, inputs, output, name=name):
+                self.outputs[name] = output
+            self._handles.append(modules[name].register_forward_hook(keep))
+
+    def take(self, names: Sequence[str]) -> list[torch.Tensor]:
+        out = [self.outputs[n] for n in names]
+        self.outputs.clear()
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextlib.contextmanager
+def tapped(model: nn.Module, module_names: Sequence[str]) -> Iterator[Taps]:
+    taps = Taps(model, module_names)
+    try:
+        yield taps
+    finally:
+        taps.remove()

@@ -1,0 +1,202 @@
+"""Presets plus overrides → one validated, frozen ``Config``.
+
+A preset is a TOML file (a name of one shipped in ``presets/`` or a path). Overrides are
+``section.key=value`` strings or a nested dict; every key and value is checked, and an unknown
+one names the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from compressor.errors import ConfigError
+
+METHODS = ("none", "kd", "at", "at+kd")
+ATTENTIONS = ("sum-p", "max-p", "gradient")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 32
+    crop_padding: int = 4
+    flip: bool = True
+    train_subset: int = 0
+    test_subset: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (60, 120, 160)
+    gamma: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = "at+kd"
+    alpha: float = 0.9
+    temperature: float = 4.0
+    beta: float = 1000.0
+    p: float = 2.0
+    attention: str = "sum-p"
+    at_form: str = "code"
+    at_layers: str = "all"
+    beta_schedule: str = "constant"
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    blocks_per_stage: int = 2
+    width_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "cifar"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "distill": DistillConfig, "student": StudentConfig}
+
+
+def shipped_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("presets").iterdir() if p.name.endswith(".toml"))
+
+
+def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
+    path = Path(preset)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist; pass a shipped preset ({', '.join(shipped_presets())}) or a TOML path")
+        text, name = path.read_text(), path.stem
+    elif str(preset) in shipped_presets():
+        text, name = resources.files("presets").joinpath(f"{preset}.toml").read_text(), str(preset)
+    else:
+        raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(shipped_presets())} or pass a .toml path")
+    try:
+        return name, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset {preset} is not valid TOML ({exc}); fix the file") from exc
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    where = f"{section}.{f.name}"
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+            if out < 0:
+                raise ConfigError(f"{where} must be zero or positive, got {value}")
+            return out
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")) or out < 0:
+                raise ConfigError(f"{where} must be a finite non-negative number, got {value}")
+            return out
+        if kind.startswith("tuple"):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            out_t = tuple(int(v) for v in items)
+            if any(v < 0 for v in out_t):
+                raise ValueError
+            return out_t
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be {'a list of whole numbers' if kind.startswith('tuple') else 'a ' + kind}, got {value!r}") from None
+
+
+def _merge(base: dict[str, dict[str, Any]], updates: Mapping[str, Any], origin: str) -> None:
+    for section, values in updates.items():
+        if section == "description":
+            continue
+        if section not in SECTIONS or not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: unknown section '{section}'; valid sections are {', '.join(SECTIONS)}")
+        valid = {f.name: f for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in valid:
+                raise ConfigError(f"{origin}: unknown key '{section}.{key}'; valid keys are {', '.join(valid)}")
+            base[section][key] = _coerce(section, valid[key], value)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.epochs=3", "distill.beta=1e3"]`` → nested dict (values still strings)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=10")
+        out.setdefault(section, {})[name] = value.strip()
+    return out
+
+
+def _validate(cfg: Config) -> None:
+    d, t = cfg.distill, cfg.train
+    if d.method not in METHODS:
+        raise ConfigError(f"distill.method '{d.method}' is unknown; choose one of {', '.join(METHODS)}")
+    if d.attention not in ATTENTIONS:
+        raise ConfigError(f"distill.attention '{d.attention}' is unknown; choose one of {', '.join(ATTENTIONS)}")
+    if d.at_form not in ("code", "paper"):
+        raise ConfigError(f"distill.at_form '{d.at_form}' is unknown; choose code or paper")
+    if d.beta_schedule not in ("constant", "decay"):
+        raise ConfigError(f"distill.beta_schedule '{d.beta_schedule}' is unknown; choose constant or decay")
+    if not 0 <= d.alpha <= 1:
+        raise ConfigError(f"distill.alpha must lie in [0, 1], got {d.alpha}")
+    if d.temperature <= 0 or d.p <= 0:
+        raise ConfigError("distill.temperature and distill.p must be positive")
+    if t.epochs < 1 or t.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size must be at least 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if cfg.student.blocks_per_stage < 1 or not 0 < cfg.student.width_ratio <= 1:
+        raise ConfigError("student.blocks_per_stage must be >= 1 and student.width_ratio in (0, 1]")
+    if cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size {cfg.data.image_size} is too small; use 8 or more")
+
+
+def load_config(preset: str | Path = "cifar", overrides: Mapping[str, Any] | list[str] | None = None) -> Config:
+    """Read a preset, apply overrides, validate. Milestones follow an overridden epoch count."""
+    name, raw = _read_preset(preset)
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    _merge(values, raw, f"preset {name}")
+    preset_epochs = values["train"].get("epochs", TrainConfig.epochs)
+    preset_milestones = values["train"].get("milestones", TrainConfig.milestones)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    user = {s: dict(v) for s, v in (overrides or {}).items()}
+    _merge(values, user, "override")
+    train_user = user.get("train", {})
+    if "epochs" in train_user and "milestones" not in train_user:
+        scale = values["train"]["epochs"] / preset_epochs
+        values["train"]["milestones"] = tuple(max(1, round(m * scale)) for m in preset_milestones)
+    cfg = Config(preset=name, description=str(raw.get("description", "")),
+                 **{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,100 @@
+"""Student derivation: thinner (fewer channels) and shallower (fewer blocks per stage).
+
+Family rules cover the zoo: WRN-d-k (blocks n = (d-4)/6, width k), CIFAR ResNets (n = (d-2)/6,
+base width) and torchvision-style ResNets (blocks per stage, width multiplier). A student is
+described by the same registry family with smaller arguments, so it is a zoo model like any
+other. ``ladder`` lists candidates with their measured params and GMACs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from compressor.checkpoint import ModelSpec
+from compressor.errors import ModelError
+from compressor.models.registry import Arch
+from compressor.profiling import count_macs, count_params
+
+
+@dataclass(frozen=True)
+class Candidate:
+    spec: ModelSpec
+    params: int
+    gmacs: float
+    param_ratio: float  # teacher / student
+    mac_ratio: float
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _blocks_and_width(arch: Arch) -> tuple[list[int], float]:
+    k = arch.kwargs
+    if arch.family == "wrn":
+        return [(k["depth"] - 4) // 6] * 3, float(k["width"])
+    if arch.family == "cifar_resnet":
+        return [(k["depth"] - 2) // 6] * 3, float(k.get("width", 16))
+    if arch.family == "resnet":
+        return list(k["layers"]), float(k.get("width", 1.0))
+    raise ModelError(f"atc has no family rule for '{arch.name}'; pass --student NAME with a zoo architecture")
+
+
+def _with(arch: Arch, blocks: list[int], width: float) -> Arch:
+    k: dict[str, Any] = dict(arch.kwargs)
+    if arch.family == "wrn":
+        k.update(depth=6 * blocks[0] + 4, width=int(width) if float(width).is_integer() else width)
+    elif arch.family == "cifar_resnet":
+        k.update(depth=6 * blocks[0] + 2, width=max(4, int(round(width))))
+    else:
+        k.update(layers=list(blocks), width=width)
+    return Arch(arch.family, k)
+
+
+def student_arch(teacher: Arch, blocks_per_stage: int, width_ratio: float) -> Arch:
+    """The preset policy: at most ``blocks_per_stage`` blocks per stage, width × ``width_ratio``."""
+    blocks, width = _blocks_and_width(teacher)
+    return _with(teacher, [min(b, blocks_per_stage) for b in blocks], width * width_ratio)
+
+
+def ladder_archs(teacher: Arch) -> list[Arch]:
+    blocks, width = _blocks_and_width(teacher)
+    deepest = max(blocks)
+    block_caps = sorted({deepest, math.ceil(deepest / 2), max(1, deepest // 3), 1}, reverse=True)
+    ratios = [1.0, 0.5, 0.25] if teacher.family != "cifar_resnet" else [1.0, 0.5]
+    seen, out = {teacher.name}, []
+    for cap in block_caps:
+        for r in ratios:
+            if teacher.family == "wrn" and width * r < 0.25:
+                continue
+            arch = _with(teacher, [min(b, cap) for b in blocks], width * r)
+            if arch.name not in seen:
+                seen.add(arch.name)
+                out.append(arch)
+    return out
+
+
+def spec_like(teacher: ModelSpec, arch: Arch) -> ModelSpec:
+    return ModelSpec(arch.family, dict(arch.kwargs), teacher.num_classes, list(teacher.class_names),
+                     tuple(teacher.input_size), teacher.mean, teacher.std)
+
+
+def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candidate:
+    model = spec.build()
+    params = count_params(model)["total"]
+    gmacs = count_macs(model, spec.input_size).gmacs
+    return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
+
+
+def ladder(teacher: ModelSpec) -> list[Candidate]:
+    """Every family candidate, largest first, with params, GMACs and ratios to the teacher."""
+    model = teacher.build()
+    tp, tm = count_params(model)["total"], count_macs(model, teacher.input_size).gmacs
+    cands = [measure(spec_like(teacher, a), tp, tm) for a in ladder_archs(teacher.arch)]
+    return sorted(cands, key=lambda c: -c.gmacs)
+
+
+def apply_plan(model, plan: dict[str, Any], input_size: tuple[int, int, int]):
+    raise ModelError("this checkpoint holds a thinning plan, which needs a newer atc; upgrade atc")

@@ -1,0 +1,159 @@
+"""ONNX export with a parity check, metadata for deployment without atc, and INT8 quantization.
+
+The export uses torch's default (dynamo) exporter in eval mode with a named dynamic batch axis
+and ``external_data=False``, so the result is one self-contained file. Parity compares
+onnxruntime's CPU output with PyTorch's at two batch sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor import fileio
+from compressor.checkpoint import ModelSpec
+from compressor.errors import ExportError
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: dict[int, float]  # batch size → max |onnxruntime − torch|
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return all(d <= self.atol for d in self.max_abs_diff.values())
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs_diff.values())
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and warnings of its own; keep stdout clean for --json."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def metadata_for(spec: ModelSpec) -> dict[str, str]:
+    return {
+        "atc.arch": spec.name,
+        "atc.class_names": json.dumps(spec.class_names),
+        "atc.input_size": json.dumps(list(spec.input_size)),
+        "atc.mean": json.dumps(spec.mean),
+        "atc.std": json.dumps(spec.std),
+        "atc.input_range": "RGB scaled to [0, 1], then (x - mean) / std",
+    }
+
+
+def to_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path, metadata: dict[str, str] | None = None,
+            opset: int | None = None) -> Path:
+    """Export ``model`` to one ONNX file with a dynamic batch axis; written atomically."""
+    import onnx
+
+    model = model.eval().float().to("cpu")
+    example = torch.randn(2, *input_size)
+    out = Path(out)
+    with fileio.atomic_path(out, suffix=".onnx") as tmp:
+        try:
+            with _quiet():
+                torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
+                                  opset_version=opset, dynamo=True, verbose=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"ONNX export failed ({first}); the model may use an operation the exporter cannot trace") from exc
+        proto = onnx.load(str(tmp))
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+    return out
+
+
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def check_parity(model: nn.Module, onnx_path: str | Path, input_size: tuple[int, int, int], batch_sizes=(1, 8),
+                 atol: float = 1e-4, seed: int = 0) -> Parity:
+    model = model.eval().float().to("cpu")
+    sess = ort_session(onnx_path)
+    g = torch.Generator().manual_seed(seed)
+    diffs = {}
+    for bs in batch_sizes:
+        x = torch.randn(bs, *input_size, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        diffs[bs] = float(np.abs(got - ref).max())
+    return Parity(diffs, atol)
+
+
+def read_metadata(onnx_path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
+def export_checked(model: nn.Module, spec: ModelSpec, out: str | Path, atol: float = 1e-4,
+                   batch_sizes=(1, 8)) -> Parity:
+    """Export with metadata and verify parity; the file stays (for inspection) but a miss raises."""
+    to_onnx(model, spec.input_size, out, metadata_for(spec))
+    parity = check_parity(model, out, spec.input_size, batch_sizes, atol)
+    if not parity.ok:
+        raise ExportError(f"ONNX parity check failed: max |onnxruntime - torch| = {parity.worst:.2e} > atol {atol:g}; "
+                          "inspect the model or relax --atol")
+    return parity
+
+
+def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarray, per_channel: bool = True) -> Path:
+    """Static QDQ quantization: uint8 activations, int8 (per-channel) weights, calibrated on ``calibration``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([{INPUT_NAME: calibration[i:i + 32]} for i in range(0, len(calibration), 32)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as scratch, fileio.atomic_path(out, suffix=".onnx") as tmp:
+        prepared = Path(scratch) / "prepared.onnx"
+        with _quiet():
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=per_channel)
+    return out

@@ -1,0 +1,106 @@
+"""The distillation objective as small pure functions.
+
+AT (Zagoruyko & Komodakis 2017): the attention map of an activation ``A`` (B×C×H×W) is the
+channel mean of ``|A|^p``, flattened per sample and L2-normalised. Per tapped pair the loss is
+``mean((Q_s - Q_t)^2)`` (the public reference code, ``form="code"``); the paper's eq. 2 uses
+``β/2 · ||Q_s - Q_t||_2`` per sample (``form="paper"``). The total is ``β · Σ_pairs``.
+
+KD (Hinton et al. 2015): ``KL(softmax(t/T) || softmax(s/T)) · T²``, averaged over the batch,
+mixed as ``α·KD + (1-α)·CE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+AtForm = Literal["code", "paper"]
+Reduce = Literal["mean", "max"]
+
+
+def attention_map(a: torch.Tensor, p: float = 2, reduce: Reduce = "mean") -> torch.Tensor:
+    """Normalised spatial attention of ``a`` (B×C×H×W) → B×(H·W); ``reduce='max'`` is max-p."""
+    energy = a.abs().pow(p)
+    pooled = energy.mean(1) if reduce == "mean" else energy.amax(1)
+    return F.normalize(pooled.flatten(1).float(), dim=1)
+
+
+def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two feature maps to the smaller one's height and width."""
+    hs, ht = s.shape[-2:], t.shape[-2:]
+    if hs == ht:
+        return s, t
+    size = (min(hs[0], ht[0]), min(hs[1], ht[1]))
+    return F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+
+
+def at_distance(qs: torch.Tensor, qt: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
+    """Distance between two batches of normalised maps, *without* β."""
+    if form == "code":
+        return (qs - qt).pow(2).mean()
+    return 0.5 * (qs - qt).norm(p=2, dim=1).mean()
+
+
+def at_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2, form: AtForm = "code", reduce: Reduce = "mean") -> torch.Tensor:
+    """AT loss of one student/teacher activation pair (β not applied)."""
+    s, t = match_spatial(s, t)
+    return at_distance(attention_map(s, p, reduce), attention_map(t, p, reduce), form)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """Hinton KD: batch-mean KL(teacher ‖ student) at temperature T, times T²."""
+    log_s = F.log_softmax(student_logits.float() / T, dim=1)
+    p_t = F.softmax(teacher_logits.float() / T, dim=1)
+    return F.kl_div(log_s, p_t, reduction="batchmean") * T * T
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Which terms the loss has and their weights; ``method`` is none|kd|at|at+kd."""
+
+    method: str = "at+kd"
+    alpha: float = 0.9
+    temperature: float = 4.0
+    beta: float = 1000.0
+    p: float = 2.0
+    form: AtForm = "code"
+    reduce: Reduce = "mean"
+
+    @property
+    def uses_kd(self) -> bool:
+        return "kd" in self.method.split("+")
+
+    @property
+    def uses_at(self) -> bool:
+        return "at" in self.method.split("+")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.uses_kd or self.uses_at
+
+
+def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: torch.Tensor,
+                       teacher_logits: torch.Tensor | None = None,
+                       pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+                       beta: float | None = None) -> dict[str, torch.Tensor]:
+    """Every weighted loss term by name plus their sum under ``"loss"``.
+
+    ``beta`` overrides ``obj.beta`` for schedules that change it during training.
+    """
+    ce = F.cross_entropy(student_logits.float(), targets)
+    terms: dict[str, torch.Tensor] = {}
+    if obj.uses_kd:
+        assert teacher_logits is not None
+        terms["ce"] = (1 - obj.alpha) * ce
+        terms["kd"] = obj.alpha * kd_loss(student_logits, teacher_logits, obj.temperature)
+    else:
+        terms["ce"] = ce
+    if obj.uses_at:
+        b = obj.beta if beta is None else beta
+        at_sum = sum(at_loss(s, t, obj.p, obj.form, obj.reduce) for s, t in pairs)
+        terms["at"] = b * at_sum if pairs else ce.new_zeros(())
+    terms["loss"] = sum(terms.values())
+    return terms

@@ -1,0 +1,120 @@
+"""One registry of model builders by name, so a checkpoint can store a name plus keyword
+arguments and rebuild the module.
+
+Names: ``wrn-D-K`` (e.g. ``wrn-40-4``), CIFAR ResNets ``resnet20/32/56/110`` (and
+``cifar-resnetD`` for any 6n+2 depth), torchvision's ``resnet18/34/50/101/152`` (``-cifar``
+for a 3x3 stem without max-pool), and a few torchvision classifiers for generic thinning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from compressor.errors import ModelError
+from compressor.models.resnet import CifarResNet, ScalableResNet
+from compressor.models.wrn import WideResNet
+
+IMAGENET_RESNETS = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck", [3, 4, 23, 3]),
+    "resnet152": ("bottleneck", [3, 8, 36, 3]),
+}
+CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+TORCHVISION_GENERIC = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                       "vgg11_bn", "vgg16_bn", "regnet_x_400mf", "regnet_y_400mf")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A buildable architecture: a family and the keyword arguments of its builder."""
+
+    family: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return display_name(self.family, self.kwargs)
+
+    def build(self, num_classes: int) -> nn.Module:
+        return FAMILIES[self.family](num_classes=num_classes, **self.kwargs)
+
+
+def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "wrn": WideResNet,
+    "cifar_resnet": CifarResNet,
+    "resnet": ScalableResNet,
+    "torchvision": _torchvision_model,
+}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def display_name(family: str, kwargs: dict[str, Any]) -> str:
+    if family == "wrn":
+        return f"wrn-{kwargs['depth']}-{_fmt(kwargs['width'])}"
+    if family == "cifar_resnet":
+        base = f"resnet{kwargs['depth']}" if kwargs["depth"] in CIFAR_RESNET_DEPTHS else f"cifar-resnet{kwargs['depth']}"
+        return base if kwargs.get("width", 16) == 16 else f"{base}-w{kwargs['width']}"
+    if family == "resnet":
+        layers = list(kwargs.get("layers", []))
+        std = next((n for n, (b, l) in IMAGENET_RESNETS.items() if l == layers and b == kwargs.get("block")), None)
+        name = std or f"resnet-{kwargs.get('block')}-{'.'.join(map(str, layers))}"
+        if kwargs.get("width", 1.0) != 1.0:
+            name += f"-x{_fmt(kwargs['width'])}"
+        return name + ("-cifar" if kwargs.get("cifar_stem") else "")
+    if family == "torchvision":
+        return kwargs["name"]
+    return family
+
+
+def known_names() -> list[str]:
+    wrns = [f"wrn-{d}-{k}" for d in (10, 16, 22, 28, 40) for k in (1, 2, 4, 8, 10)]
+    cifar = [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
+    imagenet = list(IMAGENET_RESNETS) + [f"{n}-cifar" for n in IMAGENET_RESNETS]
+    return wrns + cifar + imagenet + list(TORCHVISION_GENERIC)
+
+
+def parse_arch(name: str) -> Arch:
+    """Turn a zoo name into an ``Arch``; unknown names raise with the closest known ones."""
+    key = name.strip().lower()
+    if m := re.fullmatch(r"wrn-(\d+)-(\d+(?:\.\d+)?)", key):
+        depth, width = int(m.group(1)), float(m.group(2))
+        if (depth - 4) % 6 == 0 and depth >= 10:
+            return Arch("wrn", {"depth": depth, "width": int(width) if width.is_integer() else width})
+    base, cifar_stem = (key[: -len("-cifar")], True) if key.endswith("-cifar") else (key, False)
+    if base in IMAGENET_RESNETS:
+        block, layers = IMAGENET_RESNETS[base]
+        kwargs: dict[str, Any] = {"block": block, "layers": layers, "width": 1.0}
+        if cifar_stem:
+            kwargs["cifar_stem"] = True
+        return Arch("resnet", kwargs)
+    if m := re.fullmatch(r"(?:cifar-)?resnet(\d+)(?:-w(\d+))?", key):
+        depth, width = int(m.group(1)), int(m.group(2) or 16)
+        if (depth - 2) % 6 == 0 and depth >= 8:
+            return Arch("cifar_resnet", {"depth": depth, "width": width})
+    if key in TORCHVISION_GENERIC:
+        return Arch("torchvision", {"name": key})
+    close = difflib.get_close_matches(key, known_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `atc derive --list-archs` for the zoo"
+    raise ModelError(f"unknown architecture '{name}'{hint}")
+
+
+def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
+    """Build a zoo model from its name, e.g. ``create_model('wrn-16-2', num_classes=10)``."""
+    arch = parse_arch(name)
+    return Arch(arch.family, {**arch.kwargs, **overrides}).build(num_classes)

@@ -1,0 +1,232 @@
+"""The whole job, one function per arrow: load → derive → pair → distil → evaluate → export →
+profile → report. The CLI calls these; so can a five-line Python script.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor import __version__, fileio
+from compressor.attention import AttentionPair, find_pairs
+from compressor.checkpoint import ModelSpec, load_model, save_checkpoint
+from compressor.config import Config
+from compressor.data import ImageData, open_dataset
+from compressor.derive import Candidate, ladder, measure, spec_like, student_arch
+from compressor.distill import STATE_FILE, METRICS_FILE, Teacher, evaluate, fit, make_batches, objective_from, pick_device
+from compressor.errors import ConfigError, DataError, OutputError
+from compressor.events import SILENT, Reporter
+from compressor.export import export_checked
+from compressor.losses import distillation_terms
+from compressor.models.registry import parse_arch
+from compressor.profiling import Timing, compare_latency, count_macs, count_params, environment, measure_latency
+from compressor.report import write_report
+
+
+def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse a non-empty ``out_dir`` unless the user said to overwrite or resume into it."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; pass a folder")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise OutputError(f"--out {out} is not empty; pass --overwrite to replace its files, --resume to continue, or another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT) -> ImageData:
+    image_size = cfg.data.image_size if str(spec) == "digits" or cfg.data.image_size else None
+    data = open_dataset(spec, image_size=image_size, strict=strict)
+    if data.skipped_files:
+        reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
+    return data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.train.seed)
+
+
+def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") -> None:
+    if spec.num_classes != data.num_classes:
+        raise DataError(f"the {role} has {spec.num_classes} classes but the data has {data.num_classes}; "
+                        "use data with the same classes or another checkpoint")
+    if tuple(spec.input_size) != tuple(data.input_size):
+        raise DataError(f"the {role} expects input {'x'.join(map(str, spec.input_size))} but the data is "
+                        f"{'x'.join(map(str, data.input_size))}; set data.image_size in the preset or use matching data")
+
+
+def normalization(spec: ModelSpec, data: ImageData) -> tuple[list[float], list[float]]:
+    if spec.mean is not None and spec.std is not None:
+        return list(spec.mean), list(spec.std)
+    return data.channel_stats()
+
+
+def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, device: torch.device | None = None,
+                reporter: Reporter = SILENT, resume: bool = False) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """Train ``arch`` from scratch on ``data`` with the preset recipe; save an atc checkpoint."""
+    out_path = Path(out_path)
+    mean, std = data.channel_stats()
+    spec = replace(ModelSpec.for_arch(arch, data.num_classes), class_names=list(data.class_names),
+                   input_size=tuple(data.input_size), mean=mean, std=std)
+    torch.manual_seed(cfg.train.seed)
+    model = spec.build()
+    result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(),
+                 reporter=reporter, resume=resume, tag=spec.name)
+    metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
+               "data": data.name, "preset": cfg.preset, "epochs": cfg.train.epochs}
+    save_checkpoint(out_path, model.cpu(), spec, metrics)
+    return model, spec, metrics
+
+
+def state_dir_for(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".state")
+
+
+def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0) -> list[Candidate]:
+    """``names`` if given; else the ``count`` ladder candidates nearest the preset policy; else the policy student."""
+    t_model = teacher.build()
+    tp, tm = count_params(t_model)["total"], count_macs(t_model, teacher.input_size).gmacs
+    if names:
+        return [measure(spec_like(teacher, parse_arch(n)), tp, tm) for n in names]
+    policy = measure(spec_like(teacher, student_arch(teacher.arch, cfg.student.blocks_per_stage, cfg.student.width_ratio)), tp, tm)
+    if count <= 1:
+        return [policy]
+    others = [c for c in ladder(teacher) if c.name != policy.name]
+    others.sort(key=lambda c: abs(torch.tensor(c.gmacs / policy.gmacs).log().item()))
+    return [policy] + others[: count - 1]
+
+
+@dataclass
+class DryRun:
+    student: Candidate
+    pairs: list[AttentionPair]
+    initial_terms: dict[str, float]
+
+
+def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: ImageData, cfg: Config,
+                  mean, std, method: str) -> dict[str, float]:
+    """The loss terms on one training batch before any training: a check that β and α are sane."""
+    from compressor.attention import Taps
+
+    train_b, _ = make_batches(data, cfg, mean, std, torch.device("cpu"))
+    x, y = next(iter(train_b))
+    s_taps, t_taps = Taps(student, [p.student.module for p in pairs]), Taps(teacher, [p.teacher.module for p in pairs])
+    student.train(), teacher.eval()
+    with torch.no_grad():
+        t_logits, logits = teacher(x), student(x)
+    terms = distillation_terms(objective_from(cfg, method), logits, y, t_logits,
+                               list(zip(s_taps.take([p.student.module for p in pairs]), t_taps.take([p.teacher.module for p in pairs]))))
+    s_taps.remove(), t_taps.remove()
+    return {k: float(v) for k, v in terms.items()}
+
+
+def plan(teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, candidates: list[Candidate], method: str) -> list[DryRun]:
+    mean, std = normalization(t_spec, data)
+    example = torch.zeros(1, *t_spec.input_size)
+    out = []
+    for cand in candidates:
+        torch.manual_seed(cfg.train.seed)
+        student = cand.spec.build()
+        pairs = find_pairs(student, teacher, example, cfg.distill.at_layers)
+        out.append(DryRun(cand, pairs, initial_terms(student, teacher, pairs, data, cfg, mean, std, method)))
+    return out
+
+
+def _student_dir(out: Path, cand: Candidate, method: str) -> Path:
+    return out / "students" / f"{cand.name}-{method.replace('+', '_')}"
+
+
+def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, method: str,
+                    out: Path, device: torch.device, reporter: Reporter = SILENT, resume: bool = False) -> dict[str, Any]:
+    """Train one student (skipped when a finished checkpoint is already there and ``resume``)."""
+    mean, std = normalization(t_spec, data)
+    spec = replace(cand.spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
+    sdir = _student_dir(out, cand, method)
+    ckpt = sdir / "student.pt"
+    if resume and ckpt.exists():
+        model, spec, metrics = load_model(ckpt)
+        reporter.info(f"{cand.name} ({method}) already finished; reusing {ckpt}")
+        return {"model": model, "spec": spec, "metrics": metrics, "dir": sdir}
+    torch.manual_seed(cfg.train.seed)
+    model = spec.build()
+    example = torch.zeros(1, *spec.input_size)
+    pairs = find_pairs(model, teacher, example, cfg.distill.at_layers)
+    result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
+                 resume=resume, tag=f"{cand.name} ({method})")
+    metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
+               "method": method, "teacher": t_spec.name, "epochs": cfg.train.epochs, "pairs": [p.describe() for p in pairs]}
+    save_checkpoint(ckpt, model.cpu(), spec, metrics)
+    return {"model": model.cpu(), "spec": spec, "metrics": metrics, "dir": sdir}
+
+
+def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_dir: str | Path, *, method: str | None = None,
+             students: list[str] | None = None, n_students: int = 0, arch: str | None = None, trust: bool = False,
+             overwrite: bool = False, resume: bool = False, strict_data: bool = False, device: str = "auto",
+             threads: int | None = None, reporter: Reporter = SILENT, command: str = "") -> dict[str, Any]:
+    """Distil one or more students from a trained teacher and write the full output set."""
+    out = prepare_output(out_dir, overwrite, resume)
+    method = method or cfg.distill.method
+    teacher, t_spec, _ = load_model(teacher_path, arch=arch, trust=trust)
+    data = load_data(data_spec, cfg, strict_data, reporter)
+    if t_spec.family == "module":
+        raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
+    t_spec = replace(t_spec, input_size=t_spec.input_size if t_spec.mean is not None else tuple(data.input_size))
+    check_compatible(t_spec, data)
+    mean, std = normalization(t_spec, data)
+    t_spec = replace(t_spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
+    dev = pick_device(device)
+    candidates = choose_students(t_spec, cfg, students, n_students)
+    _, test_b = make_batches(data, cfg, mean, std, dev)
+    teacher.to(dev)
+    t_top1 = evaluate(teacher, test_b)["top1"]
+    reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name}")
+    results = [distill_student(c, teacher, t_spec, data, cfg, method, out, dev, reporter, resume) for c in candidates]
+    teacher.cpu()
+    report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command)
+    _publish_primary(out, results[0])
+    write_report(out, report)
+    return report
+
+
+def _publish_primary(out: Path, primary: dict[str, Any]) -> None:
+    """The first student's files also sit at the top of ``out`` (student.pt, student.onnx, metrics.jsonl)."""
+    for name in ("student.pt", "student.onnx", METRICS_FILE):
+        with fileio.atomic_path(out / name) as tmp:
+            shutil.copyfile(primary["dir"] / name, tmp)
+
+
+def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
+                 candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
+                 threads: int | None, reporter: Reporter = SILENT, command: str = "") -> dict[str, Any]:
+    t_params, t_macs = count_params(teacher)["total"], count_macs(teacher, t_spec.input_size).gmacs
+    reporter.info("measuring teacher latency (onnxruntime CPU, batch 1)")
+    t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5))
+    students, speed = [], None
+    for res, cand in zip(results, candidates):
+        onnx_path = res["dir"] / "student.onnx"
+        parity = export_checked(res["model"], res["spec"], onnx_path)
+        reporter.info(f"{cand.name}: exported {onnx_path} (max |ORT - torch| {parity.worst:.1e}); timing against the teacher")
+        speed = compare_latency(teacher, res["model"], t_spec.input_size, "ort-cpu", 1, threads, student_onnx=onnx_path)
+        top1 = res["metrics"]["top1"]
+        students.append({
+            "name": cand.name, "method": method, "role": "student", "params": cand.params, "gmacs": cand.gmacs,
+            "gflops": 2 * cand.gmacs, "top1": top1, "top1_delta": top1 - t_top1, "param_ratio": cand.param_ratio,
+            "mac_ratio": cand.mac_ratio, "latency_ms": speed.student_ms, "latency_speedup": speed.speedup,
+            "latency_speedup_spread": list(speed.spread), "checkpoint": str((res["dir"] / "student.pt").relative_to(out)),
+            "onnx": str(onnx_path.relative_to(out)), "onnx_parity_max_abs_diff": {str(k): v for k, v in parity.max_abs_diff.items()},
+            "train_seconds": res["metrics"].get("train_seconds"), "epochs": cfg.train.epochs,
+            "attention_pairs": res["metrics"].get("pairs", []),
+        })
+    return {
+        "atc_version": __version__, "report_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        "preset": cfg.preset, "method": method, "epochs": cfg.train.epochs, "config": cfg.to_dict(),
+        "data": {"name": data.name, "train": len(data.train_y), "test": len(data.test_y), "classes": data.num_classes},
+        "units": {"gmacs": "fvcore multiply-adds, one multiply-add = one flop; GFLOPs = 2 x GMACs", "latency": "milliseconds"},
+        "latency": {"runtime": "ort-cpu", "batch_size": 1, "threads": t_lat.threads, "rounds": speed.rounds if speed else 0,
+                    "teacher_median_ms": t_lat.median_ms, "teacher_cv": t_lat.cv},
+        "teacher": {"name": t_spec.name, "params": t_params, "gmacs": t_macs, "gflops": 2 * t_macs, "top1": t_top1,
+                    "latency_ms": speed.teacher_ms if speed else t_lat.median_ms},
+        "students": students, "environment": environment(),
+    }

@@ -1,0 +1,1 @@
+"""Training presets shipped with atc (TOML files in this package)."""
