@@ -90,7 +90,9 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported" not in str(exc):
+        # torch names what the safe unpickler refused ("Unsupported global: …"); any other
+        # unpickling failure means the bytes are not a checkpoint at all.
+        if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint or is corrupt ({str(exc).splitlines()[0][:120]})") from exc
         if not trust:
             raise CheckpointError(f"{path} needs code execution to load (it pickles Python objects); pass --trust-checkpoint only if you trust its source") from None

@@ -53,6 +53,7 @@ class DistillConfig:
     at_form: str = "code"
     at_layers: str = "all"
     beta_schedule: str = "constant"
+    flip_beta: float = 0.0  # gradient AT only: weight of the student's horizontal-flip symmetry term
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,20 @@ def _merge(base: dict[str, dict[str, Any]], updates: Mapping[str, Any], origin: 
             if key not in valid:
                 raise ConfigError(f"{origin}: unknown key '{section}.{key}'; valid keys are {', '.join(valid)}")
             base[section][key] = _coerce(section, valid[key], value)
+
+
+def parse_attention(text: str) -> tuple[str, float | None]:
+    """``sum-p:4`` → ("sum-p", 4.0); ``max-p`` → ("max-p", None); ``gradient`` → ("gradient", None)."""
+    name, _, p = str(text).strip().partition(":")
+    if name not in ATTENTIONS or (p and name == "gradient"):
+        raise ConfigError(f"attention '{text}' is unknown; use sum-p[:P], max-p[:P] or gradient, e.g. sum-p:2")
+    try:
+        value = float(p) if p else None
+    except ValueError:
+        value = -1.0
+    if value is not None and not 0 < value < float("inf"):
+        raise ConfigError(f"attention '{text}': p must be a positive number, e.g. {name}:2")
+    return name, value
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

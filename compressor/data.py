@@ -196,6 +196,10 @@ def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict:
     """Load the dataset named by ``spec``: ``digits`` or a folder in a supported layout."""
     if str(spec) == "digits":
         return load_digits(image_size or 16)
+    if str(spec) == "shapes":  # generated shapes with object masks (compressor/shapes.py)
+        from compressor.shapes import load_shapes
+
+        return load_shapes(image_size or 32)
     kind, root = find_layout(Path(spec).expanduser())
     if kind in ("cifar10", "cifar100"):
         return _load_torchvision_cifar(root, kind == "cifar100")
@@ -245,7 +249,8 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         n = len(self._order())
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # A dataset smaller than one batch still trains: dropping the last batch would drop everything.
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)

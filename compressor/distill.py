@@ -24,7 +24,7 @@ from compressor.config import Config
 from compressor.data import Augment, DeviceBatches, ImageData
 from compressor.errors import CheckpointError, TrainingError
 from compressor.events import SILENT, Reporter
-from compressor.losses import Objective, distillation_terms
+from compressor.losses import Objective, distillation_terms, input_gradient
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -43,7 +43,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 def objective_from(cfg: Config, method: str | None = None) -> Objective:
     d = cfg.distill
     p, reduce = d.p, "max" if d.attention == "max-p" else "mean"
-    return Objective(method or d.method, d.alpha, d.temperature, d.beta, p, d.at_form, reduce)  # type: ignore[arg-type]
+    return Objective(method or d.method, d.alpha, d.temperature, d.beta, p, d.at_form, reduce,  # type: ignore[arg-type]
+                     gradient=d.attention == "gradient", flip_beta=d.flip_beta)
 
 
 @dataclass
@@ -115,7 +116,8 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
                     on_stop=None) -> EpochStats:
     student.train()
     stats = stats or EpochStats()
-    pairs = list(teacher.pairs) if teacher and objective.uses_at else []
+    grad_at = teacher is not None and objective.uses_at and objective.gradient
+    pairs = list(teacher.pairs) if teacher and objective.uses_at and not grad_at else []
     s_taps = Taps(student, [p.student.module for p in pairs])
     t_taps = Taps(teacher.model, [p.teacher.module for p in pairs]) if pairs else None
     device = batches.device
@@ -123,15 +125,22 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
     try:
         for x, y in batches:
             t0 = time.perf_counter()
+            grads = None
             with _autocast(device, bf16):
                 t_logits = None
-                if teacher is not None and objective.needs_teacher:
-                    with torch.no_grad():
-                        t_logits = teacher.model(x)
-                logits = student(x)
+                if grad_at:  # J = dL/dx: a plain gradient for the teacher, double backprop for the student
+                    x = x.detach().requires_grad_(True)
+                    jt, t_logits = input_gradient(teacher.model, x, y)
+                    js, logits = input_gradient(student, x, y, create_graph=True)
+                    grads, t_logits = (js, jt.detach()), t_logits.detach()
+                else:
+                    if teacher is not None and objective.needs_teacher:
+                        with torch.no_grad():
+                            t_logits = teacher.model(x)
+                    logits = student(x)
             s_maps = s_taps.take([p.student.module for p in pairs])
             t_maps = t_taps.take([p.teacher.module for p in pairs]) if t_taps else []
-            terms = distillation_terms(objective, logits, y, t_logits, list(zip(s_maps, t_maps)), beta)
+            terms = distillation_terms(objective, logits, y, t_logits, list(zip(s_maps, t_maps)), beta, grads)
             _check_finite(terms, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -140,7 +149,7 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
             stats.add({k: v.detach() for k, v in terms.items()}, int((logits.argmax(1) == y).sum()), n)
             stats.seconds += time.perf_counter() - t0
             step += 1
-            reporter.advance(1, loss=float(terms["loss"]), img_s=stats.seen / max(stats.seconds, 1e-9))
+            reporter.advance(1, loss=float(terms["loss"].detach()), img_s=stats.seen / max(stats.seconds, 1e-9))
             if stop is not None and stop.raised is not None:
                 if on_stop is not None:
                     on_stop(epoch, step, stats)

@@ -4,6 +4,11 @@ AT (Zagoruyko & Komodakis 2017): the attention map of an activation ``A`` (B×C�
 channel mean of ``|A|^p``, flattened per sample and L2-normalised. Per tapped pair the loss is
 ``mean((Q_s - Q_t)^2)`` (the public reference code, ``form="code"``); the paper's eq. 2 uses
 ``β/2 · ||Q_s - Q_t||_2`` per sample (``form="paper"``). The total is ``β · Σ_pairs``.
+Max-p (``reduce="max"``) takes the channel max of ``|A|^p`` instead of the mean.
+
+Gradient-based AT (section 3.2): ``J = ∂L/∂x`` for teacher and student; the same distance on the
+per-sample L2-normalised ``J``, trained with double backpropagation; optionally the student's
+horizontal-flip term ``||J − flip(J)||`` weighted by its own β.
 
 KD (Hinton et al. 2015): ``KL(softmax(t/T) || softmax(s/T)) · T²``, averaged over the batch,
 mixed as ``α·KD + (1-α)·CE``.
@@ -50,6 +55,27 @@ def at_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2, form: AtForm = "code
     return at_distance(attention_map(s, p, reduce), attention_map(t, p, reduce), form)
 
 
+def input_gradient(model, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``J = ∂L/∂x`` with ``L`` the summed cross-entropy (so each sample's gradient ignores the batch size).
+
+    ``create_graph=True`` keeps the graph for double backpropagation through a student; the teacher's
+    gradient is a plain one. ``x`` must require grad. Returns the gradient and the logits.
+    """
+    logits = model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), x, create_graph=create_graph)
+    return grad, logits
+
+
+def gradient_at_loss(js: torch.Tensor, jt: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
+    """Gradient-based AT: distance between per-sample L2-normalised input gradients (β not applied)."""
+    return at_distance(F.normalize(js.flatten(1).float(), dim=1), F.normalize(jt.flatten(1).float(), dim=1), form)
+
+
+def flip_symmetry_loss(j: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
+    """The paper's horizontal-flip term ``||J − flip(J)||`` on the normalised input gradient (β not applied)."""
+    return gradient_at_loss(j, j.flip(-1), form)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
     """Hinton KD: batch-mean KL(teacher ‖ student) at temperature T, times T²."""
     log_s = F.log_softmax(student_logits.float() / T, dim=1)
@@ -68,6 +94,8 @@ class Objective:
     p: float = 2.0
     form: AtForm = "code"
     reduce: Reduce = "mean"
+    gradient: bool = False  # gradient-based AT on input gradients instead of activation maps
+    flip_beta: float = 0.0  # weight of the student's flip-symmetry term (gradient AT only)
 
     @property
     def uses_kd(self) -> bool:
@@ -85,10 +113,12 @@ class Objective:
 def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: torch.Tensor,
                        teacher_logits: torch.Tensor | None = None,
                        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-                       beta: float | None = None) -> dict[str, torch.Tensor]:
+                       beta: float | None = None,
+                       input_grads: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every weighted loss term by name plus their sum under ``"loss"``.
 
-    ``beta`` overrides ``obj.beta`` for schedules that change it during training.
+    ``beta`` overrides ``obj.beta`` for schedules that change it during training. With
+    ``obj.gradient`` the AT term uses ``input_grads = (J_student, J_teacher)`` instead of ``pairs``.
     """
     ce = F.cross_entropy(student_logits.float(), targets)
     terms: dict[str, torch.Tensor] = {}
@@ -100,7 +130,14 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
         terms["ce"] = ce
     if obj.uses_at:
         b = obj.beta if beta is None else beta
-        at_sum = sum(at_loss(s, t, obj.p, obj.form, obj.reduce) for s, t in pairs)
-        terms["at"] = b * at_sum if pairs else ce.new_zeros(())
+        if obj.gradient:
+            if input_grads is None:
+                raise ValueError("gradient-based AT needs input_grads=(J_student, J_teacher)")
+            terms["at"] = b * gradient_at_loss(input_grads[0], input_grads[1], obj.form)
+            if obj.flip_beta:
+                terms["flip"] = obj.flip_beta * flip_symmetry_loss(input_grads[0], obj.form)
+        else:
+            at_sum = sum(at_loss(s, t, obj.p, obj.form, obj.reduce) for s, t in pairs)
+            terms["at"] = b * at_sum if pairs else ce.new_zeros(())
     terms["loss"] = sum(terms.values())
     return terms

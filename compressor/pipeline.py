@@ -23,7 +23,7 @@ from compressor.distill import STATE_FILE, METRICS_FILE, Teacher, evaluate, fit,
 from compressor.errors import ConfigError, DataError, OutputError
 from compressor.events import SILENT, Reporter
 from compressor.export import export_checked
-from compressor.losses import distillation_terms
+from compressor.losses import distillation_terms, input_gradient
 from compressor.models.registry import parse_arch
 from compressor.profiling import Timing, compare_latency, count_macs, count_params, environment, measure_latency
 from compressor.report import write_report
@@ -45,7 +45,8 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
     data = open_dataset(spec, image_size=image_size, strict=strict)
     if data.skipped_files:
         reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
-    return data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=cfg.train.seed)
+    # The subset is part of the data, not of the run: the same images whatever the training seed.
+    return data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=0)
 
 
 def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") -> None:
@@ -116,8 +117,12 @@ def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionP
     student.train(), teacher.eval()
     with torch.no_grad():
         t_logits, logits = teacher(x), student(x)
-    terms = distillation_terms(objective_from(cfg, method), logits, y, t_logits,
-                               list(zip(s_taps.take([p.student.module for p in pairs]), t_taps.take([p.teacher.module for p in pairs]))))
+    obj, grads = objective_from(cfg, method), None
+    s_maps, t_maps = s_taps.take([p.student.module for p in pairs]), t_taps.take([p.teacher.module for p in pairs])
+    if obj.gradient and obj.uses_at:
+        xg = x.clone().requires_grad_(True)
+        grads = (input_gradient(student, xg, y)[0], input_gradient(teacher, xg, y)[0])
+    terms = distillation_terms(obj, logits, y, t_logits, list(zip(s_maps, t_maps)), input_grads=grads)
     s_taps.remove(), t_taps.remove()
     return {k: float(v) for k, v in terms.items()}
 
@@ -156,7 +161,8 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
     result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
                  resume=resume, tag=f"{cand.name} ({method})")
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
-               "method": method, "teacher": t_spec.name, "epochs": cfg.train.epochs, "pairs": [p.describe() for p in pairs]}
+               "method": method, "teacher": t_spec.name, "epochs": cfg.train.epochs,
+               "pairs": ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in pairs]}
     save_checkpoint(ckpt, model.cpu(), spec, metrics)
     return {"model": model.cpu(), "spec": spec, "metrics": metrics, "dir": sdir}
 
@@ -168,7 +174,7 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     """Distil one or more students from a trained teacher and write the full output set."""
     out = prepare_output(out_dir, overwrite, resume)
     method = method or cfg.distill.method
-    teacher, t_spec, _ = load_model(teacher_path, arch=arch, trust=trust)
+    teacher, t_spec, t_metrics = load_model(teacher_path, arch=arch, trust=trust)
     data = load_data(data_spec, cfg, strict_data, reporter)
     if t_spec.family == "module":
         raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
@@ -187,6 +193,10 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command)
     _publish_primary(out, results[0])
     write_report(out, report)
+    from compressor.curves import plot_curves
+
+    plot_curves(out / "curves.png", (t_spec.name, t_metrics.get("history", [])),
+                [(f"{c.name} ({method})", r["metrics"].get("history", [])) for c, r in zip(candidates, results)])
     return report
 
 

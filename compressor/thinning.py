@@ -1,0 +1,466 @@
+"""Derive a student from any traceable CNN: fewer channels and fewer blocks, as a replayable plan.
+
+Thinner: Torch-Pruning's dependency graph groups the layers whose channels are coupled (a
+residual sum ties every block output of a stage to the stem; a depthwise convolution ties its
+input to its output), ranks each group's channels by weight magnitude (group L2 norm) and keeps
+``width × channels`` of them, rounded to a multiple of ``round_to`` (8 by default). The
+classifier's outputs are never touched. Width can differ per stage (``{"layer4": 0.5}``).
+
+Shallower: a *stage* is a run of consecutive blocks of one class in a sequential container,
+where every block after the first keeps its input shape (a residual stage, a stage of
+inverted-residual blocks). A block is a module with two or more convolutions. The last blocks
+of a stage are replaced by ``nn.Identity`` until at most ``max_blocks`` (never fewer than one)
+remain; every other module keeps its name, so attention pairing by name still works.
+
+The plan is plain data: removed block names and, for every layer that lost channels, the indices
+it kept (per dimension, relative to the teacher). ``apply_plan`` replays it on a freshly built
+teacher architecture, deterministically and without tracing, so a derived student's checkpoint
+(spec + plan + state_dict) loads with ``torch.load(weights_only=True)``. Replayed on the trained
+teacher itself, the plan yields the student with the teacher's surviving weights (``inherit``).
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from compressor.errors import ModelError
+
+PLAN_VERSION = 1
+ROUND_TO = 8
+_CONV = nn.modules.conv._ConvNd
+
+
+def _example(input_size: tuple[int, int, int]) -> torch.Tensor:
+    return torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------------------------
+# Traceability
+
+
+def _failing_module(model: nn.Module, exc: BaseException) -> str | None:
+    """The innermost module of ``model`` whose ``forward`` is on the exception's traceback."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            owner = frame.f_locals.get("self")
+            if id(owner) in names and frame.f_code.co_name == "forward":
+                found = names[id(owner)] or f"the model ({type(owner).__name__})"
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """Raise ``ModelError`` naming the module whose forward cannot be traced (data-dependent control flow).
+
+    torch.fx is tried first (fast); only if it fails is ``torch.export`` asked, which accepts
+    shape-dependent Python that fx rejects. Either succeeding is enough for thinning and ONNX export.
+    """
+    import torch.fx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.fx.symbolic_trace(model)
+        return
+    except Exception as fx_exc:  # any failure: ask the exporter before blaming the model
+        first = fx_exc
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.export(model, (_example(input_size),), strict=False)
+        return
+    except Exception as exc:
+        where = _failing_module(model, exc) or _failing_module(model, first) or type(model).__name__
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where} cannot be traced (data-dependent control flow? {detail}); "
+                         "pass --student NAME with a zoo architecture instead of deriving one") from exc
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# One recorded forward: who ran, in which order, on what shapes
+
+
+@dataclass
+class _Call:
+    count: int = 0
+    inp: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+    @property
+    def single(self) -> bool:
+        return self.count == 1 and self.inp is not None and self.out is not None
+
+    @property
+    def keeps_shape(self) -> bool:
+        return self.single and tuple(self.inp.shape) == tuple(self.out.shape)
+
+
+def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
+    calls: dict[str, _Call] = {}
+    handles = []
+    for name, module in model.named_modules():
+        def pre(mod, args, kwargs, name=name):
+            c = calls.setdefault(name, _Call())
+            c.count += 1
+            c.inp = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
+
+        def post(mod, args, kwargs, output, name=name):
+            calls[name].out = output if isinstance(output, torch.Tensor) else None
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        raise ModelError(f"a forward pass on input {tuple(example.shape[1:])} failed ({str(exc).splitlines()[0][:120]}); "
+                         "check --input-size") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calls
+
+
+def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> str:
+    """The last convolution or linear layer to run: the classifier whose outputs stay."""
+    calls = calls if calls is not None else _record_calls(model, _example(input_size))
+    order = [n for n in calls if n and isinstance(model.get_submodule(n), (_CONV, nn.Linear))]  # hooks ran in forward order
+    if not order:
+        raise ModelError(f"{type(model).__name__} has no convolution or linear layer to thin; pass --student NAME")
+    return order[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Depth: stages of repeated, shape-keeping blocks
+
+
+@dataclass(frozen=True)
+class BlockStage:
+    """Consecutive blocks of one class; every block after the first keeps its input shape."""
+
+    name: str
+    blocks: tuple[str, ...]
+
+    def removed(self, max_blocks: int | None, min_blocks: int = 1) -> list[str]:
+        if max_blocks is None:
+            return []
+        return list(self.blocks[max(min_blocks, max_blocks, 1):])
+
+
+def _n_convs(module: nn.Module) -> int:
+    return sum(isinstance(m, _CONV) for m in module.modules())
+
+
+def _is_block(module: nn.Module, call: _Call | None) -> bool:
+    return (call is not None and call.single and type(module) not in (nn.Sequential, nn.ModuleList)
+            and any(True for _ in module.children()) and _n_convs(module) >= 2)
+
+
+def _runs_in_order(container: nn.Module) -> bool:
+    if isinstance(container, nn.ModuleList):
+        return True  # checked below by chaining each block's input to its predecessor's output
+    return isinstance(container, nn.Sequential) and type(container).forward is nn.Sequential.forward
+
+
+def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> list[BlockStage]:
+    """The stages whose trailing blocks can be removed, in forward order."""
+    calls = calls if calls is not None else _record_calls(model, _example(input_size))
+    stages: list[BlockStage] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        children = [(f"{prefix}.{n}" if prefix else n, c) for n, c in module.named_children()]
+        members: set[str] = set()
+        if _runs_in_order(module):
+            run: list[str] = []
+            previous: tuple[str, nn.Module] | None = None
+
+            def close() -> None:
+                if len(run) >= 2:
+                    first, last = run[0].rsplit(".", 1)[-1], run[-1].rsplit(".", 1)[-1]
+                    whole = len(run) == len(children)
+                    stages.append(BlockStage(prefix if whole and prefix else f"{prefix}[{first}-{last}]", tuple(run)))
+                    members.update(run)
+
+            for name, child in children:
+                call = calls.get(name)
+                if not _is_block(child, call):
+                    close()
+                    run, previous = [], None
+                    continue
+                chained = (previous is not None and type(previous[1]) is type(child)
+                           and calls[previous[0]].out is call.inp)
+                if chained and call.keeps_shape:
+                    run.append(name)
+                else:
+                    close()
+                    run = [name]
+                previous = (name, child)
+            close()
+        for name, child in children:
+            if name not in members:
+                visit(child, name)
+
+    visit(model, "")
+    return stages
+
+
+# --------------------------------------------------------------------------------------------
+# Width: Torch-Pruning groups, magnitude importance, recorded kept indices
+
+
+def _width_for(names: list[str], widths: Mapping[str, float]) -> float:
+    """Per-stage widths: the most specific key that prefixes most of the group's layers; else the default."""
+    votes: dict[str, int] = {}
+    for n in names:
+        keys = [k for k in widths if k and (n == k or n.startswith(k + "."))]
+        if keys:
+            best = max(keys, key=len)
+            votes[best] = votes.get(best, 0) + 1
+    if votes:
+        return widths[max(votes, key=lambda k: (votes[k], -list(widths).index(k)))]
+    return widths.get("", 1.0)
+
+
+def keep_count(channels: int, width: float, round_to: int = ROUND_TO) -> int:
+    """Channels kept: ``width × channels`` rounded to the nearest multiple of ``round_to``, at least ``round_to``."""
+    if width >= 1.0:
+        return channels
+    step = max(1, round_to)
+    keep = int(round(channels * width / step)) * step
+    return max(min(step, channels), min(keep, channels))
+
+
+def _parse_widths(width: float | Mapping[str, float]) -> dict[str, float]:
+    widths = {"": float(width)} if isinstance(width, (int, float)) else {str(k): float(v) for k, v in width.items()}
+    for k, v in widths.items():
+        if not 0 < v <= 1:
+            raise ModelError(f"width ratio {v:g}{' for ' + k if k else ''} must lie in (0, 1]; use e.g. 0.5")
+    return widths
+
+
+def _thin(model: nn.Module, input_size: tuple[int, int, int], widths: Mapping[str, float], round_to: int,
+          keep_outputs: list[str]) -> dict[str, dict[str, list[int]]]:
+    """Prune ``model`` in place; return the kept indices per layer and dimension ("out"/"in")."""
+    import torch_pruning as tp
+    from torch_pruning import _helpers, ops
+
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    was_training = model.training
+    model.eval()  # tracing runs a forward: keep the batch-norm statistics untouched
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=_example(input_size), verbose=False)
+    except Exception as exc:
+        raise ModelError(f"Torch-Pruning could not trace {type(model).__name__} ({str(exc).splitlines()[0][:120]}); "
+                         "pass --student NAME with a zoo architecture") from exc
+    finally:
+        model.train(was_training)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    ignored = [modules[n] for n in keep_outputs]
+
+    def channel_groups(group) -> int:
+        g = 1
+        for dep, _ in group:
+            m = dep.target.module
+            if isinstance(m, _CONV) and 1 < m.groups < m.out_channels:
+                g = max(g, m.groups)
+        return g
+
+    # 1. rank every group before touching any (as Torch-Pruning's own pruners do)
+    todo = []
+    with torch.no_grad():
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[ops.TORCH_CONV, ops.TORCH_LINEAR]):
+            members = []
+            for dep, _ in group:
+                if dep.target.type == ops.OPTYPE.PARAMETER:
+                    raise ModelError(f"{type(model).__name__} has a bare nn.Parameter coupled to channels; thinning "
+                                     "does not support it; pass --student NAME")
+                if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, (_CONV, nn.Linear)):
+                    members.append(names.get(id(dep.target.module), ""))
+            width = _width_for(members, widths)
+            if width >= 1.0:
+                continue
+            imp = importance(group)
+            if imp is None:
+                continue
+            ch_groups = channel_groups(group)
+            per_group = len(imp) // ch_groups
+            dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
+            keep = keep_count(per_group, width, round_to if ch_groups == 1 else 1)
+            order = torch.argsort(dim_imp, stable=True)[: per_group - keep]
+            pruned = sorted(int(i) + g * per_group for g in range(ch_groups) for i in order)
+            root = group[0].dep.target.module
+            todo.append((root, group[0].dep.handler, pruned))
+
+    # 2. prune, recording what each layer keeps (indices relative to the teacher)
+    kept: dict[str, dict[str, list[int]]] = {}
+    for root, handler, pruned in todo:
+        if not pruned:
+            continue
+        group = graph.get_pruning_group(root, handler, pruned)
+        if not graph.check_pruning_group(group):
+            continue
+        for dep, idxs in group:
+            module = dep.target.module
+            name = names.get(id(module))
+            if name is None:
+                continue  # an operation node (add, cat, flatten): no weights
+            pruner = graph.get_pruner_of_module(module)
+            coupled = getattr(pruner.prune_in_channels, "__func__", None) is getattr(pruner.prune_out_channels, "__func__", 0)
+            dim = "out" if coupled or graph.is_out_channel_pruning_fn(dep.handler) else "in"
+            size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
+            current = kept.setdefault(name, {}).setdefault(dim, list(range(size)))
+            gone = set(_helpers.to_plain_idxs(idxs))
+            kept[name][dim] = [c for i, c in enumerate(current) if i not in gone]
+        group.prune(record_history=False)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: derive, replay, describe
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def _out_channels(module: nn.Module) -> int | None:
+    if isinstance(module, _CONV):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return None
+
+
+def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | Mapping[str, float] = 0.5,
+           max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
+           teacher_arch: dict[str, Any] | None = None, name: str | None = None,
+           check: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Thin (and shorten) a copy of ``teacher``; return the student, holding the teacher's surviving
+    weights, and the plan that rebuilds it. ``teacher`` itself is not changed."""
+    widths = _parse_widths(width)
+    if max_blocks is not None and max_blocks < 1:
+        raise ModelError(f"blocks per stage must be at least 1, got {max_blocks}")
+    if check:
+        check_traceable(teacher, input_size)
+    student = copy.deepcopy(teacher).cpu().float()
+    calls = _record_calls(student, _example(input_size))
+    stages = block_stages(student, input_size, calls)
+    removed = [b for s in stages for b in s.removed(max_blocks, min_blocks)]
+    classifier = classifier_name(student, input_size, calls)
+    for b in removed:
+        _replace(student, b, nn.Identity())
+    kept = _thin(student, input_size, widths, round_to, [classifier])
+    w_default = widths.get("", 1.0)
+    label = f"w{w_default:g}" + ("s" if len(widths) > (1 if "" in widths else 0) else "")
+    if max_blocks is not None and removed:
+        label += f"-b{max_blocks}"
+    plan = {
+        "version": PLAN_VERSION,
+        "name": name or f"{(teacher_arch or {}).get('name') or type(teacher).__name__}-{label}",
+        "teacher_arch": dict(teacher_arch or {}),
+        "width": dict(widths),
+        "max_blocks": max_blocks,
+        "round_to": round_to,
+        "classifier": classifier,
+        "removed_blocks": removed,
+        "kept": kept,
+        "channels": {n: c for n, m in student.named_modules() if (c := _out_channels(m)) is not None},
+        "stages": describe_stages(teacher, student, input_size, stages),
+    }
+    return student, plan
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:
+    """Replay ``plan`` on ``model`` (the teacher architecture, in place): remove blocks, then keep the
+    recorded channels of every layer. Returns ``model``. No tracing, so it is deterministic and fast."""
+    from torch_pruning import ops
+    from torch_pruning.pruner import function
+
+    if int(plan.get("version", 0)) > PLAN_VERSION:
+        raise ModelError(f"this thinning plan has version {plan.get('version')}, newer than atc understands; upgrade atc")
+    where = plan.get("name", "the student")
+    try:
+        for name in plan.get("removed_blocks", []):
+            model.get_submodule(name)
+            _replace(model, name, nn.Identity())
+        for name, dims in plan.get("kept", {}).items():
+            module = model.get_submodule(name)
+            pruner = function.PrunerBox.get(ops.module2type(module))
+            if pruner is None:
+                raise ModelError(f"thinning plan of {where}: layer {name} ({type(module).__name__}) cannot be thinned")
+            for dim, keep in dims.items():
+                size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
+                if size is None or (keep and max(keep) >= size):
+                    raise ModelError(f"thinning plan of {where} does not fit layer {name}; was the teacher architecture changed?")
+                keep_set = set(keep)
+                pruned = [i for i in range(size) if i not in keep_set]
+                if pruned:
+                    (pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels)(module, pruned)
+    except AttributeError as exc:
+        raise ModelError(f"thinning plan of {where} names a layer this architecture lacks ({exc}); "
+                         "was the teacher architecture or its file changed?") from None
+    for name, channels in plan.get("channels", {}).items():
+        got = _out_channels(model.get_submodule(name))
+        if got != channels:
+            raise ModelError(f"thinning plan of {where}: layer {name} has {got} channels after replay, the plan says {channels}; "
+                             "the teacher architecture changed since the student was derived")
+    return model
+
+
+def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    """The student of ``plan`` with ``teacher``'s surviving weights (``teacher`` is not changed)."""
+    return apply_plan(copy.deepcopy(teacher).cpu().float(), plan)
+
+
+def _channels_of(model: nn.Module, input_size: tuple[int, int, int], names: list[str]) -> dict[str, int]:
+    calls = _record_calls(model, _example(input_size))
+    return {n: int(calls[n].out.shape[1]) for n in names if n in calls and calls[n].out is not None and calls[n].out.dim() >= 2}
+
+
+def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
+                    stages: list[BlockStage] | None = None) -> list[dict[str, Any]]:
+    """Per-stage depth and width, teacher vs student: block stages where the model has them, else
+    the resolution stages that attention transfer uses."""
+    stages = stages if stages is not None else block_stages(teacher, input_size)
+    if stages:
+        rows = []
+        kept_blocks = {n for n, m in student.named_modules() if not isinstance(m, nn.Identity)}
+        heads = [s.blocks[0] for s in stages]  # a stage's first block sets its width; the others keep it
+        t_ch, s_ch = _channels_of(teacher, input_size, heads), _channels_of(student, input_size, heads)
+        for s in stages:
+            rows.append({"stage": s.name, "blocks": sum(b in kept_blocks for b in s.blocks), "teacher_blocks": len(s.blocks),
+                         "width": s_ch.get(s.blocks[0]), "teacher_width": t_ch.get(s.blocks[0])})
+        return rows
+    from compressor.attention import find_stages
+
+    example = _example(input_size)
+    s_st, t_st = find_stages(student, example), find_stages(teacher, example)
+    by_name = {s.module: s for s in s_st}
+    return [{"stage": t.module, "blocks": None, "teacher_blocks": None,
+             "width": by_name[t.module].shape[0] if t.module in by_name else None, "teacher_width": t.shape[0]} for t in t_st]
