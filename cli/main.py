@@ -7,6 +7,7 @@ print one line, ``error: …``, and exit with code 2 (``--debug`` shows the trac
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import traceback
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compressor.errors import AtcError
+from compressor.errors import AtcError, Interrupted
 from cli.progress import RichReporter, stderr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -83,6 +84,41 @@ SUBSET = typer.Option(None, "--train-subset", min=0, help="Use only N training i
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that run code when unpickled (only for files you trust).")
 ARCH = typer.Option(None, "--arch", help="Architecture of a plain state_dict, e.g. wrn-40-4.")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the student and teacher (compile time is reported apart).")
+CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default: on with CUDA).")
+PRECISION = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp16 with loss scaling where bf16 is missing, "
+                         "fp32 on CPU), bf16, fp16 or fp32.")
+WORKERS = typer.Option(None, "--workers", min=0, help="DataLoader processes when the data is too large to keep on the device "
+                       "(default: one per spare core, at most 8).")
+NPROC = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this node (DDP); runs the command again through "
+                     "torch.distributed.run, like torchrun --nproc-per-node N -m cli ….")
+NNODES = typer.Option(None, "--nnodes", help="Nodes of a multi-node run (passed to torchrun).")
+NODE_RANK = typer.Option(None, "--node-rank", min=0, help="This node's rank in a multi-node run (passed to torchrun).")
+MASTER_ADDR = typer.Option(None, "--master-addr", help="Address of node 0 in a multi-node run (passed to torchrun).")
+MASTER_PORT = typer.Option(None, "--master-port", min=1, help="Port on node 0 (passed to torchrun).")
+
+
+def _speed(precision: str, channels_last, compile_: bool, workers):
+    from compressor.distill import Speed
+
+    return Speed(precision=precision, channels_last=channels_last, compile=compile_, workers=workers)
+
+
+def _parallel(device: str, nproc: int, nnodes, node_rank, master_addr, master_port):
+    """``--nproc N`` (or ``--nnodes``) outside torchrun: run this command again as N processes per node
+    through torch.distributed.run and exit with its code. Inside torchrun: join the process group;
+    return this rank and the device it trains on."""
+    import atexit
+
+    from compressor import distributed
+
+    if (nproc > 1 or nnodes is not None) and not distributed.launched_by_torchrun():
+        raise typer.Exit(distributed.relaunch(sys.argv[1:], nproc, nnodes=nnodes, node_rank=node_rank,
+                                              master_addr=master_addr, master_port=master_port))
+    rank, device = distributed.init(device)
+    if rank.world_size > 1:
+        atexit.register(distributed.shutdown)
+    return rank, device
 
 
 @app.command()
@@ -95,6 +131,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing checkpoint."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its saved training state."),
     strict_data: bool = typer.Option(False, "--strict-data", help="Stop at the first corrupt image instead of skipping it."),
+    compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
+    workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
+    master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
     from compressor.errors import OutputError
@@ -102,27 +141,51 @@ def train(
     from compressor.pipeline import load_data, train_model
     from compressor.distill import pick_device
 
+    from compressor.checkpoint import check_input_fits
+    from compressor.pipeline import state_dir_for
+
     parse_arch(arch)
     if out.exists() and not (overwrite or resume):
         raise OutputError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or another --out")
+    state = state_dir_for(out)
+    if not out.exists() and state.is_dir() and any(state.iterdir()) and not (overwrite or resume):
+        raise OutputError(f"{state} holds the state of an unfinished run; pass --resume to continue it, --overwrite to start again, "
+                          "or another --out")
     cfg = _config(preset, overrides, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr, train__seed=seed,
                   data__train_subset=train_subset)
+    speed = _speed(precision, channels_last, compile_, workers)
+    rank, device = _parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     dev = pick_device(device)
-    reporter = RichReporter()
-    ds = load_data(data, cfg, strict_data, reporter)
-    reporter.info(f"training {arch} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test) on {dev}")
-    _, spec, metrics = train_model(arch, ds, cfg, out, dev, reporter, resume)
-    stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {cfg.train.epochs} epochs")
+    reporter = RichReporter(quiet=not rank.is_main)
+    ds = load_data(data, cfg, strict_data, reporter, device=dev, workers=workers)
+    check_input_fits(parse_arch(arch).build(ds.num_classes), ds.input_size, arch)
+    where = f"{dev}" if rank.world_size == 1 else f"{rank.world_size} processes ({rank.backend}, {dev} on rank 0)"
+    reporter.info(f"training {arch} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test) on {where}")
+    _, spec, metrics = train_model(arch, ds, cfg, out, dev, reporter, resume, speed)
+    if rank.is_main:
+        stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {cfg.train.epochs} epochs")
 
 
 @app.command()
 def compress(
     teacher: Path = typer.Option(..., "--teacher", help="Trained teacher: atc checkpoint or state_dict (with --arch)."),
     data: str = typer.Option(..., "--data", help="Dataset folder or 'digits'."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (required unless --dry-run)."),
     preset: str = PRESET, overrides: Optional[List[str]] = SET,
     method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
     student: Optional[List[str]] = typer.Option(None, "--student", help="Student architecture (repeatable); default: preset policy."),
+    width_ratio: Optional[str] = typer.Option(None, "--width-ratio", help="Derive the student by thinning the teacher's own layers "
+                                              "(Torch-Pruning, channels rounded to multiples of 8): e.g. 0.5, or per stage 0.75,layer4=0.5."),
+    blocks_per_stage: Optional[int] = typer.Option(None, "--blocks-per-stage", min=1, help="Derived student: keep at most N "
+                                                   "repeated blocks per stage (residual / inverted-residual stages)."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Search the width (and depth) of a derived "
+                                                   "student until it is this many times faster than the teacher (see --by)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Unit of --target-speedup: gmacs (fvcore multiply-adds; the default), "
+                                     "params, or latency (measured on the exported ONNX with onnxruntime)."),
+    runtime: str = typer.Option("ort-cpu", "--runtime", help="Runtime for --by latency: ort-cpu, ort-cuda, torch-cpu, torch-cuda."),
+    latency_batch: int = typer.Option(1, "--latency-batch-size", min=1, help="Batch size at which --by latency is measured."),
+    init: str = typer.Option("auto", "--init", help="Derived student's start: inherit (the teacher's surviving weights), scratch, "
+                             "or auto (inherit for derived students, scratch for zoo ones)."),
     students: int = typer.Option(0, "--students", min=0, help="Distil N candidates from the derivation ladder."),
     arch: Optional[str] = ARCH, epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, train_subset: Optional[int] = SUBSET, device: str = DEVICE,
@@ -132,24 +195,90 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
     trust_checkpoint: bool = TRUST,
     strict_data: bool = typer.Option(False, "--strict-data", help="Stop at the first corrupt image instead of skipping it."),
+    int8: bool = typer.Option(False, "--int8", help="Also quantize each student to INT8 (ORT static QDQ) and report it."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="AT mechanism: sum-p[:P], max-p[:P] or gradient."),
+    at_form: Optional[str] = typer.Option(None, "--at-form", help="code (reference code's squared mean) or paper (eq. 2: β/2, L2 norm)."),
+    at_layers: Optional[str] = typer.Option(None, "--at-layers", help="AT stages: all, lastN or a comma list of stage names."),
+    beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="AT weight β."),
+    p: Optional[float] = typer.Option(None, "--p", min=0.0, help="Exponent p of the attention map |A|^p."),
+    compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
+    workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
+    master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
 ) -> None:
     """Distil a thinner, shallower student from a trained teacher; report and export it."""
     from compressor import pipeline
+    from compressor.config import parse_attention
 
+    mech, mech_p = parse_attention(attention) if attention else (None, None)
     cfg = _config(preset, overrides, distill__method=method, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr,
-                  train__seed=seed, data__train_subset=train_subset)
+                  train__seed=seed, data__train_subset=train_subset, distill__attention=mech, distill__at_form=at_form,
+                  distill__at_layers=at_layers, distill__beta=beta, distill__p=p if p is not None else mech_p)
     reporter = RichReporter()
+    derive_opts = _derive_options(student, width_ratio, blocks_per_stage, target_speedup, by, runtime, latency_batch, threads, init)
     if dry_run:
-        return _dry_run(teacher, data, cfg, student, students, arch, trust_checkpoint, strict_data, reporter)
+        return _dry_run(teacher, data, cfg, student, students, arch, trust_checkpoint, strict_data, reporter, derive_opts)
+    if out is None:
+        raise AtcError("--out DIR is required (only --dry-run runs without it)")
+    speed = _speed(precision, channels_last, compile_, workers)
+    rank, device = _parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
+    reporter.quiet = not rank.is_main
     report = pipeline.compress(teacher, data, cfg, out, students=student, n_students=students, arch=arch,
                                trust=trust_checkpoint, overwrite=overwrite, resume=resume, strict_data=strict_data,
-                               device=device, threads=threads, reporter=reporter, command=shlex.join(["atc"] + sys.argv[1:]))
+                               device=device, threads=threads, int8=int8, reporter=reporter,
+                               command=os.environ.get("ATC_COMMAND") or shlex.join(["atc"] + sys.argv[1:]), speed=speed,
+                               **derive_opts)
+    if not rank.is_main:
+        return
     _print_report(report, as_json)
     stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, metrics.jsonl")
 
 
-def _dry_run(teacher, data, cfg, names, count, arch, trust, strict, reporter) -> None:
+def _derive_options(names, width_ratio, blocks_per_stage, target_speedup, by, runtime, latency_batch, threads, init) -> dict:
+    """--width-ratio / --blocks-per-stage / --target-speedup / --init → pipeline keyword arguments."""
+    from compressor.errors import ConfigError
+    from compressor.pipeline import INITS
+    from compressor.search import Target
+    from compressor.thinning import parse_widths
+
+    if names and (width_ratio is not None or blocks_per_stage is not None or target_speedup is not None):
+        raise ConfigError("--student names a zoo student; drop it to derive one with --width-ratio/--blocks-per-stage/--target-speedup")
+    if target_speedup is not None and width_ratio is not None:
+        raise ConfigError("--target-speedup searches the width itself; drop --width-ratio (or --target-speedup)")
+    if init not in INITS:
+        raise ConfigError(f"--init {init} is unknown; choose one of {', '.join(INITS)}")
+    if by is not None and target_speedup is None:
+        raise ConfigError("--by says how --target-speedup is measured; add --target-speedup N (e.g. 3)")
+    if width_ratio is not None:
+        parse_widths(width_ratio)  # reject a malformed value before loading anything
+    target = Target(target_speedup, by or "gmacs", runtime, latency_batch, threads) if target_speedup is not None else None
+    return {"width": width_ratio, "blocks_per_stage": blocks_per_stage, "target": target, "init": init}
+
+
+def _print_derived(dr, init: str) -> None:
+    """Per-stage depth and width, predicted speed-ups and, after a search, target vs achieved."""
+    from compressor.pipeline import resolve_init
+
+    c = dr.student
+    if dr.stages:
+        rows = [[r["stage"], "" if r["blocks"] is None else f"{r['blocks']}/{r['teacher_blocks']}",
+                 f"{r['width']}/{r['teacher_width']}"] for r in dr.stages]
+        stderr.print(_table("  stages (student/teacher)", ["stage", "blocks", "width (channels)"], rows))
+    search = (c.spec.plan or {}).get("search")
+    line = f"  predicted speed-up: {c.mac_ratio:.2f}x fewer GMACs, {c.param_ratio:.2f}x fewer params"
+    if search and search.get("by") == "latency":
+        lo, hi = search.get("spread", [float("nan")] * 2)
+        line += f", {search['achieved']:.2f}x latency measured ({search['runtime']}, batch {search['batch_size']}, rounds {lo:.2f}-{hi:.2f}x)"
+    stderr.print(line)
+    if search:
+        verdict = "within" if search["met"] else "outside"
+        stderr.print(f"  target {search['target']:g}x by {search['by']}: achieved {search['achieved']:.2f}x "
+                     f"({verdict} ±{100 * search['tolerance']:.0f}%; {len(search['trials'])} candidate(s) measured)")
+    if c.spec.plan is not None:
+        stderr.print(f"  init: {resolve_init(init, c.spec)} (--init)")
+
+
+def _dry_run(teacher, data, cfg, names, count, arch, trust, strict, reporter, derive_opts=None) -> None:
     from dataclasses import replace
 
     from compressor import pipeline
@@ -164,9 +293,13 @@ def _dry_run(teacher, data, cfg, names, count, arch, trust, strict, reporter) ->
 
     tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs
     stderr.print(f"teacher {spec.name}: {tp:,} params, {tm:.4f} GMACs  (method {cfg.distill.method}, AT layers {cfg.distill.at_layers})")
-    for dr in pipeline.plan(model, spec, ds, cfg, pipeline.choose_students(spec, cfg, names, count), cfg.distill.method):
+    opts = dict(derive_opts or {})
+    init = opts.pop("init", "auto")
+    cands = pipeline.choose_students(spec, cfg, names, count, teacher_model=model, reporter=reporter, **opts)
+    for dr in pipeline.plan(model, spec, ds, cfg, cands, cfg.distill.method):
         c = dr.student
         stderr.print(f"\nstudent {c.name}: {c.params:,} params ({c.param_ratio:.2f}x fewer), {c.gmacs:.4f} GMACs ({c.mac_ratio:.2f}x fewer)")
+        _print_derived(dr, init)
         for p in dr.pairs:
             stderr.print(f"  AT pair  {p.describe()}")
         stderr.print("  initial loss terms: " + ", ".join(f"{k} {v:.4g}" for k, v in dr.initial_terms.items()))
@@ -233,7 +366,7 @@ def profile(
     result = {"model": spec.name, "input_size": list(size), "params": count_params(m), "gmacs": macs.gmacs, "gflops": macs.gflops,
               "mac_unit": MAC_UNIT, "skipped_ops": macs.skipped_ops, "latency": lat, "environment": environment()}
     if by_module:
-        result["by_module_gmacs"] = {k: v for k, v in macs.by_module.items() if k.count(".") < depth and (k or depth >= 0)}
+        result["by_module_gmacs"] = {k: v for k, v in macs.by_module.items() if k.count(".") < depth}
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -268,6 +401,9 @@ def _model_from(model: str, arch, trust, input_size, num_classes):
         classes = 1000 if a.family == "resnet" and num_classes == 10 and not a.kwargs.get("cifar_stem") else num_classes
         spec = ModelSpec(a.family, dict(a.kwargs), classes, input_size=size or ((3, 224, 224) if classes == 1000 else (3, 32, 32)))
         m = spec.build()
+    from compressor.checkpoint import check_input_fits
+
+    check_input_fits(m, spec.input_size, spec.name)
     return m.eval(), spec
 
 
@@ -279,17 +415,34 @@ def export(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C x H x W for state_dicts."),
     atol: float = typer.Option(1e-4, "--atol", min=0.0, help="Max allowed |onnxruntime - torch|."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUT with .int8.onnx: static QDQ quantization, U8 activations, S8 per-channel weights."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Dataset for INT8 calibration and its top-1 check (train/ and test/)."),
+    calib_images: int = typer.Option(256, "--calib-images", min=1, help="Training images used for calibration."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for the INT8 latency comparison."),
 ) -> None:
     """Export to one ONNX file (dynamic batch, metadata) and check parity with onnxruntime."""
     from compressor.errors import OutputError
-    from compressor.export import export_checked
+    from compressor.export import export_checked, int8_with_evaluation
 
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    int8_out = out.with_name(out.stem + ".int8.onnx")
+    if int8 and not calib_data:
+        raise AtcError("--int8 needs --calib-data DIR (a few hundred training images calibrate the activation ranges)")
+    for path in (out, int8_out) if int8 else (out,):
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
     m, spec = _model_from(str(checkpoint), arch, trust_checkpoint, input_size, 10)
     parity = export_checked(m, spec, out, atol=atol)
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in parity.max_abs_diff.items())
     stdout.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| {diffs} (atol {atol:g})")
+    if int8:
+        from compressor.data import open_dataset
+
+        data = open_dataset(calib_data, image_size=spec.input_size[1] if calib_data == "digits" else None)
+        r = int8_with_evaluation(out, int8_out, data, spec.mean, spec.std, spec.input_size, calib_images, threads)
+        stdout.print(f"wrote {int8_out} ({int8_out.stat().st_size / 1e6:.2f} MB), calibrated on {r.calibration_images} images; "
+                     f"top-1 FP32 {r.top1_fp32:.2f}% → INT8 {r.top1_int8:.2f}% ({r.top1_int8 - r.top1_fp32:+.2f}); "
+                     f"ORT CPU batch-1 latency {r.fp32_ms:.3f} → {r.int8_ms:.3f} ms, speed-up {r.speedup:.2f}× "
+                     f"(rounds {r.spread[0]:.2f}–{r.spread[1]:.2f}×)")
 
 
 @app.command()
@@ -313,6 +466,7 @@ def report(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+    students: int = typer.Option(3, "--students", min=1, help="Students to distil from the derivation ladder (the first is the preset's)."),
     device: str = DEVICE,
 ) -> None:
     """The whole job on the bundled digits, on CPU in a few minutes: train a teacher, compress it."""
@@ -327,11 +481,16 @@ def demo(
     ds = pipeline.load_data("digits", cfg, reporter=reporter)
     reporter.info(f"1/2 training a wrn-16-2 teacher on the bundled digits ({len(ds.train_y)} train / {len(ds.test_y)} test, 16x16) on {dev}")
     pipeline.train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
-    reporter.info("2/2 deriving a student and distilling it with AT+KD")
-    rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, overwrite=True, device=device, reporter=reporter,
+    reporter.info(f"2/2 deriving {students} student(s) and distilling them with AT+KD")
+    rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, n_students=students, overwrite=True, device=device, reporter=reporter,
                             command=shlex.join(["atc"] + sys.argv[1:]))
     _print_report(rep, False)
     stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, teacher.pt")
+
+
+from cli.analysis_cmds import register as _register_analysis  # noqa: E402  (atc attention, atc sweep)
+
+_register_analysis(app)
 
 
 def run() -> None:
@@ -341,8 +500,11 @@ def run() -> None:
     except AtcError as exc:
         if STATE["debug"]:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as exc:  # SIGINT/SIGTERM during training: the state is saved, --resume continues
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except typer.Abort:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -353,9 +515,34 @@ def run() -> None:
         print(f"error: {msg}{hint}", file=sys.stderr)
         sys.exit(exc.exit_code if exc.exit_code != 1 else 2)
     except KeyboardInterrupt:
-        print("error: interrupted; the last epoch's training state is saved, continue with --resume", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # the environment failed, not atc: a full disk, device memory; anything else is a bug
+        message = _environment_error(exc)
+        if message is None:
+            raise
+        if STATE["debug"]:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """A one-line message for failures of the machine that reach the CLI outside atc's own checks."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"no space left on the device while writing {exc.filename or 'output'}; free some space and run the command again"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}; check that you can read the inputs and write the output folder"
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "CUDA ran out of memory; pass a smaller --batch-size or use --device cpu"
+    return None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ For every AT stage (the teacher/student pairs ``attention.find_pairs`` chooses) 
 - **localisation** (data with object masks, e.g. ``shapes``): the share of a network's attention
   mass that falls on object pixels. A map cell's mass is spread evenly over the image pixels it
   covers, so the score is ``Σ_cells mass · (object fraction of the cell)``. ``chance`` is the
-  object's share of the image: what a uniform map scores.
+  object's share of the image: what a uniform map scores. Early layers respond to edges, half of
+  which lie just outside the object; ``dilate`` grows the mask by a few pixels to count them.
 
 Maps are those of the mechanism in use: ``sum-p`` (channel mean of ``|A|^p``), ``max-p`` (channel
 max) or ``gradient`` (the same channel mean of ``|∂L/∂x|^p``, one map at input resolution).
@@ -49,6 +50,14 @@ def mass_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     mass = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
     frac = F.adaptive_avg_pool2d(masks.double().unsqueeze(1), maps.shape[-2:]).flatten(1)
     return (mass * frac).sum(1).float()
+
+
+def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Grow boolean masks (B×H×W) by ``pixels`` in every direction (a square structuring element)."""
+    if pixels <= 0:
+        return masks
+    k = 2 * pixels + 1
+    return F.max_pool2d(masks.float().unsqueeze(1), k, stride=1, padding=pixels).squeeze(1) > 0
 
 
 def spatial_maps(acts: torch.Tensor, p: float = 2, reduce: str = "mean") -> torch.Tensor:
@@ -240,7 +249,7 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
     mech = result.attention + ("" if gradient and result.p == 1 else f" (p={result.p:g})")
     who = f"teacher {teacher.name}" + (f" → student {student.name}" if student else "")
     fig.suptitle(f"attention maps, {mech}: {who}", fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
@@ -248,8 +257,8 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
 
 def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: str | Path, cfg, *, student_path: str | Path | None = None,
                      images: int = 8, test_images: int = 2000, attention: str | None = None, p: float | None = None,
-                     layers: str | None = None, localization: bool = False, device: str = "auto", trust: bool = False,
-                     reporter: Reporter = SILENT) -> AttentionResult:
+                     layers: str | None = None, localization: bool = False, dilate_px: int = 0, device: str = "auto",
+                     trust: bool = False, reporter: Reporter = SILENT) -> AttentionResult:
     """``atc attention``: load the models and data, compute the per-stage numbers, write the map grid."""
     from compressor.checkpoint import load_model
     from compressor.distill import pick_device
@@ -276,7 +285,7 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
         teacher.name, student.name = f"{teacher.name} (teacher)", f"{student.name} (student)"
     dev = pick_device(device)
     sel = pick_images(len(data.test_y), test_images or len(data.test_y))  # spread over the (often class-sorted) test set
-    result = analyze(teacher, student, data.test_x[sel], data.test_y[sel], masks=masks[sel] if localization else None,
+    result = analyze(teacher, student, data.test_x[sel], data.test_y[sel], masks=dilate(masks[sel], dilate_px) if localization else None,
                      attention=attention, p=p, layers=layers, device=dev, data_name=data.name, reporter=reporter)
     idx = pick_images(len(data.test_y), images)
     plot_grid(out_png, teacher, student, data.test_x[idx], data.test_y[idx], result, data.class_names, dev)

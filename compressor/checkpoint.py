@@ -9,6 +9,7 @@ unpickle loads only when the caller says it trusts it.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from compressor import fileio
-from compressor.errors import CheckpointError
+from compressor.errors import CheckpointError, ModelError
 from compressor.models.registry import Arch, parse_arch
 from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
 
@@ -78,6 +79,39 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    """The pickle bytes inside ``path``: ``data.pkl`` of a zip checkpoint, else the file itself."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+    except (zipfile.BadZipFile, OSError, KeyError, RuntimeError):
+        return [path.read_bytes()]
+
+
+def _pickles_code(path: Path) -> bool:
+    """Whether ``path`` is a well-formed pickle that imports or calls Python objects.
+
+    Decodes opcodes with ``pickletools`` (which runs nothing), pickle after pickle as the legacy
+    torch format stores them; bytes that are no pickle at all give False.
+    """
+    import io
+
+    for raw in _pickle_streams(path):
+        stream, calls = io.BytesIO(raw), False
+        while stream.tell() < len(raw):
+            try:
+                ops = [op.name for op, _, _ in pickletools.genops(stream)]
+            except Exception:  # noqa: BLE001 - not (or no longer) a pickle: judge what was read
+                break
+            calls = calls or any(o in _CODE_OPCODES for o in ops)
+        if calls:
+            return True
+    return False
+
+
 def read_file(path: str | Path, trust: bool = False) -> Any:
     """Load a checkpoint file safely; arbitrary pickles only with ``trust=True``."""
     path = Path(path)
@@ -86,22 +120,81 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path}/student.pt)")
     if _is_torchscript(path):
-        return torch.jit.load(str(path), map_location="cpu")
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways
+            raise CheckpointError(f"{path} is a damaged TorchScript file ({type(exc).__name__}); re-save or re-download it") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch names what the safe unpickler refused ("Unsupported global: …"); any other
-        # unpickling failure means the bytes are not a checkpoint at all.
-        if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint or is corrupt ({str(exc).splitlines()[0][:120]})") from exc
+    except PermissionError as exc:
+        raise CheckpointError(f"cannot read {path} (permission denied); check the file's permissions") from exc
+    except Exception as exc:  # noqa: BLE001 - torch's safe unpickler fails with many types on bad bytes
+        # torch names what the safe unpickler refused ("Unsupported global: …"); a file whose
+        # opcodes import or call Python objects needs code execution; anything else is no checkpoint.
+        needs_code = isinstance(exc, pickle.UnpicklingError) and ("Unsupported global" in str(exc) or _pickles_code(path))
+        if not needs_code:
+            kind = "is empty" if path.stat().st_size == 0 else f"is not a PyTorch checkpoint or is truncated ({type(exc).__name__})"
+            raise CheckpointError(f"{path} {kind}; pass a file saved by atc or torch.save, re-saved or re-downloaded if damaged") from None
         if not trust:
-            raise CheckpointError(f"{path} needs code execution to load (it pickles Python objects); pass --trust-checkpoint only if you trust its source") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint or is truncated ({type(exc).__name__}); re-save or re-download it") from exc
+            raise CheckpointError(f"{path} needs code execution to load (it pickles Python objects, e.g. a whole nn.Module); "
+                                  "pass --trust-checkpoint only if you trust its source") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a trusted pickle can fail in any way its code likes
         raise CheckpointError(f"{path} could not be loaded even as a trusted pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def check_input_fits(model: nn.Module, input_size: tuple[int, int, int] | list[int], name: str = "the model") -> None:
+    """Raise ``ModelError`` when ``input_size`` (C, H, W) is too small for ``model``.
+
+    Too small: a forward pass fails, or a downsampling layer (stride > 1) receives a map that has
+    already shrunk to one pixel, so the layers after it see no spatial structure. The message
+    names the smallest square input that passes.
+    """
+    c, h, w = (int(v) for v in input_size)
+    ok, why = _fits(model, (c, h, w))
+    if ok:
+        return
+    if why.startswith("forward"):
+        raise ModelError(f"{name} cannot run on input {c}x{h}x{w} ({why}); use the input size it was built for "
+                         "(--input-size, or data.image_size in the preset)")
+    lo, hi = max(h, w), max(h, w) * 2
+    while not _fits(model, (c, hi, hi))[0]:
+        lo, hi = hi, hi * 2
+        if hi > 4096:
+            raise ModelError(f"input {c}x{h}x{w} is too small for {name} ({why}); no input up to 4096x4096 fits")
+    while hi - lo > 1:  # the smallest square size that fits, for the message
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(model, (c, mid, mid))[0] else (mid, hi)
+    raise ModelError(f"input {c}x{h}x{w} is too small for {name} ({why}); use images of at least {hi}x{hi} "
+                     "(--input-size, or data.image_size in the preset)")
+
+
+def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
+    collapsed: list[str] = []
+    handles = []
+    scripted = isinstance(model, torch.jit.ScriptModule)  # TorchScript takes no hooks: only the forward is tried
+    for mod_name, module in ([] if scripted else model.named_modules()):
+        stride = getattr(module, "stride", 1)
+        stride = stride if isinstance(stride, (tuple, list)) else (stride, stride)
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(stride) > 1:
+            def check(mod, inputs, mod_name=mod_name):
+                x = inputs[0] if inputs else None
+                if isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[-2:]) < 2 and not collapsed:
+                    collapsed.append(f"{mod_name or 'the first layer'} would downsample a {x.shape[-2]}x{x.shape[-1]} map")
+            handles.append(module.register_forward_pre_hook(check))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *size))
+    except Exception as exc:  # noqa: BLE001 - any failure of a plain forward means the input does not fit
+        return False, f"forward pass fails: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+    finally:
+        for hd in handles:
+            hd.remove()
+        model.train(was_training)
+    return (not collapsed), (collapsed[0] if collapsed else "")
 
 
 def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:

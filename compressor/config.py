@@ -53,7 +53,7 @@ class DistillConfig:
     at_form: str = "code"
     at_layers: str = "all"
     beta_schedule: str = "constant"
-    flip_beta: float = 0.0  # gradient AT only: weight of the student's horizontal-flip symmetry term
+    flip_beta: float = 0.0  # weight of the student's horizontal-flip symmetry term; used by gradient AT only
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,10 @@ def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist; pass a shipped preset ({', '.join(shipped_presets())}) or a TOML path")
-        text, name = path.read_text(), path.stem
+        try:
+            text, name = path.read_text(encoding="utf-8"), path.stem
+        except UnicodeDecodeError:
+            raise ConfigError(f"preset file {path} is not UTF-8 text; save it as a UTF-8 TOML file") from None
     elif str(preset) in shipped_presets():
         text, name = resources.files("presets").joinpath(f"{preset}.toml").read_text(), str(preset)
     else:

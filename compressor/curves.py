@@ -33,7 +33,7 @@ def plot_curves(path: str | Path, teacher: tuple[str, History] | None, students:
 
     models = ([(f"teacher {teacher[0]}", teacher[1])] if teacher else []) + [(f"student {n}", h) for n, h in students]
     models = [(n, h) for n, h in models if h]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, history) in enumerate(models):
         c = colors[i % len(colors)]
@@ -45,15 +45,19 @@ def plot_curves(path: str | Path, teacher: tuple[str, History] | None, students:
                             label=f"{name} {split}")
     axes[0].set_ylabel("loss (train: whole objective; test: cross-entropy)")
     axes[1].set_ylabel("top-1 accuracy (%)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if models:
-        axes[1].legend(fontsize=7, loc="lower right")
-    else:
+    if not models:
         axes[0].text(0.5, 0.5, "no training history recorded", ha="center", va="center", transform=axes[0].transAxes)
     fig.suptitle("training (solid) and test (dashed) curves")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    if models:
+        handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.8, 0.5))
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor import fileio
-from compressor.errors import DataError
+from compressor.errors import DataError, OutputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -110,10 +110,18 @@ def find_layout(root: Path) -> tuple[str, Path]:
         return "cifar100", root if root.name != "cifar-100-python" else root.parent
     if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
         return "folder", root
-    subdirs = [p for p in root.iterdir() if p.is_dir()]
-    if len(subdirs) == 1:
-        return find_layout(subdirs[0])
-    raise DataError(f"{root} is in no supported layout; it needs train/ and test/ (or val/) class subfolders, or a torchvision CIFAR folder")
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        raise DataError(f"data folder {root} is empty; put train/ and test/ (or val/) folders with one subfolder per class "
+                        "in it, or pass a torchvision CIFAR folder")
+    subdirs = [p for p in entries if p.is_dir()]
+    if len(subdirs) == 1:  # an archive's single top folder, e.g. data/cifar10/{train,test}
+        try:
+            return find_layout(subdirs[0])
+        except DataError:
+            pass
+    raise DataError(f"{root} is in no supported layout; it needs train/ and test/ (or val/) folders with one subfolder per "
+                    "class, or a torchvision CIFAR folder")
 
 
 def _list_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -151,9 +159,10 @@ def _decode(files: list[Path], image_size: int | None, strict: bool) -> tuple[np
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 arrays.append(np.asarray(im, dtype=np.uint8))
             kept.append(i)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if strict:
-                raise DataError(f"corrupt image {f} ({type(exc).__name__}); remove it or run without --strict-data to skip it") from exc
+                raise DataError(f"corrupt image {f} ({type(exc).__name__}); remove it, or run without --strict-data to skip "
+                                "unreadable images") from exc
             bad.append(str(f))
     if arrays and len({a.shape for a in arrays}) > 1:
         raise DataError(f"images in {files[0].parent.parent} differ in size; set the preset's data.image_size to resize them")
@@ -168,9 +177,14 @@ def _load_split(split_dir: Path, image_size: int | None, strict: bool) -> tuple[
     if cache.exists():
         try:
             blob = torch.load(cache, weights_only=True)
-            return blob["x"], blob["y"], classes, blob["skipped"]
+            blob = blob if all(k in blob for k in ("x", "y", "skipped")) else None
         except Exception:
-            pass  # an unreadable cache is rebuilt below
+            blob = None  # an unreadable cache is rebuilt below
+        if blob is not None:
+            if strict and blob["skipped"]:
+                raise DataError(f"corrupt image {blob['skipped'][0]} (one of {len(blob['skipped'])} in {split_dir}); remove it, "
+                                "or run without --strict-data to skip unreadable images")
+            return blob["x"], blob["y"], classes, blob["skipped"]
     arr, kept, bad = _decode(files, image_size, strict)
     if not kept:
         raise DataError(f"no image in {split_dir} could be decoded; check the files")
@@ -178,7 +192,7 @@ def _load_split(split_dir: Path, image_size: int | None, strict: bool) -> tuple[
     y = torch.tensor([labels[i] for i in kept], dtype=torch.long)
     try:
         fileio.torch_save(cache, {"x": x, "y": y, "skipped": bad})
-    except OSError:
+    except (OSError, OutputError):
         pass  # a read-only or full cache folder only costs the decode next time
     return x, y, classes, bad
 

@@ -22,7 +22,9 @@ from compressor import fileio
 from compressor.attention import AttentionPair, Taps
 from compressor.config import Config
 from compressor.data import Augment, DeviceBatches, ImageData
-from compressor.errors import CheckpointError, TrainingError
+from compressor import distributed
+from compressor.distributed import unwrap
+from compressor.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from compressor.events import SILENT, Reporter
 from compressor.losses import Objective, distillation_terms, input_gradient
 
@@ -33,11 +35,19 @@ METRICS_FILE = "metrics.jsonl"
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        from compressor.errors import ConfigError
-
-        raise ConfigError("--device cuda asked for but no CUDA device is available; use --device cpu or auto")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device '{requested}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested} asked for but no CUDA device is available; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA devices; use cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device '{requested}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def objective_from(cfg: Config, method: str | None = None) -> Objective:
@@ -72,8 +82,11 @@ class EpochStats:
         return {f"train_{k}": v / max(self.seen, 1) for k, v in self.sums.items()}
 
 
-class StopRequested(Exception):
+class StopRequested(Interrupted):
     """SIGINT/SIGTERM arrived; the state was saved at a step boundary."""
+
+    def __init__(self, message: str = "training stopped", signum: int = signal.SIGINT):
+        super().__init__(message, signum)
 
 
 class _StopFlag:
@@ -90,6 +103,8 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self.raised is not None:  # a second signal: stop now, the last epoch's state is on disk
+            raise KeyboardInterrupt
         self.raised = signum
 
     def __exit__(self, *exc):
@@ -97,29 +112,96 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def _autocast(device: torch.device, enabled: bool | torch.dtype | None):
+    """``enabled``: True = bf16 on CUDA only (fp32 on the CPU), a dtype = autocast to it, False/None = fp32."""
+    if isinstance(enabled, torch.dtype):
+        return torch.autocast(device.type, dtype=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How the arithmetic runs; results agree with the plain fp32 loop up to rounding.
+
+    ``precision``: auto = bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32
+    on the CPU. ``channels_last``: None = on CUDA only. ``compile``: ``torch.compile`` of student and
+    teacher, compiled before the first epoch and timed apart. ``workers``: DataLoader processes when
+    the data is streamed (None = one per spare core, at most 8). cuDNN autotuning is on for CUDA.
+    """
+
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+    cudnn_benchmark: bool = True
+    workers: int | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        return (torch.bfloat16 if bf16_ok else torch.float16) if cuda else None
+    if precision == "bf16":
+        if cuda and not bf16_ok:
+            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp16 (with loss scaling) or fp32")
+        return torch.bfloat16
+    return torch.float16 if precision == "fp16" else None
+
+
+class Diverged(TrainingError):
+    """A loss term went NaN or infinite; ``fit`` adds where the last good state is."""
 
 
 def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    for name, value in terms.items():
-        if name != "loss" and not torch.isfinite(value):
-            raise TrainingError(f"the {name} loss became {float(value)} at epoch {epoch}, step {step}; lower the learning rate "
-                                f"or beta; the last good checkpoint is kept")
-    if not torch.isfinite(terms["loss"]):
-        raise TrainingError(f"the loss became non-finite at epoch {epoch}, step {step}; lower the learning rate")
+    """``epoch`` is 1-based, ``step`` the 0-based index of the batch; the message counts both from 1."""
+    bad = [name for name, value in terms.items() if name != "loss" and not torch.isfinite(value)]
+    if bad or not torch.isfinite(terms["loss"]):
+        name = bad[0] if bad else "loss"
+        what = "the total loss" if name == "loss" else f"the {name} loss term"
+        raise Diverged(f"training diverged: {what} became {float(terms[name].detach())} at epoch {epoch}, step {step + 1}; "
+                       f"lower --lr (or distill.beta) and run again")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, (oom, MemoryError)) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _out_of_memory_message(batch_size: int, device: torch.device, epoch: int, kept: str, exc: BaseException) -> str:
+    """A suggestion that fits: half the batch, rounded down to a power of two (memory grows with the batch)."""
+    cuda_oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    where = "CUDA" if device.type == "cuda" or isinstance(exc, cuda_oom) else "the CPU"
+    if batch_size <= 1:
+        return (f"{where} ran out of memory at epoch {epoch} even with batch size 1; use a smaller model, fewer AT layers "
+                f"or another device; {kept}")
+    suggest = 1 << ((batch_size // 2).bit_length() - 1)
+    return (f"{where} ran out of memory at epoch {epoch} with batch size {batch_size}; try --batch-size {suggest} "
+            f"(or --set train.batch_size={suggest}); {kept}")
 
 
 def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, objective: Objective,
                     epoch: int, teacher: Teacher | None = None, beta: float | None = None, bf16: bool = True,
                     stats: EpochStats | None = None, reporter: Reporter = SILENT, stop: _StopFlag | None = None,
-                    on_stop=None) -> EpochStats:
+                    on_stop=None, scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+    """One epoch. ``student`` (and ``teacher.model``) may be wrapped in DDP or ``torch.compile``; ``bf16``
+    may be an autocast dtype (see ``_autocast``); ``scaler`` does fp16 loss scaling."""
     student.train()
     stats = stats or EpochStats()
     grad_at = teacher is not None and objective.uses_at and objective.gradient
     pairs = list(teacher.pairs) if teacher and objective.uses_at and not grad_at else []
-    s_taps = Taps(student, [p.student.module for p in pairs])
-    t_taps = Taps(teacher.model, [p.teacher.module for p in pairs]) if pairs else None
+    s_taps = Taps(unwrap(student), [p.student.module for p in pairs])
+    t_taps = Taps(unwrap(teacher.model), [p.teacher.module for p in pairs]) if pairs else None
     device = batches.device
     step = batches.start_step
     try:
@@ -143,8 +225,13 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
             terms = distillation_terms(objective, logits, y, t_logits, list(zip(s_maps, t_maps)), beta, grads)
             _check_finite(terms, epoch, step)
             optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            if scaler is None:
+                terms["loss"].backward()
+                optimizer.step()
+            else:  # fp16: scaled loss; a step whose gradients overflowed is skipped and the scale lowered
+                scaler.scale(terms["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
             n = len(y)
             stats.add({k: v.detach() for k, v in terms.items()}, int((logits.argmax(1) == y).sum()), n)
             stats.seconds += time.perf_counter() - t0
@@ -153,7 +240,7 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
             if stop is not None and stop.raised is not None:
                 if on_stop is not None:
                     on_stop(epoch, step, stats)
-                raise StopRequested()
+                raise StopRequested(signum=stop.raised)
     finally:
         s_taps.remove()
         if t_taps:
@@ -163,17 +250,21 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: DeviceBatches, bf16: bool = True) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over ``batches``."""
+    """Top-1 accuracy (%) and mean cross-entropy over ``batches``; with sharded batches (several
+    data-parallel ranks) the sums are added over the ranks, so every rank gets the whole test set's numbers."""
     was_training = model.training
     model.eval()
-    correct, total, loss = 0, 0, 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, total; one sync at the end
     for x, y in batches:
         with _autocast(batches.device, bf16):
             logits = model(x)
-        loss += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += len(y)
+        sums[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
     model.train(was_training)
+    loss, correct, total = sums.tolist()
+    if getattr(batches, "world_size", 1) > 1:
+        loss, correct, total = distributed.all_reduce_sum([loss, correct, total], batches.device)
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
 
 
@@ -181,14 +272,32 @@ def evaluate(model: nn.Module, batches: DeviceBatches, bf16: bool = True) -> dic
 class FitResult:
     history: list[dict[str, float]]
     final: dict[str, float]
-    seconds: float
+    seconds: float  # training and evaluation, without compilation
+    compile_seconds: float = 0.0
 
 
-def make_batches(data: ImageData, cfg: Config, mean, std, device: torch.device, rank: int = 0, world: int = 1):
+def make_batches(data, cfg: Config, mean, std, device: torch.device, rank: int | None = None, world: int | None = None,
+                 channels_last: bool = False, workers: int | None = None):
+    """Train and test batches: ``DeviceBatches`` for an in-memory ``ImageData``, ``LoaderBatches`` (a
+    DataLoader) for a ``compressor.loaders.StreamingData``. Rank and world size default to this
+    process's place in the process group; ``train.batch_size`` is split over the ranks."""
+    from compressor.loaders import StreamingData, make_streaming_batches
+
+    if rank is None or world is None:
+        info = distributed.current()
+        rank, world = info.rank, info.world_size
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not split evenly over {world} processes; "
+                          f"use a multiple of {world}")
+    batch = cfg.train.batch_size // world
     aug = Augment(cfg.data.crop_padding, cfg.data.flip)
-    train = DeviceBatches(data.train_x, data.train_y, cfg.train.batch_size, mean, std, device, True, aug,
-                          cfg.train.seed, rank=rank, world_size=world)
-    test = DeviceBatches(data.test_x, data.test_y, max(cfg.train.batch_size, 256), mean, std, device, False)
+    if isinstance(data, StreamingData):
+        return make_streaming_batches(data, batch, max(batch, 256), mean, std, device, aug, cfg.train.seed, rank, world,
+                                      channels_last, workers)
+    train = DeviceBatches(data.train_x, data.train_y, batch, mean, std, device, True, aug,
+                          cfg.train.seed, rank=rank, world_size=world, channels_last=channels_last)
+    test = DeviceBatches(data.test_x, data.test_y, max(batch, 256), mean, std, device, False, rank=rank, world_size=world,
+                         channels_last=channels_last)
     return train, test
 
 
@@ -200,7 +309,8 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     # BN and bias parameters without weight decay, as most WRN reimplementations; the reference
     # code decays everything, a difference of a few hundredths of a point.
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, foreach=device.type == "cuda")
+    fast = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
+    opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, **fast)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(t.milestones), gamma=t.gamma)
     return opt, sched
 
@@ -211,13 +321,34 @@ def _beta_at(cfg: Config, epoch: int) -> float:
     return cfg.distill.beta
 
 
-def _save_state(path: Path, student, opt, sched, epoch: int, step: int, history, stats: EpochStats | None) -> None:
+def _run_identity(cfg: Config, data: ImageData) -> dict[str, Any]:
+    """What a resumed run must share with the saved one to repeat it: the recipe and the data's size."""
+    ident = {f"{section}.{k}": v for section in ("data", "train", "distill") for k, v in getattr(cfg, section).__dict__.items()}
+    ident = {k: list(v) if isinstance(v, tuple) else v for k, v in ident.items()}
+    ident["images"] = [len(data.train_y), len(data.test_y)]
+    return ident
+
+
+def _check_same_run(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    if not saved:
+        return
+    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if diff:
+        shown = ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in diff[:3])
+        raise ConfigError(f"the training state in {path.parent} was made with {shown}; resume with the same options and data, "
+                          "or pass --overwrite to start again")
+
+
+def _save_state(path: Path, student, opt, sched, epoch: int, step: int, history, stats: EpochStats | None,
+                identity: dict[str, Any] | None = None) -> None:
     fileio.torch_save(path, {
         "model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "epoch": epoch, "step": step, "history": history,
         "stats": None if stats is None else {"sums": stats.sums, "correct": stats.correct, "seen": stats.seen,
                                               "steps": stats.steps, "seconds": stats.seconds},
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "run": identity or {},
     })
 
 
@@ -230,55 +361,169 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
         objective: Objective | None = None, device: torch.device | None = None, reporter: Reporter = SILENT,
-        resume: bool = False, bf16: bool = True, tag: str = "") -> FitResult:
-    """Train ``student`` for ``cfg.train.epochs``; distil from ``teacher`` when the objective uses one."""
+        resume: bool = False, bf16: bool = True, tag: str = "", speed: Speed | None = None) -> FitResult:
+    """Train ``student`` for ``cfg.train.epochs``; distil from ``teacher`` when the objective uses one.
+
+    ``speed`` picks precision, memory format, compilation and DataLoader workers (``bf16=False``
+    forces fp32). Inside a process group (``compressor.distributed``) the student trains under DDP
+    on this rank's shard, evaluation covers the whole test set across ranks, and rank 0 alone
+    reports and writes metrics and state."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or pick_device()
     objective = objective or objective_from(cfg, "none")
+    speed, rank = speed or Speed(), distributed.current()
+    reporter = reporter if rank.is_main else SILENT  # rank 0 alone reports and writes
+    amp = autocast_dtype(speed.precision, device) if bf16 else None
+    cl = device.type == "cuda" if speed.channels_last is None else speed.channels_last
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    if device.type == "cuda" and speed.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
     torch.manual_seed(cfg.train.seed)
-    student.to(device)
+    student.to(device, memory_format=fmt)
     if teacher is not None:
-        teacher.model.to(device).eval().requires_grad_(False)
-    train_b, test_b = make_batches(data, cfg, mean, std, device)
+        teacher.model.to(device, memory_format=fmt).eval().requires_grad_(False)
+    train_b, test_b = make_batches(data, cfg, mean, std, device, rank.rank, rank.world_size, cl, speed.workers)
     opt, sched = make_optimizer(student, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     state_path, metrics_path = out_dir / STATE_FILE, out_dir / METRICS_FILE
+    identity = _run_identity(cfg, data)
     history: list[dict[str, float]] = []
     start_epoch, start_step, stats = 0, 0, None
     if resume and state_path.exists():
         st = _load_state(state_path)
+        _check_same_run(st.get("run"), identity, state_path)
         student.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"])
+        if st.get("cuda_rng") and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
         start_epoch, start_step, history = st["epoch"], st["step"], list(st["history"])
         stats = EpochStats(**st["stats"]) if st["stats"] else None
         reporter.info(f"resuming {tag or 'training'} at epoch {start_epoch + 1}, step {start_step}")
-        _rewrite_metrics(metrics_path, history)
+        if rank.is_main:
+            _rewrite_metrics(metrics_path, history)
+    else:  # a fresh start: no metrics or state of an earlier run may survive to be mixed with this one's
+        if resume:
+            reporter.info(f"no training state in {out_dir}; {tag or 'training'} starts from epoch 1")
+        for stale in (state_path, metrics_path) if rank.is_main else ():
+            stale.unlink(missing_ok=True)
+    model, run_teacher, compile_s = _runtime_models(student, teacher, objective, speed, device, train_b, amp, reporter)
     began = time.perf_counter()
     with _StopFlag() as stop:
         for epoch in range(start_epoch, cfg.train.epochs):
             train_b.set_epoch(epoch, start_step)
             reporter.task(f"{tag} epoch {epoch + 1}/{cfg.train.epochs}".strip(), len(train_b))
-            save = lambda e, s, st_: _save_state(state_path, student, opt, sched, e, s, history, st_)  # noqa: E731
+            save = lambda e, s, st_: rank.is_main and _save_state(state_path, student, opt, sched, e, s, history, st_, identity)  # noqa: E731
+            kept = (f"the last good training state is kept in {state_path}; --resume continues from it"
+                    if state_path.exists() else "no epoch had finished, so no training state was saved")
             try:
-                stats = train_one_epoch(student, train_b, opt, objective, epoch + 1, teacher, _beta_at(cfg, epoch), bf16,
-                                        stats, reporter, stop, on_stop=lambda e, s, st_: save(e - 1, s, st_))
-            except StopRequested:
-                reporter.done("stopped")
-                raise
-            sched.step()
-            record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats.means(),
-                      "train_top1": 100.0 * stats.correct / max(stats.seen, 1),
-                      **{f"test_{k}": v for k, v in evaluate(student, test_b, bf16).items()},
-                      "images_per_s": stats.seen / max(stats.seconds, 1e-9)}
+                stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, run_teacher, _beta_at(cfg, epoch), amp,
+                                        stats, reporter, stop, on_stop=lambda e, s, st_: save(e - 1, s, st_), scaler=scaler)
+                stats = _global_stats(stats, device)
+                distributed.sync_buffers(student)  # every rank evaluates and ends with rank 0's BN statistics
+                sched.step()
+                record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats.means(),
+                          "train_top1": 100.0 * stats.correct / max(stats.seen, 1),
+                          **{f"test_{k}": v for k, v in evaluate(student, test_b, amp).items()},
+                          "images_per_s": stats.seen / max(stats.seconds, 1e-9)}
+            except StopRequested as exc:
+                reporter.done()
+                name = signal.Signals(exc.signum).name
+                raise StopRequested(f"stopped by {name} at epoch {epoch + 1}; the training state is saved in {state_path}; "
+                                    "run the same command with --resume to continue", exc.signum) from None
+            except Diverged as exc:
+                reporter.done()
+                raise Diverged(f"{exc}; {kept}") from None
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                reporter.done()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise TrainingError(_out_of_memory_message(cfg.train.batch_size, device, epoch + 1, kept, exc)) from None
             history.append(record)
-            fileio.append_jsonl(metrics_path, record)
-            _save_state(state_path, student, opt, sched, epoch + 1, 0, history, None)
+            # The state first: it holds the history, and --resume rebuilds metrics.jsonl from it.
+            if rank.is_main:
+                _save_state(state_path, student, opt, sched, epoch + 1, 0, history, None, identity)
+                fileio.append_jsonl(metrics_path, record)
             reporter.done(f"{tag} epoch {epoch + 1}: test top-1 {record['test_top1']:.2f}%  loss {record['train_loss']:.3f}".strip())
             stats, start_step = None, 0
+            if stop.raised is not None and epoch + 1 < cfg.train.epochs:  # arrived during evaluation: stop at the boundary
+                name = signal.Signals(stop.raised).name
+                raise StopRequested(f"stopped by {name} after epoch {epoch + 1}; the training state is saved in {state_path}; "
+                                    "run the same command with --resume to continue", stop.raised)
+    seconds = time.perf_counter() - began
+    distributed.check_same_weights(student, device)
+    student.to(memory_format=torch.contiguous_format)  # what export and other callers expect
+    if teacher is not None:
+        teacher.model.to(memory_format=torch.contiguous_format)
     final = history[-1] if history else {}
-    return FitResult(history, final, time.perf_counter() - began)
+    return FitResult(history, final, seconds, compile_s)
+
+
+def _global_stats(stats: EpochStats, device: torch.device) -> EpochStats:
+    """Training sums over all data-parallel ranks (seconds stay this rank's, so images/s is the total rate)."""
+    if not distributed.active():
+        return stats
+    keys = sorted(stats.sums)
+    total = distributed.all_reduce_sum([stats.sums[k] for k in keys] + [stats.correct, stats.seen], device)
+    return EpochStats(dict(zip(keys, total[:-2])), int(total[-2]), int(total[-1]), stats.steps, stats.seconds)
+
+
+def _runtime_models(student: nn.Module, teacher: Teacher | None, objective: Objective, speed: Speed, device: torch.device,
+                    batches, amp: torch.dtype | None, reporter: Reporter) -> tuple[nn.Module, Teacher | None, float]:
+    """The modules the loop runs: the student in DDP when several ranks train (the frozen teacher never),
+    both through ``torch.compile`` with ``speed.compile``; and the seconds compilation took."""
+    model = distributed.wrap_student(student, device)
+    if not speed.compile:
+        return model, teacher, 0.0
+    if objective.uses_at and objective.gradient:
+        reporter.info("--compile skipped: gradient attention needs a double backward, which torch.compile does not support")
+        return model, teacher, 0.0
+    model = torch.compile(model, backend=speed.compile_backend)
+    if teacher is not None:
+        teacher = Teacher(torch.compile(teacher.model, backend=speed.compile_backend), teacher.pairs)
+    seconds = _warm_up(model, teacher, objective, batches, amp)
+    reporter.info(f"compiled the student{' and teacher' if teacher else ''} in {seconds:.1f} s (torch.compile, "
+                  f"{speed.compile_backend}); not counted in training time or images/s")
+    return model, teacher, seconds
+
+
+def _warm_up(model: nn.Module, teacher: Teacher | None, objective: Objective, batches, amp: torch.dtype | None) -> float:
+    """One forward and backward on a training batch with the attention taps in place, so that torch.compile
+    compiles now (hooks present at the first call are traced in). Weights, gradients, BN statistics and
+    the RNG are left as they were; returns the seconds it took."""
+    student = unwrap(model)
+    pairs = list(teacher.pairs) if teacher is not None and objective.uses_at else []
+    buffers = [b.detach().clone() for b in student.buffers()]
+    rng = torch.get_rng_state()
+    x, _ = next(iter(batches))
+    began = time.perf_counter()
+    s_taps = Taps(student, [p.student.module for p in pairs])
+    t_taps = Taps(unwrap(teacher.model), [p.teacher.module for p in pairs]) if pairs else None
+    try:
+        with _autocast(x.device, amp):
+            if teacher is not None and objective.needs_teacher:
+                with torch.no_grad():
+                    teacher.model(x)
+            logits = model(x)
+        maps = s_taps.take([p.student.module for p in pairs])
+        (logits.float().mean() + sum((m.float().mean() for m in maps), torch.zeros((), device=x.device))).backward()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+    finally:
+        s_taps.remove()
+        if t_taps is not None:
+            t_taps.remove()
+    seconds = time.perf_counter() - began
+    student.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(student.buffers(), buffers):
+            b.copy_(saved)
+    torch.set_rng_state(rng)
+    return seconds
 
 
 def _rewrite_metrics(path: Path, history: list[dict[str, float]]) -> None:

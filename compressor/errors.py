@@ -35,3 +35,14 @@ class TrainingError(AtcError):
 
 class ExportError(AtcError):
     """ONNX export or its parity check failed."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after its state was saved; ``--resume`` continues it.
+
+    Not an ``AtcError``: nothing was wrong with the input. The CLI exits with 128 + ``signum``.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

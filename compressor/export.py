@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ class Parity:
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress and warnings of its own; keep stdout clean for --json."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -128,12 +128,13 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
 
 def export_checked(model: nn.Module, spec: ModelSpec, out: str | Path, atol: float = 1e-4,
                    batch_sizes=(1, 8)) -> Parity:
-    """Export with metadata and verify parity; the file stays (for inspection) but a miss raises."""
-    to_onnx(model, spec.input_size, out, metadata_for(spec))
-    parity = check_parity(model, out, spec.input_size, batch_sizes, atol)
-    if not parity.ok:
-        raise ExportError(f"ONNX parity check failed: max |onnxruntime - torch| = {parity.worst:.2e} > atol {atol:g}; "
-                          "inspect the model or relax --atol")
+    """Export with metadata and verify parity before the file takes its place; a miss leaves nothing behind."""
+    with fileio.atomic_path(out, suffix=".onnx") as tmp:
+        to_onnx(model, spec.input_size, tmp, metadata_for(spec))
+        parity = check_parity(model, tmp, spec.input_size, batch_sizes, atol)
+        if not parity.ok:
+            raise ExportError(f"ONNX parity check failed: max |onnxruntime - torch| = {parity.worst:.2e} > atol {parity.atol:g}; "
+                              "inspect the model or relax --atol")
     return parity
 
 
@@ -157,3 +158,53 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarra
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, per_channel=per_channel)
     return out
+
+
+def normalized_images(x_uint8: torch.Tensor, mean, std) -> np.ndarray:
+    """uint8 N×C×H×W → float32 input as the exported model expects it."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return ((x_uint8.float() / 255 - m) / s).numpy().astype(np.float32)
+
+
+def onnx_top1(path: str | Path, x: np.ndarray, y: np.ndarray, batch_size: int = 256, threads: int | None = None) -> float:
+    """Top-1 (%) of an ONNX classifier on already-normalised inputs, with onnxruntime on CPU."""
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        logits = sess.run(None, {name: x[i:i + batch_size]})[0]
+        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    return 100.0 * correct / max(len(x), 1)
+
+
+@dataclass
+class Int8Result:
+    path: Path
+    top1_fp32: float
+    top1_int8: float
+    speedup: float              # FP32 ORT time / INT8 ORT time, median of interleaved rounds
+    spread: tuple[float, float]
+    fp32_ms: float
+    int8_ms: float
+    calibration_images: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["spread"] = list(self.spread)
+        return d
+
+
+def int8_with_evaluation(fp32_path: str | Path, out: str | Path, data, mean, std, input_size, calib_images: int = 256,
+                         threads: int | None = None, seed: int = 0) -> Int8Result:
+    """Quantize on ``calib_images`` training images, then measure top-1 and speed against the FP32 file."""
+    from compressor.profiling import compare_latency
+
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(data.train_y), generator=g)[:calib_images]
+    quantize_int8(fp32_path, out, normalized_images(data.train_x[pick], mean, std))
+    x, y = normalized_images(data.test_x, mean, std), data.test_y.numpy()
+    top_fp32, top_int8 = onnx_top1(fp32_path, x, y, threads=threads), onnx_top1(out, x, y, threads=threads)
+    speed = compare_latency(None, None, input_size, "ort-cpu", 1, threads, teacher_onnx=Path(fp32_path), student_onnx=Path(out))
+    return Int8Result(Path(out), top_fp32, top_int8, speed.speedup, speed.spread, speed.teacher_ms, speed.student_ms, len(pick))

@@ -1,51 +1,122 @@
 """Atomic file writes: a temporary file in the target's folder, then ``os.replace``.
 
 An interrupted write leaves the previous file (or nothing) in place, never a partial one.
-A full disk surfaces as an ``OutputError`` that names the file.
+Temporary files are named ``.<target>.<pid>.<random>.tmp<suffix>``; one left behind by a
+process that was killed (SIGKILL, power loss) is removed by the next write of the same target.
+A full disk or an unwritable folder surfaces as an ``OutputError`` that names the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from compressor.errors import OutputError
 
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def output_error(exc: OSError, target: str | os.PathLike) -> OutputError | None:
+    """The one-line ``OutputError`` for a full disk or an unwritable folder; None for other errors."""
+    if exc.errno in _NO_SPACE:
+        return OutputError(f"no space left on the device while writing {target}; free some space and run the command again")
+    if exc.errno in _NOT_WRITABLE:
+        return OutputError(f"cannot write {target} ({os.strerror(exc.errno).lower()}); choose a folder you can write to")
+    return None
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries of ``target`` left by processes that no longer run (killed mid-write)."""
+    if os.name != "posix":
+        return
+    pattern = re.compile(r"\." + re.escape(target.name) + r"\.(\d+)\.[A-Za-z0-9_]+\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(target.parent):
+            m = pattern.match(entry.name)
+            if not m or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            except OSError:  # alive but another user's: leave it
+                pass
+
+
+def _mode_for(target: Path) -> int:
+    """The replaced file's permissions, or what ``open(..., "w")`` would give a new file."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    umask = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
 
-    ``suffix`` keeps the extension for writers that look at it (matplotlib, onnx).
+    ``suffix`` is the temporary's last extension, for writers that look at it (matplotlib, onnx).
+    The file gets the permissions a plain ``open`` would give it (or the replaced file's).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data reaches the disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.chmod(tmp, _mode_for(target))  # mkstemp's 0600 would make every output private
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"no space left on the device while writing {target}; free some space and run again") from exc
+        mapped = output_error(exc, target)
+        if mapped is not None:
+            raise mapped from exc
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:
@@ -64,7 +135,10 @@ def append_jsonl(target: str | os.PathLike, record: dict) -> None:
 
 
 def torch_save(target: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically. The bytes are built in memory first: torch's own file writer turns
+    a full disk into a RuntimeError without an errno, a plain write reports ENOSPC."""
     import torch
 
-    with atomic_path(target) as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(target, buffer.getbuffer())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from compressor.attention import AttentionPair, find_pairs
 from compressor.checkpoint import ModelSpec, load_model, save_checkpoint
 from compressor.config import Config
 from compressor.data import ImageData, open_dataset
-from compressor.derive import Candidate, ladder, measure, spec_like, student_arch
-from compressor.distill import STATE_FILE, METRICS_FILE, Teacher, evaluate, fit, make_batches, objective_from, pick_device
+from compressor.derive import Candidate, arch_ref, derived_candidate, derived_ladder, has_family_rule, ladder, measure, spec_like, student_arch, thinned
+from compressor import distributed
+from compressor.distill import (STATE_FILE, METRICS_FILE, Speed, Teacher, autocast_dtype, evaluate, fit, make_batches,
+                                objective_from, pick_device)
 from compressor.errors import ConfigError, DataError, OutputError
 from compressor.events import SILENT, Reporter
 from compressor.export import export_checked
@@ -27,21 +29,40 @@ from compressor.losses import distillation_terms, input_gradient
 from compressor.models.registry import parse_arch
 from compressor.profiling import Timing, compare_latency, count_macs, count_params, environment, measure_latency
 from compressor.report import write_report
+from compressor.search import Target
+from compressor.thinning import describe_stages
+
+INITS = ("auto", "inherit", "scratch")
 
 
-def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Refuse a non-empty ``out_dir`` unless the user said to overwrite or resume into it."""
+def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = False, create: bool = True) -> Path:
+    """Refuse a non-empty ``out_dir`` unless the user said to overwrite or resume into it.
+
+    ``create=False`` only checks, so that a run failing on its inputs leaves no empty folder behind.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise OutputError(f"--out {out} is not empty; pass --overwrite to replace its files, --resume to continue, or another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT) -> ImageData:
+def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT,
+              device: torch.device | None = None, workers: int | None = None, budget_bytes: int | None = None) -> ImageData:
+    """The dataset, subset as the preset says. With ``device``, data too large for the memory it may
+    use there is not loaded but streamed (``compressor.loaders``); the decision is reported."""
     image_size = cfg.data.image_size if str(spec) == "digits" or cfg.data.image_size else None
+    if device is not None:
+        from compressor.loaders import open_for_device
+
+        data = open_for_device(spec, image_size, device, strict=strict, train_subset=cfg.data.train_subset,
+                               test_subset=cfg.data.test_subset, budget_bytes=budget_bytes, workers=workers, reporter=reporter)
+        if data.skipped_files:
+            reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
+        return data  # type: ignore[return-value]
     data = open_dataset(spec, image_size=image_size, strict=strict)
     if data.skipped_files:
         reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
@@ -65,8 +86,9 @@ def normalization(spec: ModelSpec, data: ImageData) -> tuple[list[float], list[f
 
 
 def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, device: torch.device | None = None,
-                reporter: Reporter = SILENT, resume: bool = False) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
-    """Train ``arch`` from scratch on ``data`` with the preset recipe; save an atc checkpoint."""
+                reporter: Reporter = SILENT, resume: bool = False, speed: Speed | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """Train ``arch`` from scratch on ``data`` with the preset recipe; save an atc checkpoint (rank 0 of a
+    data-parallel run alone writes it)."""
     out_path = Path(out_path)
     mean, std = data.channel_stats()
     spec = replace(ModelSpec.for_arch(arch, data.num_classes), class_names=list(data.class_names),
@@ -74,27 +96,50 @@ def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, d
     torch.manual_seed(cfg.train.seed)
     model = spec.build()
     result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(),
-                 reporter=reporter, resume=resume, tag=spec.name)
+                 reporter=reporter, resume=resume, tag=spec.name, speed=speed)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
                "data": data.name, "preset": cfg.preset, "epochs": cfg.train.epochs}
-    save_checkpoint(out_path, model.cpu(), spec, metrics)
-    return model, spec, metrics
+    if result.compile_seconds:
+        metrics["compile_seconds"] = result.compile_seconds
+    if distributed.is_main():
+        save_checkpoint(out_path, model.cpu(), spec, metrics)
+    return model.cpu(), spec, metrics
 
 
 def state_dir_for(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".state")
 
 
-def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0) -> list[Candidate]:
-    """``names`` if given; else the ``count`` ladder candidates nearest the preset policy; else the policy student."""
-    t_model = teacher.build()
+def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0, *,
+                    teacher_model: nn.Module | None = None, width: float | str | None = None,
+                    blocks_per_stage: int | None = None, target: Target | None = None,
+                    reporter: Reporter = SILENT) -> list[Candidate]:
+    """``names`` if given; a derived student meeting ``target`` (a search) or thinned to ``width``;
+    else the ``count`` ladder candidates nearest the preset policy; else the policy student. Teachers
+    without a family rule (any other traceable CNN) get derived students. ``teacher_model`` (the
+    trained teacher) ranks channels for derived students; without it a fresh build does."""
+    t_model = teacher_model if teacher_model is not None else teacher.build()
     tp, tm = count_params(t_model)["total"], count_macs(t_model, teacher.input_size).gmacs
     if names:
         return [measure(spec_like(teacher, parse_arch(n)), tp, tm) for n in names]
-    policy = measure(spec_like(teacher, student_arch(teacher.arch, cfg.student.blocks_per_stage, cfg.student.width_ratio)), tp, tm)
-    if count <= 1:
-        return [policy]
-    others = [c for c in ladder(teacher) if c.name != policy.name]
+    if target is not None:
+        from compressor.search import search
+
+        reporter.info(f"searching a student of {teacher.name} for {target.describe()}")
+        found = search(t_model, teacher.input_size, target, teacher_arch=arch_ref(teacher),
+                       blocks_per_stage=blocks_per_stage, reporter=reporter)
+        return [thinned(teacher, found.plan, found.student, tp, tm)]
+    if width is not None or blocks_per_stage is not None or not has_family_rule(teacher.arch):
+        policy = derived_candidate(teacher, t_model, width if width is not None else cfg.student.width_ratio,
+                                   blocks_per_stage if (width is not None or blocks_per_stage is not None) else cfg.student.blocks_per_stage)
+        if count <= 1:
+            return [policy]
+        others = [c for c in derived_ladder(teacher, t_model) if c.name != policy.name]
+    else:
+        policy = measure(spec_like(teacher, student_arch(teacher.arch, cfg.student.blocks_per_stage, cfg.student.width_ratio)), tp, tm)
+        if count <= 1:
+            return [policy]
+        others = [c for c in ladder(teacher) if c.name != policy.name]
     others.sort(key=lambda c: abs(torch.tensor(c.gmacs / policy.gmacs).log().item()))
     return [policy] + others[: count - 1]
 
@@ -104,6 +149,7 @@ class DryRun:
     student: Candidate
     pairs: list[AttentionPair]
     initial_terms: dict[str, float]
+    stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: blocks and width, student vs teacher
 
 
 def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: ImageData, cfg: Config,
@@ -135,7 +181,8 @@ def plan(teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, ca
         torch.manual_seed(cfg.train.seed)
         student = cand.spec.build()
         pairs = find_pairs(student, teacher, example, cfg.distill.at_layers)
-        out.append(DryRun(cand, pairs, initial_terms(student, teacher, pairs, data, cfg, mean, std, method)))
+        stages = (cand.spec.plan or {}).get("stages") or describe_stages(teacher, student, t_spec.input_size)
+        out.append(DryRun(cand, pairs, initial_terms(student, teacher, pairs, data, cfg, mean, std, method), stages))
     return out
 
 
@@ -143,9 +190,21 @@ def _student_dir(out: Path, cand: Candidate, method: str) -> Path:
     return out / "students" / f"{cand.name}-{method.replace('+', '_')}"
 
 
+def resolve_init(init: str, spec: ModelSpec) -> str:
+    """``auto``: a derived (thinned) student inherits the teacher's surviving weights; a zoo student starts from scratch."""
+    if init not in INITS:
+        raise ConfigError(f"--init {init} is unknown; choose one of {', '.join(INITS)}")
+    if init == "inherit" and spec.plan is None:
+        raise ConfigError(f"--init inherit needs a student derived from the teacher ({spec.name} is a zoo architecture); "
+                          "use --width-ratio or --target-speedup, or --init scratch")
+    return ("inherit" if spec.plan is not None else "scratch") if init == "auto" else init
+
+
 def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, method: str,
-                    out: Path, device: torch.device, reporter: Reporter = SILENT, resume: bool = False) -> dict[str, Any]:
-    """Train one student (skipped when a finished checkpoint is already there and ``resume``)."""
+                    out: Path, device: torch.device, reporter: Reporter = SILENT, resume: bool = False,
+                    init: str = "auto", speed: Speed | None = None) -> dict[str, Any]:
+    """Train one student (skipped when a finished checkpoint is already there and ``resume``). A derived
+    student starts from the teacher's surviving weights (``init="inherit"``) or from a fresh initialisation."""
     mean, std = normalization(t_spec, data)
     spec = replace(cand.spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
     sdir = _student_dir(out, cand, method)
@@ -156,41 +215,74 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
         return {"model": model, "spec": spec, "metrics": metrics, "dir": sdir}
     torch.manual_seed(cfg.train.seed)
     model = spec.build()
+    init = resolve_init(init, spec)
+    if init == "inherit":
+        from compressor.thinning import inherit
+
+        model.load_state_dict(inherit(teacher, spec.plan).state_dict())
     example = torch.zeros(1, *spec.input_size)
     pairs = find_pairs(model, teacher, example, cfg.distill.at_layers)
     result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
-                 resume=resume, tag=f"{cand.name} ({method})")
+                 resume=resume, tag=f"{cand.name} ({method})", speed=speed)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
-               "method": method, "teacher": t_spec.name, "epochs": cfg.train.epochs,
+               "method": method, "teacher": t_spec.name, "epochs": cfg.train.epochs, "init": init,
                "pairs": ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in pairs]}
-    save_checkpoint(ckpt, model.cpu(), spec, metrics)
+    if result.compile_seconds:
+        metrics["compile_seconds"] = result.compile_seconds
+    if distributed.is_main():
+        save_checkpoint(ckpt, model.cpu(), spec, metrics)
     return {"model": model.cpu(), "spec": spec, "metrics": metrics, "dir": sdir}
 
 
 def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_dir: str | Path, *, method: str | None = None,
              students: list[str] | None = None, n_students: int = 0, arch: str | None = None, trust: bool = False,
              overwrite: bool = False, resume: bool = False, strict_data: bool = False, device: str = "auto",
-             threads: int | None = None, reporter: Reporter = SILENT, command: str = "") -> dict[str, Any]:
-    """Distil one or more students from a trained teacher and write the full output set."""
-    out = prepare_output(out_dir, overwrite, resume)
+             threads: int | None = None, int8: bool = False, width: float | str | None = None,
+             blocks_per_stage: int | None = None, target: Target | None = None, init: str = "auto",
+             reporter: Reporter = SILENT, command: str = "", speed: Speed | None = None) -> dict[str, Any]:
+    """Distil one or more students from a trained teacher and write the full output set.
+
+    ``speed`` sets precision, channels_last, torch.compile and DataLoader workers. Run under torchrun
+    (several processes), each rank trains on its shard; rank 0 alone exports, measures and writes the
+    report, and the other ranks return an empty dict.
+
+    ``width``/``blocks_per_stage`` derive a thinned student from any traceable CNN; ``target`` searches
+    the width (and depth) that meets a speed-up; ``init`` says whether a derived student inherits the
+    teacher's surviving weights (``auto``/``inherit``) or starts fresh (``scratch``).
+
+    With ``int8`` each student is also quantized (static QDQ, calibrated on training images) and
+    its INT8 accuracy and latency join the report.
+    """
+    out = prepare_output(out_dir, overwrite, resume, create=False)
+    speed = speed or Speed()
     method = method or cfg.distill.method
     teacher, t_spec, t_metrics = load_model(teacher_path, arch=arch, trust=trust)
-    data = load_data(data_spec, cfg, strict_data, reporter)
+    dev = pick_device(device)
+    data = load_data(data_spec, cfg, strict_data, reporter, device=dev, workers=speed.workers)
+    if int8 and not isinstance(data, ImageData):
+        raise ConfigError("--int8 needs the images in memory for calibration, but this dataset is streamed from disk; "
+                          "quantize afterwards with `atc export --int8 --calib-data` on a smaller folder")
     if t_spec.family == "module":
         raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
     t_spec = replace(t_spec, input_size=t_spec.input_size if t_spec.mean is not None else tuple(data.input_size))
     check_compatible(t_spec, data)
     mean, std = normalization(t_spec, data)
     t_spec = replace(t_spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
-    dev = pick_device(device)
-    candidates = choose_students(t_spec, cfg, students, n_students)
-    _, test_b = make_batches(data, cfg, mean, std, dev)
+    candidates = choose_students(t_spec, cfg, students, n_students, teacher_model=teacher, width=width,
+                                 blocks_per_stage=blocks_per_stage, target=target, reporter=reporter)
+    for c in candidates:
+        resolve_init(init, c.spec)  # fail before any training
+    prepare_output(out, overwrite, resume)
+    distributed.barrier()  # every rank has checked --out before any of them writes into it
+    _, test_b = make_batches(data, cfg, mean, std, dev, workers=speed.workers)
     teacher.to(dev)
-    t_top1 = evaluate(teacher, test_b)["top1"]
+    t_top1 = evaluate(teacher, test_b, autocast_dtype(speed.precision, dev))["top1"]
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name}")
-    results = [distill_student(c, teacher, t_spec, data, cfg, method, out, dev, reporter, resume) for c in candidates]
+    results = [distill_student(c, teacher, t_spec, data, cfg, method, out, dev, reporter, resume, init, speed) for c in candidates]
     teacher.cpu()
-    report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command)
+    if not distributed.is_main():
+        return {}
+    report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
     _publish_primary(out, results[0])
     write_report(out, report)
     from compressor.curves import plot_curves
@@ -209,7 +301,7 @@ def _publish_primary(out: Path, primary: dict[str, Any]) -> None:
 
 def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
                  candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
-                 threads: int | None, reporter: Reporter = SILENT, command: str = "") -> dict[str, Any]:
+                 threads: int | None, reporter: Reporter = SILENT, command: str = "", int8: bool = False) -> dict[str, Any]:
     t_params, t_macs = count_params(teacher)["total"], count_macs(teacher, t_spec.input_size).gmacs
     reporter.info("measuring teacher latency (onnxruntime CPU, batch 1)")
     t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5))
@@ -227,8 +319,15 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
             "latency_speedup_spread": list(speed.spread), "checkpoint": str((res["dir"] / "student.pt").relative_to(out)),
             "onnx": str(onnx_path.relative_to(out)), "onnx_parity_max_abs_diff": {str(k): v for k, v in parity.max_abs_diff.items()},
             "train_seconds": res["metrics"].get("train_seconds"), "epochs": cfg.train.epochs,
-            "attention_pairs": res["metrics"].get("pairs", []),
+            "attention_pairs": res["metrics"].get("pairs", []), "init": res["metrics"].get("init"),
         })
+        if res["spec"].plan is not None:  # a derived student: its shape and, after a search, target vs achieved
+            plan_ = res["spec"].plan
+            students[-1]["derived"] = {"width": plan_.get("width"), "removed_blocks": plan_.get("removed_blocks", []),
+                                       "stages": plan_.get("stages", []),
+                                       "search": {k: v for k, v in plan_.get("search", {}).items() if k != "trials"} or None}
+        if int8:
+            students[-1]["int8"] = _int8_entry(teacher, res, onnx_path, data, t_spec, t_top1, threads, out, reporter)
     return {
         "atc_version": __version__, "report_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
         "preset": cfg.preset, "method": method, "epochs": cfg.train.epochs, "config": cfg.to_dict(),
@@ -240,3 +339,16 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
                     "latency_ms": speed.teacher_ms if speed else t_lat.median_ms},
         "students": students, "environment": environment(),
     }
+
+
+def _int8_entry(teacher: nn.Module, res: dict[str, Any], onnx_path: Path, data: ImageData, t_spec: ModelSpec, t_top1: float,
+                threads: int | None, out: Path, reporter: Reporter) -> dict[str, Any]:
+    from compressor.export import int8_with_evaluation
+
+    spec = res["spec"]
+    q_path = onnx_path.with_name("student.int8.onnx")
+    reporter.info(f"{spec.name}: INT8 static quantization (QDQ, U8 activations, S8 per-channel weights)")
+    r = int8_with_evaluation(onnx_path, q_path, data, spec.mean, spec.std, spec.input_size, threads=threads)
+    vs_teacher = compare_latency(teacher, None, t_spec.input_size, "ort-cpu", 1, threads, student_onnx=q_path)
+    return {**r.to_dict(), "path": str(q_path.relative_to(out)), "top1_delta": r.top1_int8 - t_top1,
+            "latency_speedup_vs_teacher": vs_teacher.speedup, "latency_ms": vs_teacher.student_ms}

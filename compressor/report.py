@@ -31,6 +31,9 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
                     _fmt_int(s["params"]), f"{s['gmacs']:.4f}", f"{s['latency_ms']:.3f}" if s.get("latency_ms") else "–",
                     f"{s['param_ratio']:.2f}", f"{s['mac_ratio']:.2f}",
                     f"{s['latency_speedup']:.2f}" if s.get("latency_speedup") else "–"])
+        if q := s.get("int8"):
+            out.append([f"{s['name']} INT8", "student int8", f"{q['top1_int8']:.2f}", f"{q['top1_delta']:+.2f}", out[-1][4], out[-1][5],
+                        f"{q['latency_ms']:.3f}", out[-1][7], out[-1][8], f"{q['latency_speedup_vs_teacher']:.2f}"])
     return out
 
 
@@ -51,7 +54,7 @@ def markdown(report: dict[str, Any]) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     env = report.get("environment", {})
-    lines += ["", f"GMACs: {MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
+    lines += ["", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
               f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
               f"latency × is the median per-round ratio.", "",
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
@@ -91,32 +94,32 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     t, studs = report["teacher"], report["students"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "latency_speedup", "latency speed-up over teacher (×, measured)"),
-                           (axes[1], "gmacs", "GMACs per image (fvcore)")):
+                           (axes[1], "gmacs", "GMACs per image (fvcore multiply-adds)")):
         pts = [(s.get(key) or 0.0, s.get("top1") or 0.0) for s in studs]
-        if key == "gmacs":
-            front = pareto_front([(-x, y) for x, y in pts])
-            tx = t["gmacs"]
-        else:
-            front = pareto_front(pts)
-            tx = 1.0
+        teacher_pt = (1.0 if key == "latency_speedup" else t["gmacs"], t.get("top1") or 0.0)
+        everyone = pts + [teacher_pt]
+        # Better is faster (higher speed-up) or cheaper (fewer GMACs), and more accurate.
+        front = pareto_front([(x if key == "latency_speedup" else -x, y) for x, y in everyone])
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="tab:blue", label="students", zorder=3)
         for s, (x, y) in zip(studs, pts):
             ax.annotate(f"{s['name']} ({s.get('method', '')})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        fp = sorted(pts[i] for i in front)
-        if fp:
+        fp = sorted(everyone[i] for i in front)
+        if len(fp) > 1:
             ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", c="tab:orange", label="Pareto front", zorder=2)
-        if t.get("top1") is not None:
-            ax.scatter([tx], [t["top1"]], marker="*", s=160, c="tab:red", label=f"teacher {t['name']}", zorder=4)
+        ax.scatter([teacher_pt[0]], [teacher_pt[1]], marker="*", s=160, c="tab:red", label=f"teacher {t['name']}", zorder=4)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 accuracy (%)")
         if key == "gmacs":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.margins(0.15)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"{report['data']['name']}: accuracy vs cost")
     fig.tight_layout()
     with fileio.atomic_path(path, suffix=".png") as tmp:

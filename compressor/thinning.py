@@ -3,8 +3,10 @@
 Thinner: Torch-Pruning's dependency graph groups the layers whose channels are coupled (a
 residual sum ties every block output of a stage to the stem; a depthwise convolution ties its
 input to its output), ranks each group's channels by weight magnitude (group L2 norm) and keeps
-``width × channels`` of them, rounded to a multiple of ``round_to`` (8 by default). The
-classifier's outputs are never touched. Width can differ per stage (``{"layer4": 0.5}``).
+``width × channels`` of them, rounded to a multiple of ``round_to`` (8 by default; each
+group's rounding error is carried to the next, so the model's size follows the width smoothly
+instead of in steps). The classifier's outputs are never touched. Width can differ per stage
+(``{"layer4": 0.5}``: a module-name prefix).
 
 Shallower: a *stage* is a run of consecutive blocks of one class in a sequential container,
 where every block after the first keeps its input shape (a residual stage, a stage of
@@ -21,7 +23,11 @@ teacher itself, the plan yields the student with the teacher's surviving weights
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
+import math
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -30,7 +36,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor.errors import ModelError
+from compressor.errors import ConfigError, ModelError
 
 PLAN_VERSION = 1
 ROUND_TO = 8
@@ -78,17 +84,34 @@ def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             torch.export.export(model, (_example(input_size),), strict=False)
         return
     except Exception as exc:
         where = _failing_module(model, exc) or _failing_module(model, first) or type(model).__name__
-        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{where} cannot be traced (data-dependent control flow? {detail}); "
-                         "pass --student NAME with a zoo architecture instead of deriving one") from exc
+        text = str(exc).strip()
+        why = ("its forward branches on tensor values (data-dependent control flow)" if "data-dependent" in text
+               else f"{text.splitlines()[0][:100] if text else type(exc).__name__}")
+        raise ModelError(f"{where} cannot be traced: {why}; pass --student NAME with a zoo architecture "
+                         "instead of deriving a student from this model") from exc
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export logs whole graphs when it gives up; the one-line error is enough."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +246,7 @@ def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict
 
 
 # --------------------------------------------------------------------------------------------
-# Width: Torch-Pruning groups, magnitude importance, recorded kept indices
+# Width: Torch-Pruning groups, magnitude importance, kept indices
 
 
 def _width_for(names: list[str], widths: Mapping[str, float]) -> float:
@@ -240,100 +263,178 @@ def _width_for(names: list[str], widths: Mapping[str, float]) -> float:
 
 
 def keep_count(channels: int, width: float, round_to: int = ROUND_TO) -> int:
-    """Channels kept: ``width × channels`` rounded to the nearest multiple of ``round_to``, at least ``round_to``."""
+    """Channels kept: ``width × channels`` rounded to the nearest multiple of ``round_to``, at least
+    ``round_to`` (or all of them, where a layer has fewer)."""
     if width >= 1.0:
         return channels
     step = max(1, round_to)
-    keep = int(round(channels * width / step)) * step
+    keep = int(math.floor(channels * width / step + 0.5)) * step
     return max(min(step, channels), min(keep, channels))
 
 
-def _parse_widths(width: float | Mapping[str, float]) -> dict[str, float]:
+def parse_widths(width: float | str | Mapping[str, float]) -> dict[str, float]:
+    """``0.5`` → every stage at half width; ``"0.75,layer4=0.5"`` or ``{"": 0.75, "layer4": 0.5}``: per
+    stage (module-name prefix), the bare number for the rest (1 when absent)."""
+    if isinstance(width, str):
+        out: dict[str, float] = {}
+        for item in (i.strip() for i in width.split(",") if i.strip()):
+            key, sep, value = item.rpartition("=")
+            try:
+                out[key.strip() if sep else ""] = float(value)
+            except ValueError:
+                raise ConfigError(f"--width-ratio '{width}' must look like 0.5 or 0.75,layer4=0.5") from None
+        width = out
     widths = {"": float(width)} if isinstance(width, (int, float)) else {str(k): float(v) for k, v in width.items()}
+    if not widths:
+        raise ConfigError("--width-ratio is empty; use e.g. 0.5")
     for k, v in widths.items():
         if not 0 < v <= 1:
-            raise ModelError(f"width ratio {v:g}{' for ' + k if k else ''} must lie in (0, 1]; use e.g. 0.5")
+            raise ConfigError(f"--width-ratio {v:g}{' for ' + k if k else ''} must lie in (0, 1]; use e.g. 0.5")
     return widths
 
 
-def _thin(model: nn.Module, input_size: tuple[int, int, int], widths: Mapping[str, float], round_to: int,
-          keep_outputs: list[str]) -> dict[str, dict[str, list[int]]]:
-    """Prune ``model`` in place; return the kept indices per layer and dimension ("out"/"in")."""
-    import torch_pruning as tp
-    from torch_pruning import _helpers, ops
+@dataclass
+class _Group:
+    root: nn.Module
+    handler: Any
+    members: list[str]   # layers whose output channels the group holds
+    ch_groups: int       # grouped convolutions keep their group count; channels go per group
+    order: list[int]     # channel positions (within one group), least important first
 
-    modules = dict(model.named_modules())
-    names = {id(m): n for n, m in modules.items()}
-    was_training = model.training
-    model.eval()  # tracing runs a forward: keep the batch-norm statistics untouched
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=_example(input_size), verbose=False)
-    except Exception as exc:
-        raise ModelError(f"Torch-Pruning could not trace {type(model).__name__} ({str(exc).splitlines()[0][:120]}); "
-                         "pass --student NAME with a zoo architecture") from exc
-    finally:
-        model.train(was_training)
-    importance = tp.importance.GroupMagnitudeImportance(p=2)
-    ignored = [modules[n] for n in keep_outputs]
 
-    def channel_groups(group) -> int:
-        g = 1
-        for dep, _ in group:
-            m = dep.target.module
-            if isinstance(m, _CONV) and 1 < m.groups < m.out_channels:
-                g = max(g, m.groups)
-        return g
+class Thinner:
+    """One teacher at one depth: blocks removed, Torch-Pruning's dependency graph built and every
+    channel group ranked once; ``student(width)`` then costs a copy and a replay, not a trace."""
 
-    # 1. rank every group before touching any (as Torch-Pruning's own pruners do)
-    todo = []
-    with torch.no_grad():
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[ops.TORCH_CONV, ops.TORCH_LINEAR]):
-            members = []
-            for dep, _ in group:
-                if dep.target.type == ops.OPTYPE.PARAMETER:
-                    raise ModelError(f"{type(model).__name__} has a bare nn.Parameter coupled to channels; thinning "
-                                     "does not support it; pass --student NAME")
-                if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, (_CONV, nn.Linear)):
-                    members.append(names.get(id(dep.target.module), ""))
-            width = _width_for(members, widths)
-            if width >= 1.0:
+    def __init__(self, teacher: nn.Module, input_size: tuple[int, int, int], max_blocks: int | None = None, *,
+                 min_blocks: int = 1, round_to: int = ROUND_TO, teacher_arch: Mapping[str, Any] | None = None,
+                 check: bool = True):
+        import torch_pruning as tp
+        from torch_pruning import ops
+
+        if max_blocks is not None and max_blocks < 1:
+            raise ConfigError(f"--blocks-per-stage must be at least 1, got {max_blocks}")
+        if check:
+            check_traceable(teacher, input_size)
+        self.teacher, self.input_size, self.max_blocks, self.round_to = teacher, tuple(input_size), max_blocks, round_to
+        self.teacher_arch = dict(teacher_arch or {})
+        base = copy.deepcopy(teacher).cpu().float().eval()  # eval: tracing must not touch batch-norm statistics
+        calls = _record_calls(base, _example(input_size))
+        self.stages = block_stages(base, input_size, calls)
+        self.removed = [b for s in self.stages for b in s.removed(max_blocks, min_blocks)]
+        self.classifier = classifier_name(base, input_size, calls)
+        for b in self.removed:
+            _replace(base, b, nn.Identity())
+        self.base = base
+        modules = dict(base.named_modules())
+        self._names = {id(m): n for n, m in modules.items()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.graph = tp.DependencyGraph().build_dependency(base, example_inputs=_example(input_size), verbose=False)
+        except Exception as exc:
+            raise ModelError(f"Torch-Pruning could not trace {type(teacher).__name__} ({str(exc).splitlines()[0][:120]}); "
+                             "pass --student NAME with a zoo architecture") from exc
+        importance = tp.importance.GroupMagnitudeImportance(p=2)
+        self.groups: list[_Group] = []
+        with torch.no_grad():
+            for group in self.graph.get_all_groups(ignored_layers=[modules[self.classifier]],
+                                                   root_module_types=[ops.TORCH_CONV, ops.TORCH_LINEAR]):
+                members, ch_groups = [], 1
+                for dep, _ in group:
+                    m = dep.target.module
+                    if dep.target.type == ops.OPTYPE.PARAMETER:
+                        raise ModelError(f"{type(teacher).__name__} has a bare nn.Parameter tied to channels, which "
+                                         "thinning does not support; pass --student NAME")
+                    if isinstance(m, _CONV) and 1 < m.groups < m.out_channels:
+                        ch_groups = max(ch_groups, m.groups)
+                    if self.graph.is_out_channel_pruning_fn(dep.handler) and isinstance(m, (_CONV, nn.Linear)):
+                        members.append(self._names.get(id(m), ""))
+                imp = importance(group)
+                if imp is None:
+                    continue
+                imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
+                order = torch.argsort(imp.cpu(), stable=True).tolist()
+                self.groups.append(_Group(group[0].dep.target.module, group[0].dep.handler, members, ch_groups, order))
+
+    def kept(self, width: float | str | Mapping[str, float]) -> dict[str, dict[str, list[int]]]:
+        """Indices each thinned layer keeps, per dimension ("out"/"in"), relative to the teacher."""
+        from torch_pruning import _helpers
+
+        widths = parse_widths(width)
+        for key in widths:
+            if key and not any(n == key or n.startswith(key + ".") for n in self._names.values()):
+                stages = ", ".join(s.name for s in self.stages) or "the top-level module names"
+                raise ConfigError(f"--width-ratio names '{key}', which is no module of {type(self.teacher).__name__}; "
+                                  f"use module-name prefixes such as {stages}")
+        gone: dict[tuple[str, str], set[int]] = {}
+        sizes: dict[tuple[str, str], int] = {}
+        carry = 0.0  # rounding error handed on to the next group, so the total follows the width smoothly
+        for g in self.groups:
+            per_group, width_g = len(g.order), _width_for(g.members, widths)
+            if width_g >= 1.0:
                 continue
-            imp = importance(group)
-            if imp is None:
+            wanted = per_group * width_g
+            keep = keep_count(per_group, max(0.0, wanted + carry) / per_group, self.round_to if g.ch_groups == 1 else 1)
+            carry += wanted - keep
+            if keep >= per_group:
                 continue
-            ch_groups = channel_groups(group)
-            per_group = len(imp) // ch_groups
-            dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
-            keep = keep_count(per_group, width, round_to if ch_groups == 1 else 1)
-            order = torch.argsort(dim_imp, stable=True)[: per_group - keep]
-            pruned = sorted(int(i) + g * per_group for g in range(ch_groups) for i in order)
-            root = group[0].dep.target.module
-            todo.append((root, group[0].dep.handler, pruned))
+            pruned = sorted(i + k * per_group for k in range(g.ch_groups) for i in g.order[: per_group - keep])
+            group = self.graph.get_pruning_group(g.root, g.handler, pruned)
+            if not self.graph.check_pruning_group(group):
+                continue
+            for dep, idxs in group:
+                module = dep.target.module
+                name = self._names.get(id(module))
+                if name is None:
+                    continue  # an operation node (add, cat, flatten): no weights
+                pruner = self.graph.get_pruner_of_module(module)
+                coupled = getattr(pruner.prune_in_channels, "__func__", None) is getattr(pruner.prune_out_channels, "__func__", 0)
+                dim = "out" if coupled or self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
+                sizes[(name, dim)] = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
+                gone.setdefault((name, dim), set()).update(_helpers.to_plain_idxs(idxs))
+        kept: dict[str, dict[str, list[int]]] = {}
+        for (name, dim), removed in sorted(gone.items()):
+            kept.setdefault(name, {})[dim] = [i for i in range(sizes[(name, dim)]) if i not in removed]
+        return kept
 
-    # 2. prune, recording what each layer keeps (indices relative to the teacher)
-    kept: dict[str, dict[str, list[int]]] = {}
-    for root, handler, pruned in todo:
-        if not pruned:
-            continue
-        group = graph.get_pruning_group(root, handler, pruned)
-        if not graph.check_pruning_group(group):
-            continue
-        for dep, idxs in group:
-            module = dep.target.module
-            name = names.get(id(module))
-            if name is None:
-                continue  # an operation node (add, cat, flatten): no weights
-            pruner = graph.get_pruner_of_module(module)
-            coupled = getattr(pruner.prune_in_channels, "__func__", None) is getattr(pruner.prune_out_channels, "__func__", 0)
-            dim = "out" if coupled or graph.is_out_channel_pruning_fn(dep.handler) else "in"
-            size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
-            current = kept.setdefault(name, {}).setdefault(dim, list(range(size)))
-            gone = set(_helpers.to_plain_idxs(idxs))
-            kept[name][dim] = [c for i, c in enumerate(current) if i not in gone]
-        group.prune(record_history=False)
-    return kept
+    def plan(self, width: float | str | Mapping[str, float], name: str | None = None) -> dict[str, Any]:
+        widths = parse_widths(width)
+        label = f"w{widths.get('', 1.0):.3g}" + ("s" if any(widths) else "")
+        if self.removed:
+            label += f"-b{self.max_blocks}"
+        return {
+            "version": PLAN_VERSION,
+            "name": name or f"{self.teacher_arch.get('name') or type(self.teacher).__name__}-{label}",
+            "teacher_arch": dict(self.teacher_arch),
+            "width": widths,
+            "max_blocks": self.max_blocks,
+            "round_to": self.round_to,
+            "classifier": self.classifier,
+            "removed_blocks": list(self.removed),
+            "kept": self.kept(widths),
+        }
+
+    def _check_runs(self, model: nn.Module) -> None:
+        try:
+            with torch.no_grad():
+                model.eval()(_example(self.input_size))
+        except Exception as exc:
+            where = _failing_module(model, exc) or "a layer"
+            raise ModelError(f"Torch-Pruning could not follow the channel dependencies of {type(self.teacher).__name__} "
+                             f"(the thinned model fails in {where}: {str(exc).splitlines()[0][:80]}); keep the width "
+                             "(--width-ratio 1) or pass --student NAME") from None
+
+    def student(self, width: float | str | Mapping[str, float], name: str | None = None,
+                describe: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+        """The thinned student with the teacher's surviving weights, and its plan."""
+        plan = self.plan(width, name)
+        model = apply_plan(copy.deepcopy(self.base), plan)
+        self._check_runs(model)
+        plan["channels"] = {n: c for n, m in model.named_modules() if (c := _out_channels(m)) is not None}
+        if describe:
+            plan["stages"] = describe_stages(self.teacher, model, self.input_size, self.stages)
+        return model, plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,43 +458,15 @@ def _out_channels(module: nn.Module) -> int | None:
     return None
 
 
-def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | Mapping[str, float] = 0.5,
+def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | str | Mapping[str, float] = 0.5,
            max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
-           teacher_arch: dict[str, Any] | None = None, name: str | None = None,
+           teacher_arch: Mapping[str, Any] | None = None, name: str | None = None,
            check: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Thin (and shorten) a copy of ``teacher``; return the student, holding the teacher's surviving
     weights, and the plan that rebuilds it. ``teacher`` itself is not changed."""
-    widths = _parse_widths(width)
-    if max_blocks is not None and max_blocks < 1:
-        raise ModelError(f"blocks per stage must be at least 1, got {max_blocks}")
-    if check:
-        check_traceable(teacher, input_size)
-    student = copy.deepcopy(teacher).cpu().float()
-    calls = _record_calls(student, _example(input_size))
-    stages = block_stages(student, input_size, calls)
-    removed = [b for s in stages for b in s.removed(max_blocks, min_blocks)]
-    classifier = classifier_name(student, input_size, calls)
-    for b in removed:
-        _replace(student, b, nn.Identity())
-    kept = _thin(student, input_size, widths, round_to, [classifier])
-    w_default = widths.get("", 1.0)
-    label = f"w{w_default:g}" + ("s" if len(widths) > (1 if "" in widths else 0) else "")
-    if max_blocks is not None and removed:
-        label += f"-b{max_blocks}"
-    plan = {
-        "version": PLAN_VERSION,
-        "name": name or f"{(teacher_arch or {}).get('name') or type(teacher).__name__}-{label}",
-        "teacher_arch": dict(teacher_arch or {}),
-        "width": dict(widths),
-        "max_blocks": max_blocks,
-        "round_to": round_to,
-        "classifier": classifier,
-        "removed_blocks": removed,
-        "kept": kept,
-        "channels": {n: c for n, m in student.named_modules() if (c := _out_channels(m)) is not None},
-        "stages": describe_stages(teacher, student, input_size, stages),
-    }
-    return student, plan
+    thinner = Thinner(teacher, input_size, max_blocks, min_blocks=min_blocks, round_to=round_to,
+                      teacher_arch=teacher_arch, check=check)
+    return thinner.student(width, name)
 
 
 def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:
@@ -405,6 +478,8 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int,
     if int(plan.get("version", 0)) > PLAN_VERSION:
         raise ModelError(f"this thinning plan has version {plan.get('version')}, newer than atc understands; upgrade atc")
     where = plan.get("name", "the student")
+    if plan.get("base") is not None:  # derived from a derived teacher: rebuild that one first
+        apply_plan(model, plan["base"], input_size)
     try:
         for name in plan.get("removed_blocks", []):
             model.get_submodule(name)
@@ -434,8 +509,10 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int,
 
 
 def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
-    """The student of ``plan`` with ``teacher``'s surviving weights (``teacher`` is not changed)."""
-    return apply_plan(copy.deepcopy(teacher).cpu().float(), plan)
+    """The student of ``plan`` with ``teacher``'s surviving weights (``teacher`` is not changed). ``teacher``
+    is the model the plan was derived from: a derived teacher's own plan (``base``) is already in it."""
+    own = {k: v for k, v in plan.items() if k != "base"}
+    return apply_plan(copy.deepcopy(teacher).cpu().float(), own)
 
 
 def _channels_of(model: nn.Module, input_size: tuple[int, int, int], names: list[str]) -> dict[str, int]:

@@ -3,14 +3,21 @@ arguments and rebuild the module.
 
 Names: ``wrn-D-K`` (e.g. ``wrn-40-4``), CIFAR ResNets ``resnet20/32/56/110`` (and
 ``cifar-resnetD`` for any 6n+2 depth), torchvision's ``resnet18/34/50/101/152`` (``-cifar``
-for a 3x3 stem without max-pool), and a few torchvision classifiers for generic thinning.
+for a 3x3 stem without max-pool), a few torchvision classifiers for generic thinning, and a
+user's own model as ``path/to/file.py:ClassName`` (family ``file``: the checkpoint stores the
+file's absolute path and the class name, so the file must stay where it is to rebuild the model).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib.util
+import inspect
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -52,11 +59,40 @@ def _torchvision_model(name: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
+def _file_model(num_classes: int, path: str, class_name: str, **kwargs: Any) -> nn.Module:
+    """``class_name`` from the Python file at ``path``; ``num_classes`` is passed when it takes one."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelError(f"model file {file} does not exist (the checkpoint needs it to rebuild {class_name}); restore it or pass --arch")
+    key = "atc_user_model_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+    module = sys.modules.get(key)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(key, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[key]
+            raise ModelError(f"importing {file} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix the file") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModelError(f"{file} has no nn.Module class named {class_name}; pass --arch {file}:ClassName")
+    params = inspect.signature(cls).parameters
+    takes_classes = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    try:
+        return cls(num_classes=num_classes, **kwargs) if takes_classes else cls(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"{class_name}() from {file} failed ({type(exc).__name__}: {exc}); it must build with no "
+                         "arguments or with num_classes=N") from exc
+
+
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "wrn": WideResNet,
     "cifar_resnet": CifarResNet,
     "resnet": ScalableResNet,
     "torchvision": _torchvision_model,
+    "file": _file_model,
 }
 
 
@@ -79,6 +115,8 @@ def display_name(family: str, kwargs: dict[str, Any]) -> str:
         return name + ("-cifar" if kwargs.get("cifar_stem") else "")
     if family == "torchvision":
         return kwargs["name"]
+    if family == "file":
+        return kwargs["class_name"]
     return family
 
 
@@ -90,7 +128,12 @@ def known_names() -> list[str]:
 
 
 def parse_arch(name: str) -> Arch:
-    """Turn a zoo name into an ``Arch``; unknown names raise with the closest known ones."""
+    """Turn a zoo name (or ``file.py:ClassName``) into an ``Arch``; unknown names raise with the closest known ones."""
+    if m := re.fullmatch(r"(.+\.py):([A-Za-z_]\w*)", name.strip()):
+        file = Path(m.group(1)).expanduser()
+        if not file.is_file():
+            raise ModelError(f"model file {file} does not exist; pass --arch path/to/file.py:ClassName")
+        return Arch("file", {"path": str(file.resolve()), "class_name": m.group(2)})
     key = name.strip().lower()
     if m := re.fullmatch(r"wrn-(\d+)-(\d+(?:\.\d+)?)", key):
         depth, width = int(m.group(1)), float(m.group(2))

@@ -1,0 +1,311 @@
+"""Grid sweeps: distil one student per (grid cell, seed), aggregate top-1 per cell, plot it.
+
+A grid axis is ``key=v1,v2,…``. Keys: ``beta``, ``attention`` (``sum-p:P``, ``max-p:P``,
+``gradient``), the shorthands in ``SHORTHAND`` or any ``section.key`` of the config (not
+``data.*``: every cell trains on the same images). Runs live in
+``OUT/runs/<cell>/seed-<s>/`` with a ``run.json`` of the configuration they train with; a run
+whose student checkpoint exists is reused, so re-running a sweep only trains what is missing
+(and an interrupted run resumes from its last epoch). At β = 0 the attention mechanism cannot
+change training, so those cells share one run per seed instead of training identical students.
+
+Outputs: ``sweep.json`` (every run and every cell's n, mean, sample std and median top-1),
+``sweep.md`` (the table) and ``sweep.png`` (top-1 against β on a log axis, one line per
+mechanism; the β = 0 baseline as a dashed line).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from compressor import fileio
+from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
+from compressor.errors import ConfigError, OutputError
+from compressor.events import SILENT, Reporter
+
+SHORTHAND = {"beta": "distill.beta", "p": "distill.p", "method": "distill.method", "alpha": "distill.alpha",
+             "at_form": "distill.at_form", "at_layers": "distill.at_layers", "beta_schedule": "distill.beta_schedule",
+             "flip_beta": "distill.flip_beta", "temperature": "distill.temperature", "lr": "train.lr",
+             "epochs": "train.epochs", "weight_decay": "train.weight_decay"}
+ATTENTION_KEYS = ("attention", "distill.attention", "distill.p", "p", "at_form", "distill.at_form", "at_layers",
+                  "distill.at_layers", "flip_beta", "distill.flip_beta", "beta_schedule", "distill.beta_schedule")
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass
+class Cell:
+    params: dict[str, str]  # grid key → value as the user wrote it
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def top1s(self) -> list[float]:
+        return [r["top1"] for r in self.runs if r.get("top1") is not None]
+
+
+def parse_grid(items: Sequence[str]) -> list[Axis]:
+    """``["beta=0,1e3", "attention=sum-p:2,gradient"]`` → axes, each value checked."""
+    axes: list[Axis] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        vals = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not sep or not key or not vals:
+            raise ConfigError(f"--grid '{item}' must look like key=v1,v2, e.g. beta=0,1e3 or attention=sum-p:2,gradient")
+        if any(a.key == key for a in axes):
+            raise ConfigError(f"--grid names '{key}' twice; give all its values in one --grid {key}=…")
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"--grid {key} repeats a value; list each value once")
+        for v in vals:
+            overrides_for(key, v)  # validates the key and, for attention, the value
+        axes.append(Axis(key, vals))
+    if not axes:
+        raise ConfigError("a sweep needs at least one --grid key=v1,v2 (e.g. --grid beta=0,1e3)")
+    return axes
+
+
+def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
+    """One grid setting as config overrides."""
+    if key == "attention":
+        name, p = parse_attention(value)
+        return {"distill": {"attention": name, **({"p": p} if p is not None else {})}}
+    dotted = SHORTHAND.get(key, key)
+    section, dot, name = dotted.partition(".")
+    if not dot or section not in SECTIONS:
+        raise ConfigError(f"--grid key '{key}' is unknown; use attention, {', '.join(SHORTHAND)} or section.key (e.g. train.lr)")
+    if section == "data":
+        raise ConfigError(f"--grid {key}: data settings cannot vary within a sweep (every cell trains on the same images); "
+                          "set them with --set for the whole sweep")
+    return parse_overrides([f"{dotted}={value}"])
+
+
+def expand(axes: Sequence[Axis]) -> list[Cell]:
+    return [Cell(dict(zip([a.key for a in axes], combo))) for combo in itertools.product(*[a.values for a in axes])]
+
+
+def _merge(into: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {s: dict(v) for s, v in into.items()}
+    for s, v in more.items():
+        out.setdefault(s, {}).update(v)
+    return out
+
+
+def _slug(params: dict[str, str]) -> str:
+    text = "_".join(f"{k}={v}" for k, v in params.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
+
+
+def cell_config(preset: str | Path, base: dict[str, dict[str, Any]], cell: Cell, method: str, seed: int) -> tuple[Config, str]:
+    """The configuration one (cell, seed) trains with and the folder name of its run.
+
+    Where the AT term is off (β = 0 or a method without AT) the attention settings are dropped,
+    so such cells share their run.
+    """
+    probe = base
+    for k, v in cell.params.items():
+        probe = _merge(probe, overrides_for(k, v))
+    cfg = load_config(preset, probe)
+    at_on = "at" in method.split("+") and cfg.distill.beta > 0
+    params = {k: v for k, v in cell.params.items() if at_on or k not in ATTENTION_KEYS}
+    merged = base
+    for k, v in params.items():
+        merged = _merge(merged, overrides_for(k, v))
+    merged = _merge(merged, {"train": {"seed": seed}})
+    return load_config(preset, merged), _slug(params)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
+    """n, mean, sample standard deviation (0 for one value) and median."""
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "median": None}
+    return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "median": statistics.median(values)}
+
+
+def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
+              *, overrides: dict[str, dict[str, Any]] | None = None, seeds: int = 1, method: str | None = None,
+              student: str | None = None, device: str = "auto", trust: bool = False, reporter: Reporter = SILENT,
+              command: str = "") -> dict[str, Any]:
+    """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png."""
+    import torch
+
+    from compressor.checkpoint import load_model
+    from compressor.distill import evaluate, make_batches, pick_device
+    from compressor.pipeline import check_compatible, choose_students, distill_student, load_data, normalization
+    from dataclasses import replace
+
+    if seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    axes = parse_grid(grid)
+    base = {s: dict(v) for s, v in (overrides or {}).items()}
+    base_cfg = load_config(preset, base)
+    method = method or base_cfg.distill.method
+    if method not in ("none", "kd", "at", "at+kd"):
+        raise ConfigError(f"--method {method} is unknown; choose none, kd, at or at+kd")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, t_spec, _ = load_model(teacher_path, trust=trust)
+    data = load_data(data_spec, base_cfg, reporter=reporter)
+    check_compatible(t_spec, data)
+    mean, std = normalization(t_spec, data)
+    t_spec = replace(t_spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
+    dev = pick_device(device)
+    cand = choose_students(t_spec, base_cfg, [student] if student else None)[0]
+    _, test_b = make_batches(data, base_cfg, mean, std, dev)
+    t_top1 = evaluate(teacher.to(dev), test_b)["top1"]
+    reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name} ({len(data.test_y)} test images)")
+    cells = expand(axes)
+    seed_list = [base_cfg.train.seed + i for i in range(seeds)]
+    plan = []
+    for cell in cells:
+        for s in seed_list:
+            cfg, slug = cell_config(preset, base, cell, method, s)
+            plan.append((cell, s, cfg, out / "runs" / slug / f"seed-{s}"))
+    unique = {str(d) for *_, d in plan}
+    reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(plan)} runs, {len(unique)} distinct (β = 0 cells share theirs); "
+                  f"student {cand.name}, method {method}")
+    done: dict[str, dict[str, Any]] = {}
+    for i, (cell, s, cfg, run_dir) in enumerate(plan, 1):
+        key = str(run_dir)
+        if key not in done:
+            desc = " ".join(f"{k}={v}" for k, v in cell.params.items())
+            _check_run_config(run_dir, cfg, method, cand.name)
+            reporter.info(f"[{i}/{len(plan)}] {desc} seed {s}")
+            torch.manual_seed(s)
+            res = distill_student(cand, teacher, t_spec, data, cfg, method, run_dir, dev, reporter, resume=True)
+            ckpt = res["dir"] / "student.pt"
+            done[key] = {"seed": s, "top1": float(res["metrics"]["top1"]), "dir": str(res["dir"].relative_to(out)),
+                         "train_seconds": res["metrics"].get("train_seconds"), "checkpoint": str(ckpt.relative_to(out))}
+        cell.runs.append(done[key])
+    result = {
+        "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        "teacher": {"name": t_spec.name, "top1": t_top1, "path": str(teacher_path)}, "student": cand.name, "method": method,
+        "preset": base_cfg.preset, "epochs": base_cfg.train.epochs, "seeds": seed_list,
+        "grid": {a.key: list(a.values) for a in axes},
+        "data": {"name": data.name, "train": len(data.train_y), "test": len(data.test_y)},
+        "cells": [{"params": c.params, **summarize(c.top1s), "runs": c.runs} for c in cells],
+        "config": base_cfg.to_dict(),
+    }
+    write_outputs(out, result)
+    return result
+
+
+def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> None:
+    want = {"config": cfg.to_dict(), "method": method, "student": student}
+    path = run_dir / "run.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != json.loads(json.dumps(want)):
+            raise OutputError(f"{run_dir} was trained with other settings (preset, --set, --method or --student changed); "
+                              "use another --out for this sweep or delete that folder")
+    else:
+        fileio.write_json(path, want)
+
+
+# ---------------------------------------------------------------- views of sweep.json
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = list(result["grid"])
+    head = keys + ["n", "top-1 mean ± std", "median", "per seed"]
+    rows = []
+    for c in result["cells"]:
+        per = ", ".join(f"{r['top1']:.2f}" for r in c["runs"])
+        ms = "–" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
+        rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, _fmt(c["median"]), per])
+    return head, rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    head, rows = table_rows(result)
+    t = result["teacher"]
+    lines = [f"# atc sweep: {t['name']} → {result['student']} ({result['method']})", "",
+             f"Data: {result['data']['name']} ({result['data']['train']} train / {result['data']['test']} test images). "
+             f"Preset `{result['preset']}`, {result['epochs']} epochs, seeds {', '.join(map(str, result['seeds']))}. "
+             f"Teacher top-1 {t['top1']:.2f}%.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Top-1 in %; std is the sample standard deviation over seeds. At β = 0 the attention mechanism has no "
+              "effect, so those cells share one run per seed.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, result: dict[str, Any]) -> None:
+    fileio.write_json(out / "sweep.json", result)
+    fileio.write_text(out / "sweep.md", markdown(result))
+    plot_sweep(result, out / "sweep.png")
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path) -> None:
+    """Top-1 (mean ± std over seeds) against β on a log axis, one line per setting of the other keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(result["grid"])
+    xkey = "beta" if "beta" in keys else keys[0]
+    others = [k for k in keys if k != xkey]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for c in result["cells"]:
+        groups.setdefault(tuple(c["params"][k] for k in others), []).append(c)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = xkey == "beta"
+    labels = result["grid"][xkey]
+    baselines: dict[str, dict[str, Any]] = {}
+    dodge = 10 ** 0.03  # spread overlapping error bars a little along the log axis
+    for gi, (g, cs) in enumerate(groups.items()):
+        name = ", ".join(f"{k}={v}" for k, v in zip(others, g)) or result["method"]
+        pts = []
+        for c in cs:
+            if c["mean"] is None:
+                continue
+            x = float(c["params"][xkey]) if numeric else labels.index(c["params"][xkey])
+            if numeric and x <= 0:
+                baselines[json.dumps([r["dir"] for r in c["runs"]])] = {"cell": c, "name": name}
+                continue
+            pts.append((x * dodge ** (gi - (len(groups) - 1) / 2) if numeric and len(groups) > 1 else x, c["mean"], c["std"]))
+        pts.sort()
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=name)
+    colors = ["0.35", "tab:gray", "tab:brown", "tab:olive"]
+    for bi, b in enumerate(baselines.values()):
+        c = b["cell"]
+        shared = len(baselines) == 1
+        lab = f"{'β' if xkey == 'beta' else xkey} = 0 (no AT): {c['mean']:.2f}%" + ("" if shared else f" [{b['name']}]")
+        ax.axhline(c["mean"], ls="--", color=colors[bi % len(colors)], label=lab)
+        if c["std"]:
+            ax.axhspan(c["mean"] - c["std"], c["mean"] + c["std"], color=colors[bi % len(colors)], alpha=0.12)
+    t = result["teacher"]
+    if numeric:
+        ax.set_xscale("log")
+        ax.set_xlabel("β (AT weight, log scale)")
+    else:
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels)
+        ax.set_xlabel(xkey)
+    ax.set_ylabel(f"student top-1 (%), mean ± std over {len(result['seeds'])} seed(s)")
+    ax.set_title(f"{result['data']['name']}: {t['name']} (top-1 {t['top1']:.2f}%) → {result['student']} "
+                 f"({result['method']}, {result['epochs']} epochs)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

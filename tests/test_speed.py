@@ -1,0 +1,69 @@
+"""Speed options of the training loop: they change how it computes, not what."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.attention import find_pairs
+from compressor.config import load_config
+from compressor.data import open_dataset
+from compressor.distill import Speed, Teacher, autocast_dtype, fit, objective_from
+from compressor.errors import ConfigError
+from compressor.events import Reporter
+from compressor.models import create_model
+from tests.conftest import make_image_folder
+
+CPU = torch.device("cpu")
+
+
+class Messages(Reporter):
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_precision_choices():
+    assert autocast_dtype("auto", CPU) is None and autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("bf16", CPU) is torch.bfloat16 and autocast_dtype("fp16", CPU) is torch.float16
+    with pytest.raises(ConfigError, match="--precision fp8 is unknown"):
+        Speed(precision="fp8")
+    with pytest.raises(ConfigError, match="--workers"):
+        Speed(workers=-1)
+
+
+def _distil(tmp_path, name: str, speed: Speed | None, reporter: Reporter = Reporter(), batch_size: int = 8):
+    data = open_dataset(make_image_folder(tmp_path / "d", classes=3, per_class=8, size=16), image_size=16)
+    cfg = load_config("demo", {"train": {"epochs": 1, "batch_size": batch_size}})
+    mean, std = data.channel_stats()
+    torch.manual_seed(0)
+    teacher, student = create_model("wrn-10-1", 3), create_model("wrn-10-0.5", 3)
+    pairs = find_pairs(student, teacher, torch.zeros(1, 3, 16, 16), "all")
+    result = fit(student, data, cfg, tmp_path / name, mean, std, Teacher(teacher, pairs), objective_from(cfg, "at+kd"), CPU,
+                 reporter, speed=speed)
+    return student, result
+
+
+def test_compiled_channels_last_run_matches_the_plain_run(tmp_path):
+    plain, _ = _distil(tmp_path, "plain", None)
+    msgs = Messages()
+    # aot_eager traces forward and backward as inductor does, without generating kernels (seconds, not minutes)
+    fast, result = _distil(tmp_path, "fast", Speed(channels_last=True, compile=True, compile_backend="aot_eager"), msgs)
+    assert result.compile_seconds > 0 and any(m.startswith("compiled the student and teacher in") for m in msgs.lines)
+    assert fast.conv0.weight.is_contiguous()  # handed back in the ordinary layout
+    a, b = plain.state_dict(), fast.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # the warm-up compile step left weights and BN statistics alone; only rounding differs
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-4), k
+
+
+def test_fp16_with_loss_scaling_trains(tmp_path):
+    torch.manual_seed(0)
+    before = create_model("wrn-10-0.5", 3).state_dict()
+    # 12 steps: the first few overflow at the initial scale 2^16 and are skipped while the scale halves
+    student, result = _distil(tmp_path, "fp16", Speed(precision="fp16"), batch_size=2)
+    assert torch.isfinite(torch.tensor(result.final["train_loss"]))
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert not torch.equal(before["fc.weight"], student.state_dict()["fc.weight"])  # later steps were taken
