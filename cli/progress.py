@@ -8,6 +8,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compressor.events import Reporter
 
 stderr = Console(stderr=True)
+if not stderr.is_terminal:
+    stderr = Console(stderr=True, width=200)  # logs: one message per line, not wrapped at 80 columns
 
 
 class RichReporter(Reporter):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import pickletools
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,7 +122,9 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path}/student.pt)")
     if _is_torchscript(path):
         try:
-            return torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch marks jit.load deprecated; users still ship it
+                return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways
             raise CheckpointError(f"{path} is a damaged TorchScript file ({type(exc).__name__}); re-save or re-download it") from exc
     try:

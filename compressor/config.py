@@ -101,6 +101,10 @@ def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"preset {preset} is not valid TOML ({exc}); fix the file") from exc
 
 
+# Integer keys where zero makes no sense; every other integer key accepts zero.
+_AT_LEAST_ONE = {"train.epochs": 1, "train.batch_size": 1, "student.blocks_per_stage": 1}
+
+
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     where = f"{section}.{f.name}"
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
@@ -115,8 +119,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             out = int(value)
-            if out < 0:
-                raise ConfigError(f"{where} must be zero or positive, got {value}")
+            least = _AT_LEAST_ONE.get(where, 0)
+            if out < least:
+                raise ConfigError(f"{where} must be at least {least}, got {value}")
             return out
         if kind == "float":
             if isinstance(value, bool):

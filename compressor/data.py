@@ -226,17 +226,17 @@ class Augment:
     flip: bool = True
 
 
-class DeviceBatches:
-    """Batches of a device-resident uint8 dataset, augmented and normalised on the device.
+class Batches:
+    """What every batch iterator shares: the epoch's order, this rank's share, normalisation.
 
-    Iterating yields ``(images, labels)`` for one epoch; ``set_epoch`` picks the epoch whose
-    order and augmentation to replay, ``start_step`` skips batches already done.
+    ``set_epoch`` picks the epoch whose order and augmentation to replay, ``start_step`` skips
+    batches already done. Subclasses hold the images and yield ``(images, labels)``.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, device: torch.device,
-                 train: bool, augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
+    def __init__(self, y: torch.Tensor, batch_size: int, mean, std, device: torch.device, train: bool,
+                 augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
                  rank: int = 0, world_size: int = 1, channels_last: bool = False):
-        self.x, self.y = x.to(device), y.to(device)
+        self.y = y
         self.batch_size, self.device, self.train, self.augment = batch_size, device, train, augment
         self.seed, self.epoch, self.start_step = seed, 0, 0
         self.drop_last = train if drop_last is None else drop_last
@@ -266,6 +266,21 @@ class DeviceBatches:
         # A dataset smaller than one batch still trains: dropping the last batch would drop everything.
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
 
+    def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = (x_uint8.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class DeviceBatches(Batches):
+    """Batches of a device-resident uint8 dataset, augmented and normalised on the device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, device: torch.device,
+                 train: bool, augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(y.to(device), batch_size, mean, std, device, train, augment, seed, drop_last, rank, world_size,
+                         channels_last)
+        self.x = x.to(device)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)
         for step in range(self.start_step, len(self)):
@@ -273,10 +288,7 @@ class DeviceBatches:
             x = self.x[idx]
             if self.train:
                 x = self._augment(x, step)
-            x = (x.float() - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.y[idx]
+            yield self._normalise(x), self.y[idx]
         self.start_step = 0
 
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compressor.data import Augment, DeviceBatches, ImageData, _list_images, find_layout, open_dataset
+from compressor.data import Augment, Batches, ImageData, _list_images, find_layout, open_dataset
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
 
@@ -382,22 +382,15 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; threads inside them only compete
 
 
-class LoaderBatches:
+class LoaderBatches(Batches):
     """``DeviceBatches``' interface over a ``DataLoader``: same order, sharding and normalisation."""
-
-    _order = DeviceBatches._order  # the epoch's permutation and this rank's share: identical to the in-memory path
-    __len__ = DeviceBatches.__len__
 
     def __init__(self, source, batch_size: int, mean, std, device: torch.device, train: bool, augment: Augment = Augment(),
                  seed: int = 0, drop_last: bool | None = None, rank: int = 0, world_size: int = 1,
                  channels_last: bool = False, workers: int | None = None, prefetch: int = 4, image_size: int | None = None):
-        self.source, self.y = source, source.labels
-        self.batch_size, self.device, self.train, self.augment = batch_size, device, train, augment
-        self.seed, self.epoch, self.start_step = seed, 0, 0
-        self.drop_last = train if drop_last is None else drop_last
-        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        super().__init__(source.labels, batch_size, mean, std, device, train, augment, seed, drop_last, rank, world_size,
+                         channels_last)
+        self.source = source
         size = image_size or int(source.image(0).shape[-1])
         rrc = train and augment.crop_padding == 0 and size >= RRC_MIN_SIZE
         self.workers = default_workers() if workers is None else workers
@@ -406,16 +399,10 @@ class LoaderBatches:
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.workers,
                                                   pin_memory=device.type == "cuda", **extra)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            x = (x.float() - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+            yield self._normalise(x), y
         self.start_step = 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, ModelError
 
 MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs)"
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
@@ -49,6 +49,10 @@ class MacCount:
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> MacCount:
     """fvcore multiply-adds for one image of ``input_size`` (C, H, W)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        # fvcore names operators by hooking every submodule; TorchScript modules refuse hooks.
+        raise ModelError("TorchScript models cannot be profiled (fvcore needs module hooks); "
+                         "profile the eager checkpoint or a state_dict with --arch instead")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's import trips torch.jit deprecation warnings
         from fvcore.nn import FlopCountAnalysis

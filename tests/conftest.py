@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from compressor.events import Reporter
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -41,6 +43,25 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "tiny")
+
+
+class Messages(Reporter):
+    """A reporter that keeps the progress notes, for asserting on them."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the test: small models run faster and timings are steadier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run_atc(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

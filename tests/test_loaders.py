@@ -8,20 +8,11 @@ import torch.nn.functional as F
 from compressor.config import load_config
 from compressor.data import ImageData, _content_key, _list_images, cache_dir, open_dataset
 from compressor.distill import fit, make_batches
-from compressor.events import Reporter
 from compressor.loaders import LoaderBatches, StreamingData, memory_budget, open_for_device, random_resized_crop_box
 from compressor.models import create_model
-from tests.conftest import make_image_folder, run_atc
+from tests.conftest import Messages, make_image_folder, run_atc
 
 CPU = torch.device("cpu")
-
-
-class Messages(Reporter):
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(message)
 
 
 def _cfg(**train):

@@ -211,7 +211,7 @@ def test_unknown_key_in_a_preset_file(atc, files, tmp_path):
 @pytest.mark.parametrize("args, phrase", [
     (["--epochs", "-1"], "Invalid value for '--epochs'"),
     (["--lr", "fast"], "Invalid value for '--lr'"),
-    (["--set", "train.batch_size=-8"], "train.batch_size must be zero or positive, got -8"),
+    (["--set", "train.batch_size=-8"], "train.batch_size must be at least 1, got -8"),
     (["--set", "train.lr=abc"], "train.lr must be a float, got 'abc'"),
 ], ids=["negative-epochs", "non-numeric-lr", "negative-set", "non-numeric-set"])
 def test_negative_or_non_numeric_option(atc, files, tmp_path, args, phrase):

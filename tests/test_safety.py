@@ -91,6 +91,15 @@ def test_torchscript_loads_as_such(tmp_path):
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
 
+def test_profiling_torchscript_is_a_one_line_refusal(tmp_path):
+    torch.jit.script(create_model("wrn-10-1", 3).eval()).save(str(tmp_path / "scripted.pt"))
+    r = run_atc("profile", str(tmp_path / "scripted.pt"), "--input-size", "3x16x16")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: TorchScript models cannot be profiled (fvcore needs module hooks); "
+        "profile the eager checkpoint or a state_dict with --arch instead"]
+
+
 def _torch_load_calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \

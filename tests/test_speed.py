@@ -12,17 +12,9 @@ from compressor.distill import Speed, Teacher, autocast_dtype, fit, objective_fr
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model
-from tests.conftest import make_image_folder
+from tests.conftest import Messages, make_image_folder
 
 CPU = torch.device("cpu")
-
-
-class Messages(Reporter):
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(message)
 
 
 def test_precision_choices():

@@ -19,12 +19,7 @@ from compressor.thinning import Thinner, block_stages, check_traceable, derive, 
 SIZE = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Res(nn.Module):
