@@ -340,9 +340,10 @@ def _check_same_run(saved: dict[str, Any] | None, now: dict[str, Any], path: Pat
 
 
 def _save_state(path: Path, student, opt, sched, epoch: int, step: int, history, stats: EpochStats | None,
-                identity: dict[str, Any] | None = None) -> None:
+                identity: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
     fileio.torch_save(path, {
         "model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
         "epoch": epoch, "step": step, "history": history,
         "stats": None if stats is None else {"sums": stats.sums, "correct": stats.correct, "seen": stats.seen,
                                               "steps": stats.steps, "seconds": stats.seconds},
@@ -396,6 +397,8 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
         student.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])  # the loss scale it had found, not a fresh 65536
         torch.set_rng_state(st["rng"])
         if st.get("cuda_rng") and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(st["cuda_rng"])
@@ -415,7 +418,7 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
         for epoch in range(start_epoch, cfg.train.epochs):
             train_b.set_epoch(epoch, start_step)
             reporter.task(f"{tag} epoch {epoch + 1}/{cfg.train.epochs}".strip(), len(train_b))
-            save = lambda e, s, st_: rank.is_main and _save_state(state_path, student, opt, sched, e, s, history, st_, identity)  # noqa: E731
+            save = lambda e, s, st_: rank.is_main and _save_state(state_path, student, opt, sched, e, s, history, st_, identity, scaler)  # noqa: E731
             kept = (f"the last good training state is kept in {state_path}; --resume continues from it"
                     if state_path.exists() else "no epoch had finished, so no training state was saved")
             try:
@@ -446,7 +449,7 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
             history.append(record)
             # The state first: it holds the history, and --resume rebuilds metrics.jsonl from it.
             if rank.is_main:
-                _save_state(state_path, student, opt, sched, epoch + 1, 0, history, None, identity)
+                _save_state(state_path, student, opt, sched, epoch + 1, 0, history, None, identity, scaler)
                 fileio.append_jsonl(metrics_path, record)
             reporter.done(f"{tag} epoch {epoch + 1}: test top-1 {record['test_top1']:.2f}%  loss {record['train_loss']:.3f}".strip())
             stats, start_step = None, 0

@@ -8,7 +8,7 @@ import torch
 from compressor.attention import find_pairs
 from compressor.config import load_config
 from compressor.data import open_dataset
-from compressor.distill import Speed, Teacher, autocast_dtype, fit, objective_from
+from compressor.distill import STATE_FILE, Speed, Teacher, autocast_dtype, fit, objective_from
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model
@@ -59,3 +59,5 @@ def test_fp16_with_loss_scaling_trains(tmp_path):
     assert torch.isfinite(torch.tensor(result.final["train_loss"]))
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert not torch.equal(before["fc.weight"], student.state_dict()["fc.weight"])  # later steps were taken
+    saved = torch.load(tmp_path / "fp16" / STATE_FILE, weights_only=True)
+    assert 0 < saved["scaler"]["scale"] < 2.0 ** 16  # the loss scale it settled on is kept for --resume
