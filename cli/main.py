@@ -307,13 +307,16 @@ def _dry_run(teacher, data, cfg, names, count, arch, trust, strict, reporter, de
 
 
 def _print_report(report: dict, as_json: bool) -> None:
-    from compressor.report import COLUMNS, rows
+    from compressor.report import COLUMNS, NOISY_SPREAD, noisy_latency, rows
 
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         stdout.print(_table(f"{report['data']['name']}: teacher vs students (GMACs = multiply-adds; latency: ORT CPU batch 1)",
                             list(COLUMNS), rows(report)))
+    if noisy := noisy_latency(report):
+        stderr.print(f"note: latency rounds of {', '.join(noisy)} disagree by more than {NOISY_SPREAD}x: the CPU was busy; "
+                     "measure again on an idle machine before trusting the latency columns")
 
 
 @app.command()

@@ -20,6 +20,25 @@ def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
+# Rounds whose ratios differ by more than this share a CPU with other work: say so beside the figure.
+NOISY_SPREAD = 1.5
+
+
+def _speedup_cell(student: dict[str, Any]) -> str:
+    if not student.get("latency_speedup"):
+        return "–"
+    text = f"{student['latency_speedup']:.2f}"
+    if spread := student.get("latency_speedup_spread"):
+        text += f" ({spread[0]:.2f}–{spread[1]:.2f})"
+    return text
+
+
+def noisy_latency(report: dict[str, Any]) -> list[str]:
+    """Students whose interleaved rounds disagree by more than ``NOISY_SPREAD`` times."""
+    return [s["name"] for s in report["students"]
+            if (sp := s.get("latency_speedup_spread")) and sp[0] > 0 and sp[1] / sp[0] > NOISY_SPREAD]
+
+
 def rows(report: dict[str, Any]) -> list[list[str]]:
     """The trade-off table as strings: teacher first, then every student."""
     t = report["teacher"]
@@ -30,7 +49,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
                     f"{s['top1_delta']:+.2f}" if s.get("top1_delta") is not None else "",
                     _fmt_int(s["params"]), f"{s['gmacs']:.4f}", f"{s['latency_ms']:.3f}" if s.get("latency_ms") else "–",
                     f"{s['param_ratio']:.2f}", f"{s['mac_ratio']:.2f}",
-                    f"{s['latency_speedup']:.2f}" if s.get("latency_speedup") else "–"])
+                    _speedup_cell(s)])
         if q := s.get("int8"):
             out.append([f"{s['name']} INT8", "student int8", f"{q['top1_int8']:.2f}", f"{q['top1_delta']:+.2f}", out[-1][4], out[-1][5],
                         f"{q['latency_ms']:.3f}", out[-1][7], out[-1][8], f"{q['latency_speedup_vs_teacher']:.2f}"])
@@ -56,7 +75,10 @@ def markdown(report: dict[str, Any]) -> str:
     env = report.get("environment", {})
     lines += ["", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
               f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
-              f"latency × is the median per-round ratio.", "",
+              f"latency × is the median per-round ratio, (min–max) over rounds.", "",
+              *([f"Latency is noisy for {', '.join(noisy)}: rounds disagree by more than {NOISY_SPREAD}×, so the machine was "
+                 "busy; measure again on an idle one (`atc profile`) before trusting the latency columns.", ""]
+                if (noisy := noisy_latency(report)) else []),
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
               f"onnxruntime {env.get('onnxruntime', '?')}.", ""]
     return "\n".join(lines)

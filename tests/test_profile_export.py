@@ -7,7 +7,7 @@ import torch
 
 from compressor.checkpoint import ModelSpec, save_checkpoint
 from compressor.export import check_parity, export_checked, read_metadata
-from compressor.report import merge_reports, pareto_front, rows
+from compressor.report import markdown, merge_reports, noisy_latency, pareto_front, rows
 from tests.conftest import run_atc
 
 
@@ -84,3 +84,14 @@ def test_merge_reports_and_rows():
 
     with pytest.raises(AtcError, match="different teachers"):
         merge_reports([_report("t", ["a"]), _report("u", ["b"])])
+
+
+def test_noisy_latency_is_flagged_in_the_report():
+    report = _report("t", ["steady", "noisy"])
+    report["students"][0]["latency_speedup_spread"] = [3.8, 4.3]
+    report["students"][1]["latency_speedup_spread"] = [2.0, 9.0]
+    assert rows(report)[1][-1] == "4.00 (3.80–4.30)"
+    assert noisy_latency(report) == ["noisy"]
+    assert "Latency is noisy for noisy: rounds disagree" in markdown(report)
+    report["students"].pop()
+    assert "noisy" not in markdown(report).lower()
