@@ -65,14 +65,14 @@ def attention(
         cols += ["AT distance", "spatial corr"]
     if localization:
         cols += ["teacher on object", "student on object"] if s else ["teacher on object"]
-        cols += ["chance"]
+        cols += ["chance (uniform)", "prior (ignores image)"]
     rows = []
     for st in result.stages:
         row = [st.label, f"{st.resolution[0]}×{st.resolution[1]}"]
         if s:
             row += [_fmt(st.at_distance, ".3e"), _fmt(st.correlation, ".3f")]
         if localization:
-            row += [_fmt(st.teacher_localization, ".3f")] + ([_fmt(st.student_localization, ".3f")] if s else []) + [_fmt(st.chance, ".3f")]
+            row += [_fmt(st.teacher_localization, ".3f")] + ([_fmt(st.student_localization, ".3f")] if s else []) + [_fmt(st.chance, ".3f"), _fmt(st.position_prior, ".3f")]
         rows.append(row)
     title = (f"{result.data}: {who}; {result.attention} p={result.p:g}, {result.test_images} test images"
              + (f"; masks grown by {dilate} px" if localization and dilate else "")

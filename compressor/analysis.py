@@ -110,7 +110,8 @@ class StageResult:
     correlation: float | None = None
     teacher_localization: float | None = None
     student_localization: float | None = None
-    chance: float | None = None
+    chance: float | None = None  # a uniform map's score: the object's share of the image
+    position_prior: float | None = None  # a map that ignores the image: where objects lie on average in training
 
 
 @dataclass
@@ -144,9 +145,12 @@ def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: st
 
 
 def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor, *, masks: torch.Tensor | None = None,
-            attention: str = "sum-p", p: float = 2.0, layers: str = "all", batch_size: int = 200,
+            prior: torch.Tensor | None = None, attention: str = "sum-p", p: float = 2.0, layers: str = "all", batch_size: int = 200,
             device: torch.device | None = None, data_name: str = "", reporter: Reporter = SILENT) -> AttentionResult:
-    """Per-stage AT distance, spatial correlation and (with ``masks``) localisation over ``x`` (uint8 N×C×H×W)."""
+    """Per-stage AT distance, spatial correlation and (with ``masks``) localisation over ``x`` (uint8 N×C×H×W).
+
+    ``prior`` (H×W, e.g. the mean training mask) is scored like an attention map that never looks
+    at the image: a network localises only where it beats that."""
     device = device or torch.device("cpu")
     gradient, reduce = attention == "gradient", "max" if attention == "max-p" else "mean"
     nets = [n for n in (teacher, student) if n is not None]
@@ -157,7 +161,7 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
     t_mods = [s[1] for s in stages]
     s_mods = [s[2] for s in stages]
     k = len(stages)
-    sums = {key: [0.0] * k for key in ("dist", "corr", "tloc", "sloc", "chance")}
+    sums = {key: [0.0] * k for key in ("dist", "corr", "tloc", "sloc", "chance", "prior")}
     correct = {n.name: 0 for n in nets}
     res: list[tuple[int, int]] = [(0, 0)] * k
     total = len(y)
@@ -177,6 +181,9 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
             if mb is not None:
                 sums["tloc"][i] += float(mass_inside(tq, mb).sum())
                 sums["chance"][i] += float(mb.float().flatten(1).mean(1).sum())
+                if prior is not None:
+                    pm = F.adaptive_avg_pool2d(prior.to(device).double()[None, None], res[i])[0, 0]
+                    sums["prior"][i] += float(mass_inside(pm.expand(len(yb), *pm.shape), mb).sum())
             if student is not None:
                 sq = spatial_maps(s_acts[i].float(), p, reduce)
                 if mb is not None:
@@ -194,6 +201,7 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
             r.at_distance, r.correlation = sums["dist"][i] / total, sums["corr"][i] / total
         if masks is not None:
             r.teacher_localization, r.chance = sums["tloc"][i] / total, sums["chance"][i] / total
+            r.position_prior = sums["prior"][i] / total if prior is not None else None
             if student is not None:
                 r.student_localization = sums["sloc"][i] / total
         out.append(r)
@@ -285,8 +293,9 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
         teacher.name, student.name = f"{teacher.name} (teacher)", f"{student.name} (student)"
     dev = pick_device(device)
     sel = pick_images(len(data.test_y), test_images or len(data.test_y))  # spread over the (often class-sorted) test set
+    prior = dilate(data.train_masks, dilate_px).float().mean(0) if localization else None
     result = analyze(teacher, student, data.test_x[sel], data.test_y[sel], masks=dilate(masks[sel], dilate_px) if localization else None,
-                     attention=attention, p=p, layers=layers, device=dev, data_name=data.name, reporter=reporter)
+                     prior=prior, attention=attention, p=p, layers=layers, device=dev, data_name=data.name, reporter=reporter)
     idx = pick_images(len(data.test_y), images)
     plot_grid(out_png, teacher, student, data.test_x[idx], data.test_y[idx], result, data.class_names, dev)
     result.png = str(out_png)

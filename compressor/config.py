@@ -131,14 +131,15 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
                 raise ConfigError(f"{where} must be a finite non-negative number, got {value}")
             return out
         if kind.startswith("tuple"):
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).strip("[] ").split(",") if v.strip()]
             out_t = tuple(int(v) for v in items)
             if any(v < 0 for v in out_t):
                 raise ValueError
             return out_t
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be {'a list of whole numbers' if kind.startswith('tuple') else 'a ' + kind}, got {value!r}") from None
+        wanted = f"a comma list of whole numbers, e.g. {where}=60,120,160" if kind.startswith("tuple") else f"a {kind}"
+        raise ConfigError(f"{where} must be {wanted}, got {value!r}") from None
 
 
 def _merge(base: dict[str, dict[str, Any]], updates: Mapping[str, Any], origin: str) -> None:

@@ -426,8 +426,9 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
                                         stats, reporter, stop, on_stop=lambda e, s, st_: save(e - 1, s, st_), scaler=scaler)
                 stats = _global_stats(stats, device)
                 distributed.sync_buffers(student)  # every rank evaluates and ends with rank 0's BN statistics
+                lr = opt.param_groups[0]["lr"]  # the rate this epoch trained at, before the scheduler moves it
                 sched.step()
-                record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats.means(),
+                record = {"epoch": epoch + 1, "lr": lr, **stats.means(),
                           "train_top1": 100.0 * stats.correct / max(stats.seen, 1),
                           **{f"test_{k}": v for k, v in evaluate(student, test_b, amp).items()},
                           "images_per_s": stats.seen / max(stats.seconds, 1e-9)}

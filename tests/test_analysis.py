@@ -104,6 +104,13 @@ def test_analyze_identical_models_and_object_only_inputs():
     res = analyze(t, None, flat, y, masks=masks)
     assert res.stages[0].teacher_localization == pytest.approx(res.stages[0].chance, abs=1e-6)
     assert res.student is None and res.stages[0].correlation is None
+    # A prior equal to each test mask's own footprint would be perfect; an empty corner scores nothing.
+    corner = torch.zeros(8, 8)
+    corner[7, 7] = 1.0
+    res = analyze(t, None, x, y, masks=masks, prior=corner)
+    assert res.stages[0].position_prior == pytest.approx(float(masks[:, 7, 7].float().mean()))
+    res = analyze(t, None, x[:1], y[:1], masks=masks[:1], prior=masks[0].float())
+    assert res.stages[0].position_prior == pytest.approx(1.0)
     # The gradient mechanism has one map, at input resolution.
     res = analyze(t, s, x, y, attention="gradient", p=1)
     assert [g.label for g in res.stages] == ["input gradient"] and res.stages[0].resolution == (8, 8)
@@ -145,6 +152,7 @@ def test_attention_cli_writes_png_and_numbers(shape_checkpoints, tmp_path):
     chance = float(data.test_masks[sel].float().flatten(1).mean(1).mean())
     for st in res["stages"]:
         assert st["chance"] == pytest.approx(chance, abs=1e-5)
+        assert chance < st["position_prior"] < 1  # objects cluster near the centre: knowing that beats a uniform map
         assert 0 <= st["teacher_localization"] <= 1 and 0 <= st["student_localization"] <= 1
         assert -1 <= st["correlation"] <= 1 and st["at_distance"] > 0
 

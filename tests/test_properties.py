@@ -225,3 +225,10 @@ def test_a_preset_file_that_is_not_utf8(tmp_path):
     path.write_bytes("description = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)
+
+
+def test_milestones_take_a_comma_list_with_or_without_brackets():
+    for text in ("8,12", "[8,12]", "[8, 12]"):
+        assert load_config("cifar", [f"train.milestones={text}", "train.epochs=15"]).train.milestones == (8, 12)
+    with pytest.raises(ConfigError, match=r"a comma list of whole numbers, e.g. train.milestones=60,120,160, got 'a,b'"):
+        load_config("cifar", ["train.milestones=a,b"])
