@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ def _table(data, out, *extra):
            "--pairs", "wrn-10-1:wrn-10-2", "--methods", "none,at", "--seeds", "2", "--epochs", "1",
            "--teacher-epochs", "1", "--latency-rounds", "3", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                          env={"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
 
 
 def test_table_runs_skips_finished_cells_and_writes_json(tmp_path):
