@@ -315,7 +315,8 @@ def _print_report(report: dict, as_json: bool) -> None:
         stdout.print(_table(f"{report['data']['name']}: teacher vs students (GMACs = multiply-adds; latency: ORT CPU batch 1)",
                             list(COLUMNS), rows(report)))
     if noisy := noisy_latency(report):
-        stderr.print(f"note: latency rounds of {', '.join(noisy)} disagree by more than {NOISY_SPREAD}x: the CPU was busy; "
+        stderr.print(f"note: the middle half of the latency rounds of {', '.join(noisy)} spans more than {NOISY_SPREAD}x: "
+                     "the CPU was busy, or too many threads for a model this small (try --threads 1); "
                      "measure again on an idle machine before trusting the latency columns")
 
 
@@ -470,6 +471,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
     students: int = typer.Option(3, "--students", min=1, help="Students to distil from the derivation ladder (the first is the preset's)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Threads for latency (one keeps sub-millisecond timings steady)."),
     device: str = DEVICE,
 ) -> None:
     """The whole job on the bundled digits, on CPU in a few minutes: train a teacher, compress it."""
@@ -486,7 +488,7 @@ def demo(
     pipeline.train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
     reporter.info(f"2/2 deriving {students} student(s) and distilling them with AT+KD")
     rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, n_students=students, overwrite=True, device=device, reporter=reporter,
-                            command=shlex.join(["atc"] + sys.argv[1:]))
+                            threads=threads, command=shlex.join(["atc"] + sys.argv[1:]))
     _print_report(rep, False)
     stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, teacher.pt")
 

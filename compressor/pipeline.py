@@ -316,7 +316,7 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
             "name": cand.name, "method": method, "role": "student", "params": cand.params, "gmacs": cand.gmacs,
             "gflops": 2 * cand.gmacs, "top1": top1, "top1_delta": top1 - t_top1, "param_ratio": cand.param_ratio,
             "mac_ratio": cand.mac_ratio, "latency_ms": speed.student_ms, "latency_speedup": speed.speedup,
-            "latency_speedup_spread": list(speed.spread), "checkpoint": str((res["dir"] / "student.pt").relative_to(out)),
+            "latency_speedup_spread": list(speed.spread), "latency_speedup_quartiles": list(speed.quartiles), "checkpoint": str((res["dir"] / "student.pt").relative_to(out)),
             "onnx": str(onnx_path.relative_to(out)), "onnx_parity_max_abs_diff": {str(k): v for k, v in parity.max_abs_diff.items()},
             "train_seconds": res["metrics"].get("train_seconds"), "epochs": cfg.train.epochs,
             "attention_pairs": res["metrics"].get("pairs", []), "init": res["metrics"].get("init"),

@@ -11,6 +11,7 @@ machine noise hits both models alike.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -227,24 +228,33 @@ class SpeedUp:
     teacher_ms: float
     student_ms: float
     rounds: int
+    quartiles: tuple[float, float] = (0.0, 0.0)  # 25th and 75th percentile of the per-round ratios
+
+
+# A round times each model for at least this long, so that sub-millisecond models are not
+# measured on a handful of calls that one scheduler hiccup can dominate.
+ROUND_S = 0.02
 
 
 def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu",
                     batch_size: int = 1, threads: int | None = None, rounds: int = 15, runs_per_round: int = 10,
                     teacher_onnx: Path | None = None, student_onnx: Path | None = None) -> SpeedUp:
-    """Interleaved timing (teacher, student, teacher, …) in this process; speed-up = median per-round ratio."""
+    """Interleaved timing (teacher, student, teacher, …) in this process; speed-up = median per-round ratio.
+
+    ``runs_per_round`` is a minimum: fast models get more runs, up to ``ROUND_S`` seconds a round."""
     threads = set_threads(threads)
     with _onnx_for(teacher, input_size, runtime, teacher_onnx) as tp, _onnx_for(student, input_size, runtime, student_onnx) as sp:
         runners = [Runner(teacher, input_size, runtime, batch_size, threads, tp), Runner(student, input_size, runtime, batch_size, threads, sp)]
-        for r in runners:
-            time_runs(r, warmup=5, min_runs=1, min_time_s=0)
+        fastest = min(statistics.median(time_runs(r, warmup=5, min_runs=5, min_time_s=0)[1]) for r in runners)
+        runs = min(max(runs_per_round, math.ceil(ROUND_S / max(fastest, 1e-6))), 500)
         t_med, s_med = [], []
         for _ in range(rounds):
             for runner, out in zip(runners, (t_med, s_med)):
-                out.append(statistics.median(runner() for _ in range(runs_per_round)))
+                out.append(statistics.median(runner() for _ in range(runs)))
     ratios = [t / s for t, s in zip(t_med, s_med)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return SpeedUp(runtime, batch_size, threads, statistics.median(ratios), (min(ratios), max(ratios)),
-                   statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds)
+                   statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds, (q[0], q[2]))
 
 
 def environment() -> dict[str, str | int | None]:

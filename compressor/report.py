@@ -20,8 +20,9 @@ def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
-# Rounds whose ratios differ by more than this share a CPU with other work: say so beside the figure.
-NOISY_SPREAD = 1.5
+# When the middle half of the rounds' ratios spans more than this factor, the CPU was shared
+# with other work (an idle machine stays within a few per cent): say so beside the figure.
+NOISY_SPREAD = 1.25
 
 
 def _speedup_cell(student: dict[str, Any]) -> str:
@@ -34,9 +35,9 @@ def _speedup_cell(student: dict[str, Any]) -> str:
 
 
 def noisy_latency(report: dict[str, Any]) -> list[str]:
-    """Students whose interleaved rounds disagree by more than ``NOISY_SPREAD`` times."""
+    """Students whose interleaved rounds' interquartile ratios differ by more than ``NOISY_SPREAD`` times."""
     return [s["name"] for s in report["students"]
-            if (sp := s.get("latency_speedup_spread")) and sp[0] > 0 and sp[1] / sp[0] > NOISY_SPREAD]
+            if (q := s.get("latency_speedup_quartiles")) and q[0] > 0 and q[1] / q[0] > NOISY_SPREAD]
 
 
 def rows(report: dict[str, Any]) -> list[list[str]]:
@@ -76,8 +77,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
               f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
               f"latency × is the median per-round ratio, (min–max) over rounds.", "",
-              *([f"Latency is noisy for {', '.join(noisy)}: rounds disagree by more than {NOISY_SPREAD}×, so the machine was "
-                 "busy; measure again on an idle one (`atc profile`) before trusting the latency columns.", ""]
+              *([f"Latency is noisy for {', '.join(noisy)}: the middle half of the rounds spans more than {NOISY_SPREAD}×: the machine was "
+                 "busy, or the thread count too high for a model this small; measure again on an idle machine (`atc profile "
+                 "--threads 1`) before trusting the latency columns.", ""]
                 if (noisy := noisy_latency(report)) else []),
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
               f"onnxruntime {env.get('onnxruntime', '?')}.", ""]
