@@ -8,7 +8,6 @@ Prints a Markdown table, then a one-line summary; writes the same data as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from compressor import fileio

@@ -15,10 +15,7 @@ from typing import List, Optional
 import typer
 
 from cli.progress import RichReporter, stderr
-
-
-def _fmt(v: Optional[float], spec: str = ".4f") -> str:
-    return "–" if v is None else format(v, spec)
+from compressor.sweep import fmt_optional
 
 
 def attention(
@@ -70,9 +67,9 @@ def attention(
     for st in result.stages:
         row = [st.label, f"{st.resolution[0]}×{st.resolution[1]}"]
         if s:
-            row += [_fmt(st.at_distance, ".3e"), _fmt(st.correlation, ".3f")]
+            row += [fmt_optional(st.at_distance, ".3e"), fmt_optional(st.correlation, ".3f")]
         if localization:
-            row += [_fmt(st.teacher_localization, ".3f")] + ([_fmt(st.student_localization, ".3f")] if s else []) + [_fmt(st.chance, ".3f"), _fmt(st.position_prior, ".3f")]
+            row += [fmt_optional(st.teacher_localization, ".3f")] + ([fmt_optional(st.student_localization, ".3f")] if s else []) + [fmt_optional(st.chance, ".3f"), fmt_optional(st.position_prior, ".3f")]
         rows.append(row)
     title = (f"{result.data}: {who}; {result.attention} p={result.p:g}, {result.test_images} test images"
              + (f"; masks grown by {dilate} px" if localization and dilate else "")

@@ -49,22 +49,33 @@ class ImageData:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        x = self.train_x.float().div_(255)
-        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        return channel_stats(self.train_x)
 
     def subset(self, train: int = 0, test: int = 0, seed: int = 0) -> "ImageData":
         """A class-stratified-by-chance subset, for short schedules; 0 keeps everything."""
         g = torch.Generator().manual_seed(seed)
 
         def pick(x, y, n):
-            if not n or n >= len(y):
-                return x, y
-            idx = torch.randperm(len(y), generator=g)[:n].sort().values
-            return x[idx], y[idx]
+            idx = subset_indices(len(y), n, g)
+            return (x, y) if idx is None else (x[idx], y[idx])
 
         tx, ty = pick(self.train_x, self.train_y, train)
         vx, vy = pick(self.test_x, self.test_y, test)
         return ImageData(self.name, tx, ty, vx, vy, self.class_names, self.skipped_files)
+
+
+def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (floored at 1e-3) of uint8 images N×C×H×W, in [0, 1] units."""
+    x = x_uint8.float().div_(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+def subset_indices(total: int, n: int, g: torch.Generator) -> torch.Tensor | None:
+    """``n`` sorted random indices out of ``total`` drawn with ``g``; None when all are kept (``n`` 0 or ≥ total).
+    In-memory and streamed datasets both pick through here, so a subset is the same images either way."""
+    if not n or n >= total:
+        return None
+    return torch.randperm(total, generator=g)[:n].sort().values
 
 
 def load_digits(image_size: int = 16) -> ImageData:

@@ -173,15 +173,17 @@ def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None
                        f"lower --lr (or distill.beta) and run again")
 
 
+# torch.OutOfMemoryError is the CUDA allocator's error; older torch only has it under torch.cuda.
+_CUDA_OOM = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, (oom, MemoryError)) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    return isinstance(exc, (_CUDA_OOM, MemoryError)) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _out_of_memory_message(batch_size: int, device: torch.device, epoch: int, kept: str, exc: BaseException) -> str:
     """A suggestion that fits: half the batch, rounded down to a power of two (memory grows with the batch)."""
-    cuda_oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    where = "CUDA" if device.type == "cuda" or isinstance(exc, cuda_oom) else "the CPU"
+    where = "CUDA" if device.type == "cuda" or isinstance(exc, _CUDA_OOM) else "the CPU"
     if batch_size <= 1:
         return (f"{where} ran out of memory at epoch {epoch} even with batch size 1; use a smaller model, fewer AT layers "
                 f"or another device; {kept}")
@@ -434,9 +436,7 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
                           "images_per_s": stats.seen / max(stats.seconds, 1e-9)}
             except StopRequested as exc:
                 reporter.done()
-                name = signal.Signals(exc.signum).name
-                raise StopRequested(f"stopped by {name} at epoch {epoch + 1}; the training state is saved in {state_path}; "
-                                    "run the same command with --resume to continue", exc.signum) from None
+                raise _stopped(exc.signum, f"at epoch {epoch + 1}", state_path) from None
             except Diverged as exc:
                 reporter.done()
                 raise Diverged(f"{exc}; {kept}") from None
@@ -455,9 +455,7 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
             reporter.done(f"{tag} epoch {epoch + 1}: test top-1 {record['test_top1']:.2f}%  loss {record['train_loss']:.3f}".strip())
             stats, start_step = None, 0
             if stop.raised is not None and epoch + 1 < cfg.train.epochs:  # arrived during evaluation: stop at the boundary
-                name = signal.Signals(stop.raised).name
-                raise StopRequested(f"stopped by {name} after epoch {epoch + 1}; the training state is saved in {state_path}; "
-                                    "run the same command with --resume to continue", stop.raised)
+                raise _stopped(stop.raised, f"after epoch {epoch + 1}", state_path)
     seconds = time.perf_counter() - began
     distributed.check_same_weights(student, device)
     student.to(memory_format=torch.contiguous_format)  # what export and other callers expect
@@ -465,6 +463,11 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
         teacher.model.to(memory_format=torch.contiguous_format)
     final = history[-1] if history else {}
     return FitResult(history, final, seconds, compile_s)
+
+
+def _stopped(signum: int, when: str, state_path: Path) -> StopRequested:
+    return StopRequested(f"stopped by {signal.Signals(signum).name} {when}; the training state is saved in {state_path}; "
+                         "run the same command with --resume to continue", signum)
 
 
 def _global_stats(stats: EpochStats, device: torch.device) -> EpochStats:

@@ -7,12 +7,8 @@ onnxruntime's CPU output with PyTorch's at two batch sizes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from torch import nn
 from compressor import fileio
 from compressor.checkpoint import ModelSpec
 from compressor.errors import ExportError
+from compressor.quiet import quiet
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -41,20 +38,8 @@ class Parity:
         return max(self.max_abs_diff.values())
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The exporter prints progress and warnings of its own; keep stdout clean for --json."""
-    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+# The exporter prints progress and warnings of its own; stdout must stay clean for --json.
+EXPORT_LOGGERS = ("", "torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
 
 
 def metadata_for(spec: ModelSpec) -> dict[str, str]:
@@ -78,7 +63,7 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path,
     out = Path(out)
     with fileio.atomic_path(out, suffix=".onnx") as tmp:
         try:
-            with _quiet():
+            with quiet(EXPORT_LOGGERS):
                 torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
                                   opset_version=opset, dynamo=True, verbose=False)
@@ -153,7 +138,7 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarra
     out = Path(out)
     with tempfile.TemporaryDirectory() as scratch, fileio.atomic_path(out, suffix=".onnx") as tmp:
         prepared = Path(scratch) / "prepared.onnx"
-        with _quiet():
+        with quiet(EXPORT_LOGGERS):
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, per_channel=per_channel)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compressor.data import Augment, Batches, ImageData, _list_images, find_layout, open_dataset
+from compressor.data import (Augment, Batches, ImageData, _list_images, channel_stats, find_layout, open_dataset,
+                             subset_indices)
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
 
@@ -238,17 +239,15 @@ class StreamingData:
         estimated on ``sample`` of them spread evenly over the (class-sorted) list."""
         n = len(self.train)
         idx = range(n) if n <= sample else np.linspace(0, n - 1, sample).round().astype(int).tolist()
-        x = torch.stack([self.train.image(int(i)) for i in idx]).float().div_(255)
-        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        return channel_stats(torch.stack([self.train.image(int(i)) for i in idx]))
 
     def subset(self, train: int = 0, test: int = 0, seed: int = 0) -> "StreamingData":
         """The same images ``ImageData.subset`` picks from the same (fully readable) files."""
         g = torch.Generator().manual_seed(seed)
 
         def pick(src, n):
-            if not n or n >= len(src):
-                return src
-            return src.select(torch.randperm(len(src), generator=g)[:n].sort().values)
+            idx = subset_indices(len(src), n, g)
+            return src if idx is None else src.select(idx)
 
         return StreamingData(self.name, pick(self.train, train), pick(self.test, test), self.class_names, self.image_size,
                              self.channels, self.skipped_files)

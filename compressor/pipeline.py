@@ -5,8 +5,10 @@ profile → report. The CLI calls these; so can a five-line Python script.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,11 @@ from compressor.config import Config
 from compressor.data import ImageData, open_dataset
 from compressor.derive import Candidate, arch_ref, derived_candidate, derived_ladder, has_family_rule, ladder, measure, spec_like, student_arch, thinned
 from compressor import distributed
-from compressor.distill import (STATE_FILE, METRICS_FILE, Speed, Teacher, autocast_dtype, evaluate, fit, make_batches,
+from compressor.distill import (METRICS_FILE, Speed, Teacher, autocast_dtype, evaluate, fit, make_batches,
                                 objective_from, pick_device)
 from compressor.errors import ConfigError, DataError, OutputError
 from compressor.events import SILENT, Reporter
-from compressor.export import export_checked
+from compressor.export import export_checked, to_onnx
 from compressor.losses import distillation_terms, input_gradient
 from compressor.models.registry import parse_arch
 from compressor.profiling import Timing, compare_latency, count_macs, count_params, environment, measure_latency
@@ -60,14 +62,12 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
 
         data = open_for_device(spec, image_size, device, strict=strict, train_subset=cfg.data.train_subset,
                                test_subset=cfg.data.test_subset, budget_bytes=budget_bytes, workers=workers, reporter=reporter)
-        if data.skipped_files:
-            reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
-        return data  # type: ignore[return-value]
-    data = open_dataset(spec, image_size=image_size, strict=strict)
+    else:
+        # The subset is part of the data, not of the run: the same images whatever the training seed.
+        data = open_dataset(spec, image_size=image_size, strict=strict).subset(cfg.data.train_subset, cfg.data.test_subset, seed=0)
     if data.skipped_files:
         reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
-    # The subset is part of the data, not of the run: the same images whatever the training seed.
-    return data.subset(cfg.data.train_subset, cfg.data.test_subset, seed=0)
+    return data  # type: ignore[return-value]
 
 
 def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") -> None:
@@ -129,17 +129,18 @@ def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = N
         found = search(t_model, teacher.input_size, target, teacher_arch=arch_ref(teacher),
                        blocks_per_stage=blocks_per_stage, reporter=reporter)
         return [thinned(teacher, found.plan, found.student, tp, tm)]
-    if width is not None or blocks_per_stage is not None or not has_family_rule(teacher.arch):
+    explicit = width is not None or blocks_per_stage is not None
+    if explicit or not has_family_rule(teacher.arch):
+        # Given one of width/depth, the other is left alone (None keeps every block); given neither, the preset's policy.
         policy = derived_candidate(teacher, t_model, width if width is not None else cfg.student.width_ratio,
-                                   blocks_per_stage if (width is not None or blocks_per_stage is not None) else cfg.student.blocks_per_stage)
-        if count <= 1:
-            return [policy]
-        others = [c for c in derived_ladder(teacher, t_model) if c.name != policy.name]
+                                   blocks_per_stage if explicit else cfg.student.blocks_per_stage)
+        rungs = partial(derived_ladder, teacher, t_model)  # built only when more than one student is wanted
     else:
         policy = measure(spec_like(teacher, student_arch(teacher.arch, cfg.student.blocks_per_stage, cfg.student.width_ratio)), tp, tm)
-        if count <= 1:
-            return [policy]
-        others = [c for c in ladder(teacher) if c.name != policy.name]
+        rungs = partial(ladder, teacher)
+    if count <= 1:
+        return [policy]
+    others = [c for c in rungs() if c.name != policy.name]
     others.sort(key=lambda c: abs(torch.tensor(c.gmacs / policy.gmacs).log().item()))
     return [policy] + others[: count - 1]
 
@@ -302,15 +303,24 @@ def _publish_primary(out: Path, primary: dict[str, Any]) -> None:
 def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
                  candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
                  threads: int | None, reporter: Reporter = SILENT, command: str = "", int8: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:  # one teacher export serves every latency comparison
+        t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
+        return _report(teacher, t_onnx, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
+
+
+def _report(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
+            candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
+            threads: int | None, reporter: Reporter, command: str, int8: bool) -> dict[str, Any]:
     t_params, t_macs = count_params(teacher)["total"], count_macs(teacher, t_spec.input_size).gmacs
     reporter.info("measuring teacher latency (onnxruntime CPU, batch 1)")
-    t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5))
+    t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5), onnx_path=t_onnx)
     students, speed = [], None
     for res, cand in zip(results, candidates):
         onnx_path = res["dir"] / "student.onnx"
         parity = export_checked(res["model"], res["spec"], onnx_path)
         reporter.info(f"{cand.name}: exported {onnx_path} (max |ORT - torch| {parity.worst:.1e}); timing against the teacher")
-        speed = compare_latency(teacher, res["model"], t_spec.input_size, "ort-cpu", 1, threads, student_onnx=onnx_path)
+        speed = compare_latency(teacher, res["model"], t_spec.input_size, "ort-cpu", 1, threads, teacher_onnx=t_onnx,
+                                student_onnx=onnx_path)
         top1 = res["metrics"]["top1"]
         students.append({
             "name": cand.name, "method": method, "role": "student", "params": cand.params, "gmacs": cand.gmacs,
@@ -327,7 +337,7 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
                                        "stages": plan_.get("stages", []),
                                        "search": {k: v for k, v in plan_.get("search", {}).items() if k != "trials"} or None}
         if int8:
-            students[-1]["int8"] = _int8_entry(teacher, res, onnx_path, data, t_spec, t_top1, threads, out, reporter)
+            students[-1]["int8"] = _int8_entry(t_onnx, res, onnx_path, data, t_spec, t_top1, threads, out, reporter)
     return {
         "atc_version": __version__, "report_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
         "preset": cfg.preset, "method": method, "epochs": cfg.train.epochs, "config": cfg.to_dict(),
@@ -341,7 +351,7 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
     }
 
 
-def _int8_entry(teacher: nn.Module, res: dict[str, Any], onnx_path: Path, data: ImageData, t_spec: ModelSpec, t_top1: float,
+def _int8_entry(t_onnx: Path, res: dict[str, Any], onnx_path: Path, data: ImageData, t_spec: ModelSpec, t_top1: float,
                 threads: int | None, out: Path, reporter: Reporter) -> dict[str, Any]:
     from compressor.export import int8_with_evaluation
 
@@ -349,6 +359,6 @@ def _int8_entry(teacher: nn.Module, res: dict[str, Any], onnx_path: Path, data: 
     q_path = onnx_path.with_name("student.int8.onnx")
     reporter.info(f"{spec.name}: INT8 static quantization (QDQ, U8 activations, S8 per-channel weights)")
     r = int8_with_evaluation(onnx_path, q_path, data, spec.mean, spec.std, spec.input_size, threads=threads)
-    vs_teacher = compare_latency(teacher, None, t_spec.input_size, "ort-cpu", 1, threads, student_onnx=q_path)
+    vs_teacher = compare_latency(None, None, t_spec.input_size, "ort-cpu", 1, threads, teacher_onnx=t_onnx, student_onnx=q_path)
     return {**r.to_dict(), "path": str(q_path.relative_to(out)), "top1_delta": r.top1_int8 - t_top1,
             "latency_speedup_vs_teacher": vs_teacher.speedup, "latency_ms": vs_teacher.student_ms}

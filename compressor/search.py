@@ -162,12 +162,10 @@ class _Evaluator:
         from compressor.export import to_onnx
 
         t = self.target
-        if not t.runtime.startswith("ort"):  # PyTorch runtimes time the module itself
-            return compare_latency(self.teacher, student, self.input_size, t.runtime, t.batch_size, t.threads,
-                                   rounds=rounds, runs_per_round=10)
-        s_onnx = to_onnx(student, self.input_size, self.workdir / "student.onnx")
+        ort = t.runtime.startswith("ort")  # PyTorch runtimes time the modules themselves
         return compare_latency(self.teacher, student, self.input_size, t.runtime, t.batch_size, t.threads, rounds=rounds,
-                               runs_per_round=10, teacher_onnx=self.teacher_onnx(), student_onnx=s_onnx)
+                               teacher_onnx=self.teacher_onnx() if ort else None,
+                               student_onnx=to_onnx(student, self.input_size, self.workdir / "student.onnx") if ort else None)
 
     def __call__(self, thinner: Thinner, width: float, by: str) -> Trial:
         plan = thinner.plan(width)

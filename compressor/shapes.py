@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compressor.data import ImageData
+from compressor.data import ImageData, subset_indices
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 TRAIN_SIZE, TEST_SIZE = 6000, 1000
@@ -35,11 +35,7 @@ class ShapesData(ImageData):
 
     def subset(self, train: int = 0, test: int = 0, seed: int = 0) -> "ShapesData":
         g = torch.Generator().manual_seed(seed)
-
-        def pick(n, total):
-            return None if not n or n >= total else torch.randperm(total, generator=g)[:n].sort().values
-
-        it, iv = pick(train, len(self.train_y)), pick(test, len(self.test_y))
+        it, iv = subset_indices(len(self.train_y), train, g), subset_indices(len(self.test_y), test, g)
         take = lambda t, i: t if i is None or t is None else t[i]  # noqa: E731
         return ShapesData(self.name, take(self.train_x, it), take(self.train_y, it), take(self.test_x, iv),
                           take(self.test_y, iv), self.class_names, self.skipped_files,

@@ -217,7 +217,8 @@ def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> 
 # ---------------------------------------------------------------- views of sweep.json
 
 
-def _fmt(v: float | None, spec: str = ".2f") -> str:
+def fmt_optional(v: float | None, spec: str = ".2f") -> str:
+    """``v`` formatted, or a dash when there is no value."""
     return "–" if v is None else format(v, spec)
 
 
@@ -228,7 +229,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for c in result["cells"]:
         per = ", ".join(f"{r['top1']:.2f}" for r in c["runs"])
         ms = "–" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
-        rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, _fmt(c["median"]), per])
+        rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, fmt_optional(c["median"]), per])
     return head, rows
 
 

@@ -23,9 +23,7 @@ teacher itself, the plan yields the student with the teacher's surviving weights
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import math
 import traceback
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ConfigError, ModelError
+from compressor.quiet import quiet
 
 PLAN_VERSION = 1
 ROUND_TO = 8
@@ -84,7 +83,7 @@ def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     was_training = model.training
     model.eval()
     try:
-        with _quiet():
+        with quiet(TRACE_LOGGERS, logging.CRITICAL, stderr=True):
             torch.export.export(model, (_example(input_size),), strict=False)
         return
     except Exception as exc:
@@ -98,20 +97,8 @@ def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torch.export logs whole graphs when it gives up; the one-line error is enough."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+# torch.export logs whole graphs when it gives up on a model; the one-line error is enough.
+TRACE_LOGGERS = ("torch", "torch.fx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
 
 
 # --------------------------------------------------------------------------------------------

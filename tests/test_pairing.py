@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.attention import find_pairs, find_stages, select_pairs, pair_stages
+from compressor.attention import find_pairs, find_stages, select_pairs
 from compressor.errors import ConfigError
 from compressor.models import create_model
 
