@@ -66,8 +66,8 @@ def summarise(reports: list[dict]) -> dict:
 
 def pair_latency(teacher: Path, student: Path, threads: int, rounds: int) -> dict:
     """Teacher and student ONNX latency, interleaved; the speed-up is the median per-round ratio."""
-    from compressor.checkpoint import load_model
-    from compressor.profiling import compare_latency
+    from compressor.models.checkpoint import load_model
+    from compressor.profiling.latency import compare_latency
 
     t_model, t_spec, _ = load_model(teacher)
     s_model, _, _ = load_model(student)

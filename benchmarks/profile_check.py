@@ -12,7 +12,8 @@ from pathlib import Path
 
 from compressor import fileio
 from compressor.models import create_model
-from compressor.profiling import Timing, count_macs, count_params, environment, measure_latency
+from compressor.profiling.counts import count_macs, count_params
+from compressor.profiling.latency import Timing, environment, measure_latency
 
 MODELS = [("wrn-16-1", 10, 32), ("wrn-16-2", 10, 32), ("wrn-40-1", 10, 32), ("wrn-40-2", 10, 32), ("wrn-40-4", 10, 32),
           ("resnet20", 10, 32), ("resnet56", 10, 32), ("resnet18", 1000, 224), ("mobilenet_v2", 1000, 224), ("resnet50", 1000, 224)]

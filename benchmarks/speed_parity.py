@@ -22,14 +22,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import fileio  # noqa: E402
-from compressor.attention import find_pairs  # noqa: E402
-from compressor.checkpoint import load_model  # noqa: E402
+from compressor.pair import find_pairs
+from compressor.models.checkpoint import load_model
 from compressor.config import load_config  # noqa: E402
-from compressor.distill import Speed, Teacher, fit, objective_from, pick_device  # noqa: E402
+from compressor.device import Speed, pick_device
+from compressor.distill.loop import Teacher, fit, objective_from
 from compressor.events import Reporter  # noqa: E402
 from compressor.models import create_model  # noqa: E402
-from compressor.pipeline import load_data, normalization  # noqa: E402
-from compressor.profiling import environment  # noqa: E402
+from compressor.pipeline import load_data, normalization
+from compressor.profiling.latency import environment
 
 
 class Printer(Reporter):

@@ -47,14 +47,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import fileio  # noqa: E402
-from compressor.attention import Taps, find_pairs  # noqa: E402
+from compressor.pair import Taps, find_pairs
 from compressor.config import load_config  # noqa: E402
-from compressor.data import Augment, DeviceBatches, ImageData, open_dataset  # noqa: E402
-from compressor.distill import (Speed, Teacher, _runtime_models, autocast_dtype, make_optimizer, objective_from,  # noqa: E402
-                                pick_device, train_one_epoch)
-from compressor.losses import distillation_terms  # noqa: E402
+from compressor.data.images import Augment, DeviceBatches, ImageData
+from compressor.data.open import open_dataset
+from compressor.device import Speed, autocast_dtype, pick_device
+from compressor.distill.loop import Teacher, _runtime_models, make_optimizer, objective_from, train_one_epoch
+from compressor.distill.losses import distillation_terms
 from compressor.models import create_model  # noqa: E402
-from compressor.profiling import count_macs, environment  # noqa: E402
+from compressor.profiling.counts import count_macs
+from compressor.profiling.latency import environment
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (without sparsity).
 BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4,

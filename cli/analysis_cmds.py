@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from cli.progress import RichReporter, stderr
-from compressor.sweep import fmt_optional
+from compressor.report.tables import fmt_optional
 
 
 def attention(
@@ -39,7 +39,7 @@ def attention(
 ) -> None:
     """Attention maps of a teacher (and student) per AT stage, their agreement and object localisation."""
     from cli.main import _config, _table, stdout
-    from compressor.analysis import attention_report
+    from compressor.studies.attention import attention_report
     from compressor.config import parse_attention
     from compressor.errors import OutputError
 
@@ -98,7 +98,8 @@ def sweep(
     """Distil a student for every grid cell and seed; write sweep.json, sweep.md and sweep.png."""
     from cli.main import _table, stdout
     from compressor.config import parse_overrides
-    from compressor.sweep import run_sweep, table_rows
+    from compressor.report.tables import table_rows
+    from compressor.studies.sweep import run_sweep
 
     merged = parse_overrides(overrides or [])
     for key, value in (("train.epochs", epochs), ("data.train_subset", train_subset)):

@@ -99,7 +99,7 @@ MASTER_PORT = typer.Option(None, "--master-port", min=1, help="Port on node 0 (p
 
 
 def _speed(precision: str, channels_last, compile_: bool, workers):
-    from compressor.distill import Speed
+    from compressor.device import Speed
 
     return Speed(precision=precision, channels_last=channels_last, compile=compile_, workers=workers)
 
@@ -139,9 +139,9 @@ def train(
     from compressor.errors import OutputError
     from compressor.models.registry import parse_arch
     from compressor.pipeline import load_data, train_model
-    from compressor.distill import pick_device
+    from compressor.device import pick_device
 
-    from compressor.checkpoint import check_input_fits
+    from compressor.models.checkpoint import check_input_fits
     from compressor.pipeline import state_dir_for
 
     parse_arch(arch)
@@ -237,9 +237,9 @@ def compress(
 def _derive_options(names, width_ratio, blocks_per_stage, target_speedup, by, runtime, latency_batch, threads, init) -> dict:
     """--width-ratio / --blocks-per-stage / --target-speedup / --init → pipeline keyword arguments."""
     from compressor.errors import ConfigError
-    from compressor.pipeline import INITS
-    from compressor.search import Target
-    from compressor.thinning import parse_widths
+    from compressor.derive.candidates import INITS
+    from compressor.derive.search import Target
+    from compressor.derive.thinning import parse_widths
 
     if names and (width_ratio is not None or blocks_per_stage is not None or target_speedup is not None):
         raise ConfigError("--student names a zoo student; drop it to derive one with --width-ratio/--blocks-per-stage/--target-speedup")
@@ -257,7 +257,7 @@ def _derive_options(names, width_ratio, blocks_per_stage, target_speedup, by, ru
 
 def _print_derived(dr, init: str) -> None:
     """Per-stage depth and width, predicted speed-ups and, after a search, target vs achieved."""
-    from compressor.pipeline import resolve_init
+    from compressor.derive.candidates import resolve_init
 
     c = dr.student
     if dr.stages:
@@ -282,14 +282,14 @@ def _dry_run(teacher, data, cfg, names, count, arch, trust, strict, reporter, de
     from dataclasses import replace
 
     from compressor import pipeline
-    from compressor.checkpoint import load_model
+    from compressor.models.checkpoint import load_model
 
     model, spec, _ = load_model(teacher, arch=arch, trust=trust)
     ds = pipeline.load_data(data, cfg, strict, reporter)
     if spec.mean is None:
         spec = replace(spec, input_size=tuple(ds.input_size))
     pipeline.check_compatible(spec, ds)
-    from compressor.profiling import count_macs, count_params
+    from compressor.profiling.counts import count_macs, count_params
 
     tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs
     stderr.print(f"teacher {spec.name}: {tp:,} params, {tm:.4f} GMACs  (method {cfg.distill.method}, AT layers {cfg.distill.at_layers})")
@@ -307,7 +307,7 @@ def _dry_run(teacher, data, cfg, names, count, arch, trust, strict, reporter, de
 
 
 def _print_report(report: dict, as_json: bool) -> None:
-    from compressor.report import COLUMNS, NOISY_SPREAD, noisy_latency, rows
+    from compressor.report.tables import COLUMNS, NOISY_SPREAD, noisy_latency, rows
 
     if as_json:
         print(json.dumps(report, indent=2))
@@ -329,8 +329,9 @@ def derive(
     as_json: bool = typer.Option(False, "--json", help="Print the ladder as JSON on stdout."),
 ) -> None:
     """List thinner/shallower student candidates with params, GMACs and ratios."""
-    from compressor.checkpoint import ModelSpec, load_model
-    from compressor.derive import ladder
+    from compressor.models.checkpoint import load_model
+    from compressor.models.spec import ModelSpec
+    from compressor.derive.candidates import ladder
 
     if Path(teacher).exists():
         _, spec, _ = load_model(teacher, arch=arch, trust=trust_checkpoint, input_size=_parse_size(input_size))
@@ -360,7 +361,8 @@ def profile(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
     """Params, fvcore GMACs and latency of one model."""
-    from compressor.profiling import MAC_UNIT, Timing, count_macs, count_params, environment, measure_latency
+    from compressor.profiling.counts import MAC_UNIT, count_macs, count_params
+    from compressor.profiling.latency import Timing, environment, measure_latency
 
     m, spec = _model_from(model, arch, trust_checkpoint, input_size, num_classes)
     size = spec.input_size
@@ -392,7 +394,8 @@ def profile(
 def _model_from(model: str, arch, trust, input_size, num_classes):
     from dataclasses import replace
 
-    from compressor.checkpoint import ModelSpec, load_model
+    from compressor.models.checkpoint import load_model
+    from compressor.models.spec import ModelSpec
     from compressor.models.registry import parse_arch
 
     size = _parse_size(input_size) if input_size else None
@@ -405,7 +408,7 @@ def _model_from(model: str, arch, trust, input_size, num_classes):
         classes = 1000 if a.family == "resnet" and num_classes == 10 and not a.kwargs.get("cifar_stem") else num_classes
         spec = ModelSpec(a.family, dict(a.kwargs), classes, input_size=size or ((3, 224, 224) if classes == 1000 else (3, 32, 32)))
         m = spec.build()
-    from compressor.checkpoint import check_input_fits
+    from compressor.models.checkpoint import check_input_fits
 
     check_input_fits(m, spec.input_size, spec.name)
     return m.eval(), spec
@@ -426,7 +429,8 @@ def export(
 ) -> None:
     """Export to one ONNX file (dynamic batch, metadata) and check parity with onnxruntime."""
     from compressor.errors import OutputError
-    from compressor.export import export_checked, int8_with_evaluation
+    from compressor.export.int8 import int8_with_evaluation
+    from compressor.export.onnx import export_checked
 
     int8_out = out.with_name(out.stem + ".int8.onnx")
     if int8 and not calib_data:
@@ -439,7 +443,7 @@ def export(
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in parity.max_abs_diff.items())
     stdout.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| {diffs} (atol {atol:g})")
     if int8:
-        from compressor.data import open_dataset
+        from compressor.data.open import open_dataset
 
         data = open_dataset(calib_data, image_size=spec.input_size[1] if calib_data == "digits" else None)
         r = int8_with_evaluation(out, int8_out, data, spec.mean, spec.std, spec.input_size, calib_images, threads)
@@ -456,7 +460,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
 ) -> None:
     """Rebuild report.md, report.json and tradeoff.png from finished runs and print the table."""
-    from compressor.report import merge_reports, read_report, write_report
+    from compressor.report.build import merge_reports, read_report, write_report
 
     reports = [read_report(d) for d in run_dirs]
     if len(reports) > 1 and out is None:
@@ -477,7 +481,7 @@ def demo(
     """The whole job on the bundled digits, on CPU in a few minutes: train a teacher, compress it."""
     from compressor import pipeline
     from compressor.config import load_config
-    from compressor.distill import pick_device
+    from compressor.device import pick_device
 
     reporter = RichReporter()
     pipeline.prepare_output(out, overwrite)

@@ -8,33 +8,34 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
-
 import torch
 from torch import nn
-
 from compressor import __version__, fileio
-from compressor.attention import AttentionPair, find_pairs
-from compressor.checkpoint import ModelSpec, load_model, save_checkpoint
+from compressor.pair import AttentionPair, find_pairs
+from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.spec import ModelSpec
 from compressor.config import Config
-from compressor.data import ImageData, open_dataset
-from compressor.derive import Candidate, arch_ref, derived_candidate, derived_ladder, has_family_rule, ladder, measure, spec_like, student_arch, thinned
+from compressor.data.images import ImageData
+from compressor.data.open import open_dataset
+from compressor.derive.candidates import Candidate
 from compressor import distributed
-from compressor.distill import (METRICS_FILE, Speed, Teacher, autocast_dtype, evaluate, fit, make_batches,
-                                objective_from, pick_device)
+from compressor.device import Speed, autocast_dtype, pick_device
+from compressor.distill.loop import METRICS_FILE, Teacher, fit, make_batches, objective_from
+from compressor.evaluate import evaluate
 from compressor.errors import ConfigError, DataError, OutputError
 from compressor.events import SILENT, Reporter
-from compressor.export import export_checked, to_onnx
-from compressor.losses import distillation_terms, input_gradient
-from compressor.models.registry import parse_arch
-from compressor.profiling import Timing, compare_latency, count_macs, count_params, environment, measure_latency
-from compressor.report import write_report
-from compressor.search import Target
-from compressor.thinning import describe_stages
+from compressor.export.onnx import export_checked, to_onnx
+from compressor.distill.losses import distillation_terms, input_gradient
+from compressor.profiling.counts import count_macs, count_params
+from compressor.profiling.latency import Timing, compare_latency, environment, measure_latency
+from compressor.report.build import write_report
+from compressor.derive.search import Target
+from compressor.derive.thinning import describe_stages
+from compressor.derive.candidates import choose_students, resolve_init
 
-INITS = ("auto", "inherit", "scratch")
+
 
 
 def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = False, create: bool = True) -> Path:
@@ -52,13 +53,14 @@ def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = 
     return out
 
 
+
 def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT,
               device: torch.device | None = None, workers: int | None = None, budget_bytes: int | None = None) -> ImageData:
     """The dataset, subset as the preset says. With ``device``, data too large for the memory it may
     use there is not loaded but streamed (``compressor.loaders``); the decision is reported."""
     image_size = cfg.data.image_size if str(spec) == "digits" or cfg.data.image_size else None
     if device is not None:
-        from compressor.loaders import open_for_device
+        from compressor.data.streaming import open_for_device
 
         data = open_for_device(spec, image_size, device, strict=strict, train_subset=cfg.data.train_subset,
                                test_subset=cfg.data.test_subset, budget_bytes=budget_bytes, workers=workers, reporter=reporter)
@@ -70,6 +72,7 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
     return data  # type: ignore[return-value]
 
 
+
 def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") -> None:
     if spec.num_classes != data.num_classes:
         raise DataError(f"the {role} has {spec.num_classes} classes but the data has {data.num_classes}; "
@@ -79,10 +82,12 @@ def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") ->
                         f"{'x'.join(map(str, data.input_size))}; set data.image_size in the preset or use matching data")
 
 
+
 def normalization(spec: ModelSpec, data: ImageData) -> tuple[list[float], list[float]]:
     if spec.mean is not None and spec.std is not None:
         return list(spec.mean), list(spec.std)
     return data.channel_stats()
+
 
 
 def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, device: torch.device | None = None,
@@ -106,43 +111,10 @@ def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, d
     return model.cpu(), spec, metrics
 
 
+
 def state_dir_for(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".state")
 
-
-def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0, *,
-                    teacher_model: nn.Module | None = None, width: float | str | None = None,
-                    blocks_per_stage: int | None = None, target: Target | None = None,
-                    reporter: Reporter = SILENT) -> list[Candidate]:
-    """``names`` if given; a derived student meeting ``target`` (a search) or thinned to ``width``;
-    else the ``count`` ladder candidates nearest the preset policy; else the policy student. Teachers
-    without a family rule (any other traceable CNN) get derived students. ``teacher_model`` (the
-    trained teacher) ranks channels for derived students; without it a fresh build does."""
-    t_model = teacher_model if teacher_model is not None else teacher.build()
-    tp, tm = count_params(t_model)["total"], count_macs(t_model, teacher.input_size).gmacs
-    if names:
-        return [measure(spec_like(teacher, parse_arch(n)), tp, tm) for n in names]
-    if target is not None:
-        from compressor.search import search
-
-        reporter.info(f"searching a student of {teacher.name} for {target.describe()}")
-        found = search(t_model, teacher.input_size, target, teacher_arch=arch_ref(teacher),
-                       blocks_per_stage=blocks_per_stage, reporter=reporter)
-        return [thinned(teacher, found.plan, found.student, tp, tm)]
-    explicit = width is not None or blocks_per_stage is not None
-    if explicit or not has_family_rule(teacher.arch):
-        # Given one of width/depth, the other is left alone (None keeps every block); given neither, the preset's policy.
-        policy = derived_candidate(teacher, t_model, width if width is not None else cfg.student.width_ratio,
-                                   blocks_per_stage if explicit else cfg.student.blocks_per_stage)
-        rungs = partial(derived_ladder, teacher, t_model)  # built only when more than one student is wanted
-    else:
-        policy = measure(spec_like(teacher, student_arch(teacher.arch, cfg.student.blocks_per_stage, cfg.student.width_ratio)), tp, tm)
-        rungs = partial(ladder, teacher)
-    if count <= 1:
-        return [policy]
-    others = [c for c in rungs() if c.name != policy.name]
-    others.sort(key=lambda c: abs(torch.tensor(c.gmacs / policy.gmacs).log().item()))
-    return [policy] + others[: count - 1]
 
 
 @dataclass
@@ -153,10 +125,11 @@ class DryRun:
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: blocks and width, student vs teacher
 
 
+
 def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: ImageData, cfg: Config,
                   mean, std, method: str) -> dict[str, float]:
     """The loss terms on one training batch before any training: a check that β and α are sane."""
-    from compressor.attention import Taps
+    from compressor.pair import Taps
 
     train_b, _ = make_batches(data, cfg, mean, std, torch.device("cpu"))
     x, y = next(iter(train_b))
@@ -174,6 +147,7 @@ def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionP
     return {k: float(v) for k, v in terms.items()}
 
 
+
 def plan(teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, candidates: list[Candidate], method: str) -> list[DryRun]:
     mean, std = normalization(t_spec, data)
     example = torch.zeros(1, *t_spec.input_size)
@@ -187,18 +161,10 @@ def plan(teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, ca
     return out
 
 
+
 def _student_dir(out: Path, cand: Candidate, method: str) -> Path:
     return out / "students" / f"{cand.name}-{method.replace('+', '_')}"
 
-
-def resolve_init(init: str, spec: ModelSpec) -> str:
-    """``auto``: a derived (thinned) student inherits the teacher's surviving weights; a zoo student starts from scratch."""
-    if init not in INITS:
-        raise ConfigError(f"--init {init} is unknown; choose one of {', '.join(INITS)}")
-    if init == "inherit" and spec.plan is None:
-        raise ConfigError(f"--init inherit needs a student derived from the teacher ({spec.name} is a zoo architecture); "
-                          "use --width-ratio or --target-speedup, or --init scratch")
-    return ("inherit" if spec.plan is not None else "scratch") if init == "auto" else init
 
 
 def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, method: str,
@@ -218,7 +184,7 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
     model = spec.build()
     init = resolve_init(init, spec)
     if init == "inherit":
-        from compressor.thinning import inherit
+        from compressor.derive.thinning import inherit
 
         model.load_state_dict(inherit(teacher, spec.plan).state_dict())
     example = torch.zeros(1, *spec.input_size)
@@ -233,6 +199,7 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
     if distributed.is_main():
         save_checkpoint(ckpt, model.cpu(), spec, metrics)
     return {"model": model.cpu(), "spec": spec, "metrics": metrics, "dir": sdir}
+
 
 
 def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_dir: str | Path, *, method: str | None = None,
@@ -286,11 +253,12 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
     _publish_primary(out, results[0])
     write_report(out, report)
-    from compressor.curves import plot_curves
+    from compressor.report.plots import plot_curves
 
     plot_curves(out / "curves.png", (t_spec.name, t_metrics.get("history", [])),
                 [(f"{c.name} ({method})", r["metrics"].get("history", [])) for c, r in zip(candidates, results)])
     return report
+
 
 
 def _publish_primary(out: Path, primary: dict[str, Any]) -> None:
@@ -300,12 +268,14 @@ def _publish_primary(out: Path, primary: dict[str, Any]) -> None:
             shutil.copyfile(primary["dir"] / name, tmp)
 
 
+
 def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
                  candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
                  threads: int | None, reporter: Reporter = SILENT, command: str = "", int8: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:  # one teacher export serves every latency comparison
         t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
         return _report(teacher, t_onnx, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
+
 
 
 def _report(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
@@ -351,9 +321,10 @@ def _report(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: float, 
     }
 
 
+
 def _int8_entry(t_onnx: Path, res: dict[str, Any], onnx_path: Path, data: ImageData, t_spec: ModelSpec, t_top1: float,
                 threads: int | None, out: Path, reporter: Reporter) -> dict[str, Any]:
-    from compressor.export import int8_with_evaluation
+    from compressor.export.int8 import int8_with_evaluation
 
     spec = res["spec"]
     q_path = onnx_path.with_name("student.int8.onnx")

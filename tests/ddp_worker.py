@@ -19,10 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import distributed  # noqa: E402
-from compressor.attention import find_pairs  # noqa: E402
+from compressor.pair import find_pairs
 from compressor.config import load_config  # noqa: E402
-from compressor.data import DeviceBatches, open_dataset  # noqa: E402
-from compressor.distill import Teacher, evaluate, fit, objective_from  # noqa: E402
+from compressor.data.images import DeviceBatches
+from compressor.data.open import open_dataset
+from compressor.distill.loop import Teacher, fit, objective_from
+from compressor.evaluate import evaluate
 from compressor.events import Reporter  # noqa: E402
 from compressor.models import create_model  # noqa: E402
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = r"""
 import json, os, sys, traceback
 import cli.main
-import compressor.checkpoint, compressor.data, compressor.distill, compressor.pipeline  # noqa: F401
+import compressor.models.checkpoint, compressor.data.images, compressor.distill.loop, compressor.pipeline  # noqa: F401
 
 for line in sys.stdin:
     req = json.loads(line)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.analysis import Net, analyze, mass_inside, pick_images, spatial_correlation
-from compressor.shapes import CLASSES, load_shapes, render
+from compressor.studies.attention import Net, analyze, mass_inside, pick_images, spatial_correlation
+from compressor.data.shapes import CLASSES, load_shapes, render
 from tests.conftest import run_atc
 
 
@@ -32,7 +32,7 @@ def test_mass_inside_by_hand():
 
 
 def test_dilate_by_hand():
-    from compressor.analysis import dilate
+    from compressor.studies.attention import dilate
 
     m = torch.zeros(1, 5, 5, dtype=torch.bool)
     m[0, 2, 2] = True
@@ -62,7 +62,7 @@ def test_shapes_are_deterministic_and_masks_match_the_pixels():
 
 
 def test_shapes_through_open_dataset_and_subset_keep_masks():
-    from compressor.data import open_dataset
+    from compressor.data.open import open_dataset
 
     data = open_dataset("shapes", image_size=16)
     assert data.name == "shapes" and data.class_names == list(CLASSES) and data.input_size == (3, 16, 16)
@@ -124,7 +124,8 @@ def test_pick_images_spreads_over_the_test_set():
 @pytest.fixture(scope="module")
 def shape_checkpoints(tmp_path_factory):
     """Two untrained WRN-10-1 checkpoints for 16×16 shapes (what is measured does not need training)."""
-    from compressor.checkpoint import ModelSpec, save_checkpoint
+    from compressor.models.checkpoint import save_checkpoint
+    from compressor.models.spec import ModelSpec
 
     d = tmp_path_factory.mktemp("ckpt")
     out = []
@@ -161,7 +162,7 @@ def test_attention_refusals(shape_checkpoints, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from compressor.analysis import attention_report
+    from compressor.studies.attention import attention_report
     from compressor.config import load_config
     from compressor.errors import DataError, OutputError
 
@@ -173,7 +174,7 @@ def test_attention_refusals(shape_checkpoints, tmp_path):
 
 
 def test_curves_png(tmp_path):
-    from compressor.curves import _series, plot_curves
+    from compressor.report.plots import _series, plot_curves
 
     hist = [{"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "train_top1": 30.0, "test_top1": 31.0},
             {"epoch": 2, "train_loss": 1.5, "test_loss": 1.6, "train_top1": 45.0}]

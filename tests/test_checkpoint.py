@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from compressor.checkpoint import ModelSpec, load_model, save_checkpoint
+from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.spec import ModelSpec
 from compressor.errors import CheckpointError
 from compressor.models import create_model
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from compressor.checkpoint import load_model
+from compressor.models.checkpoint import load_model
 from tests.conftest import run_atc
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import torch
 
-from compressor.checkpoint import ModelSpec, save_checkpoint
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.spec import ModelSpec
 from compressor.distributed import launch_command, strip_launch_flags
 from tests.conftest import ROOT, make_image_folder
 

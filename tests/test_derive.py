@@ -1,7 +1,8 @@
 """Family rules: thinner and shallower students, ladder ordering and ratios."""
 
-from compressor.checkpoint import ModelSpec
-from compressor.derive import ladder, student_arch
+from compressor.models.spec import ModelSpec
+from compressor.derive.candidates import ladder
+from compressor.derive.rules import student_arch
 from compressor.models import parse_arch
 
 

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from compressor.config import load_config
-from compressor.data import ImageData, _content_key, _list_images, cache_dir, open_dataset
-from compressor.distill import fit, make_batches
-from compressor.loaders import LoaderBatches, StreamingData, memory_budget, open_for_device, random_resized_crop_box
+from compressor.data.folders import _content_key, _list_images, cache_dir
+from compressor.data.images import ImageData
+from compressor.data.open import open_dataset
+from compressor.distill.loop import fit, make_batches
+from compressor.data.streaming import LoaderBatches, StreamingData, memory_budget, open_for_device, random_resized_crop_box
 from compressor.models import create_model
 from tests.conftest import Messages, make_image_folder, run_atc
 

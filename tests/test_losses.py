@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor import at_loss, attention_map, kd_loss
-from compressor.losses import Objective, distillation_terms
+from compressor.distill.losses import Objective, distillation_terms
 
 
 def test_attention_map_by_hand():

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from compressor.config import load_config, parse_attention
-from compressor.distill import _beta_at, objective_from, train_one_epoch, Teacher
+from compressor.distill.loop import Teacher, _beta_at, objective_from, train_one_epoch
 from compressor.errors import ConfigError
-from compressor.losses import (Objective, at_distance, at_loss, attention_map, distillation_terms, flip_symmetry_loss,
-                               gradient_at_loss, input_gradient)
+from compressor.distill.losses import Objective, at_distance, at_loss, attention_map, distillation_terms, flip_symmetry_loss, gradient_at_loss, input_gradient
 
 # One sample, two channels, a 1×2 map: channel 0 = [1, -2], channel 1 = [3, 0].
 A = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])
@@ -131,7 +130,7 @@ def test_gradient_at_alone_decreases_with_double_backprop():
 
 
 def test_train_one_epoch_with_gradient_at():
-    from compressor.data import DeviceBatches
+    from compressor.data.images import DeviceBatches
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (32, 3, 8, 8), generator=g, dtype=torch.uint8)

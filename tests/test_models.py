@@ -5,7 +5,7 @@ import torch
 
 from compressor.errors import ModelError
 from compressor.models import create_model, parse_arch
-from compressor.profiling import count_macs, count_params
+from compressor.profiling.counts import count_macs, count_params
 
 
 @pytest.mark.parametrize("name,params", [("wrn-16-1", 175_066), ("wrn-16-2", 691_674), ("wrn-40-1", 563_930),

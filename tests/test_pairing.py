@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.attention import find_pairs, find_stages, select_pairs
+from compressor.pair import find_pairs, find_stages, select_pairs
 from compressor.errors import ConfigError
 from compressor.models import create_model
 
@@ -37,7 +37,7 @@ class Strided(nn.Module):
 
 
 def test_spatial_mismatch_aligns_from_deepest_and_loss_pools():
-    from compressor.losses import at_loss
+    from compressor.distill.losses import at_loss
 
     pairs = find_pairs(Strided(), create_model("wrn-16-1"), torch.zeros(1, 3, 32, 32))
     assert [(p.student.resolution, p.teacher.resolution) for p in pairs] == [((16, 16), (32, 32)), ((8, 8), (16, 16)), ((4, 4), (8, 8))]

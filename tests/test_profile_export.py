@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
-from compressor.checkpoint import ModelSpec, save_checkpoint
-from compressor.export import check_parity, export_checked, read_metadata
-from compressor.report import markdown, merge_reports, noisy_latency, pareto_front, rows
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.spec import ModelSpec
+from compressor.export.onnx import check_parity, export_checked, read_metadata
+from compressor.report.build import merge_reports
+from compressor.report.plots import pareto_front
+from compressor.report.tables import markdown, noisy_latency, rows
 from tests.conftest import run_atc
 
 

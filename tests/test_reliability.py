@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.checkpoint import ModelSpec, save_checkpoint
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.spec import ModelSpec
 from tests.conftest import make_image_folder, run_atc
 from tests.forked_cli import ForkedCli
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from compressor.config import load_config
-from compressor.data import open_dataset
-from compressor.distill import STATE_FILE, StopRequested, fit
+from compressor.data.open import open_dataset
+from compressor.distill.loop import STATE_FILE, StopRequested, fit
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model
@@ -195,7 +195,8 @@ def test_sigkill_then_resume_of_atc_compress(tiny, tmp_path):
     """`atc compress` killed while distilling, then `--resume`: the same student as an uninterrupted run."""
     from dataclasses import replace
 
-    from compressor.checkpoint import ModelSpec, save_checkpoint
+    from compressor.models.checkpoint import save_checkpoint
+    from compressor.models.spec import ModelSpec
 
     spec = replace(ModelSpec.for_arch("wrn-10-1", 3), input_size=(3, 16, 16), mean=[0.2] * 3, std=[0.25] * 3,
                    class_names=["class0", "class1", "class2"])

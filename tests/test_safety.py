@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from compressor import fileio
-from compressor.checkpoint import load_model, read_file
+from compressor.models.checkpoint import load_model, read_file
 from compressor.errors import CheckpointError, OutputError
 from compressor.models import create_model
 from tests.conftest import ROOT, run_atc

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-from compressor.checkpoint import ModelSpec, save_checkpoint
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.spec import ModelSpec
 from compressor.errors import ConfigError
-from compressor.profiling import SpeedUp, count_macs, count_params
-from compressor.search import Target, _Evaluator, _search_width, search
-from compressor.thinning import apply_plan
+from compressor.profiling.counts import count_macs, count_params
+from compressor.profiling.latency import SpeedUp
+from compressor.derive.search import Target, _Evaluator, _search_width, search
+from compressor.models.plan import apply_plan
 from conftest import make_image_folder, run_atc
 
 SIZE = (3, 32, 32)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.attention import find_pairs
+from compressor.pair import find_pairs
 from compressor.config import load_config
-from compressor.data import open_dataset
-from compressor.distill import STATE_FILE, Speed, Teacher, autocast_dtype, fit, objective_from
+from compressor.data.open import open_dataset
+from compressor.device import Speed, autocast_dtype
+from compressor.distill.loop import STATE_FILE, Teacher, fit, objective_from
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compressor.errors import ConfigError, OutputError
-from compressor.sweep import Cell, cell_config, expand, parse_grid, summarize
+from compressor.studies.sweep import Cell, cell_config, expand, parse_grid, summarize
 from tests.conftest import make_image_folder
 
 
@@ -55,7 +55,8 @@ def test_summarize_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    from compressor.checkpoint import ModelSpec, save_checkpoint
+    from compressor.models.checkpoint import save_checkpoint
+    from compressor.models.spec import ModelSpec
 
     d = tmp_path_factory.mktemp("sweep")
     data = make_image_folder(d / "data", classes=3, per_class=8, size=16)
@@ -70,7 +71,7 @@ def test_tiny_sweep_end_to_end_and_rerun(tiny_teacher, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from compressor.sweep import run_sweep
+    from compressor.studies.sweep import run_sweep
 
     teacher, data = tiny_teacher
     out = tmp_path / "sw"

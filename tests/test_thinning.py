@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.attention import find_pairs
-from compressor.checkpoint import ModelSpec, load_model, save_checkpoint
-from compressor.derive import apply_plan, derived_candidate, ladder
+from compressor.pair import find_pairs
+from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.spec import ModelSpec
+from compressor.derive.candidates import apply_plan, derived_candidate, ladder
 from compressor.errors import ConfigError, ModelError
-from compressor.export import check_parity, to_onnx
+from compressor.export.onnx import check_parity, to_onnx
 from compressor.models.registry import parse_arch
-from compressor.profiling import count_macs, count_params
-from compressor.thinning import Thinner, block_stages, check_traceable, derive, inherit, keep_count, parse_widths
+from compressor.profiling.counts import count_macs, count_params
+from compressor.derive.thinning import Thinner, block_stages, check_traceable, derive, inherit, keep_count, parse_widths
 
 SIZE = (3, 32, 32)
 

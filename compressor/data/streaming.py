@@ -27,20 +27,25 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from compressor.data import (Augment, Batches, ImageData, _list_images, channel_stats, find_layout, open_dataset,
-                             subset_indices)
+from compressor.data.folders import _list_images, find_layout
+from compressor.data.images import Augment, Batches, ImageData, channel_stats, subset_indices
+from compressor.data.open import open_dataset
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
 
+
+
 DEFAULT_FRACTION = 0.5
+
 BUDGET_ENV = "ATC_DATA_BUDGET_MB"
+
 RRC_MIN_SIZE = 64  # images this large or larger, with no crop padding, get RandomResizedCrop when streamed
+
 _MB = 1 << 20
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,6 +64,7 @@ def available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
 
 
 def memory_budget(device: torch.device, fraction: float = DEFAULT_FRACTION, decode_in_ram: bool = False) -> tuple[int, str]:
@@ -84,6 +90,7 @@ def memory_budget(device: torch.device, fraction: float = DEFAULT_FRACTION, deco
     return ram, f"{pct} of available RAM"
 
 
+
 @dataclass(frozen=True)
 class Residency:
     """Whether a dataset is kept on the training device, and the numbers behind the answer."""
@@ -104,6 +111,7 @@ class Residency:
                 f"{'s' if workers != 1 else ''}{', pinned memory' if self.device.startswith('cuda') else ''})")
 
 
+
 def decide(need_bytes: int, images: int, device: torch.device, budget_bytes: int | None = None,
            fraction: float = DEFAULT_FRACTION, decode_in_ram: bool = False) -> Residency:
     """Compare ``need_bytes`` with ``budget_bytes`` (default: ``memory_budget(device, fraction)``)."""
@@ -114,11 +122,13 @@ def decide(need_bytes: int, images: int, device: torch.device, budget_bytes: int
     return Residency(need_bytes <= budget_bytes, int(need_bytes), int(budget_bytes), of, int(images), str(device))
 
 
+
 def default_workers() -> int:
     """DataLoader workers per process: the CPU cores shared by the local ranks, one left for the main process, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cores // local - 1))
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +169,7 @@ class FolderImages:
         return len(self.files) * 3 * self.size * self.size
 
 
+
 class TensorImages:
     """Already decoded uint8 images (N×C×H×W) in host memory."""
 
@@ -178,8 +189,10 @@ class TensorImages:
         return self.x.numel() * self.x.element_size()
 
 
+
 def _split_bytes(src) -> int:
     return src.nbytes() + len(src.labels) * 8
+
 
 
 @dataclass
@@ -253,6 +266,7 @@ class StreamingData:
                              self.channels, self.skipped_files)
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Opening a dataset for a device
 
@@ -288,6 +302,7 @@ def open_for_device(spec: str | os.PathLike, image_size: int | None, device: tor
     return data if res.fits else StreamingData.from_memory(data)
 
 
+
 def _decode_subset(lazy: StreamingData) -> ImageData:
     """Decode only the picked files of a folder too large to decode whole (no disk cache: it is keyed by the whole split)."""
     def split(src: FolderImages) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,12 +312,14 @@ def _decode_subset(lazy: StreamingData) -> ImageData:
     return ImageData(lazy.name, tx, ty, vx, vy, lazy.class_names)
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Augmentation in the workers (uint8 in, uint8 out) and the batch iterator
 
 
 def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % (1 << 63))
+
 
 
 def random_resized_crop_box(h: int, w: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -326,6 +343,7 @@ def random_resized_crop_box(h: int, w: int, g: torch.Generator, scale=(0.08, 1.0
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
+
 
 
 class _Split(torch.utils.data.Dataset):
@@ -361,6 +379,7 @@ class _Split(torch.utils.data.Dataset):
         return x.contiguous(), label
 
 
+
 class _EpochBatches:
     """The batch sampler: this rank's share of the epoch's order, from ``start_step`` on, in batches."""
 
@@ -377,8 +396,10 @@ class _EpochBatches:
             yield [(i, o.epoch) for i in order[step * o.batch_size:(step + 1) * o.batch_size]]
 
 
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; threads inside them only compete
+
 
 
 class LoaderBatches(Batches):
@@ -403,6 +424,7 @@ class LoaderBatches(Batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield self._normalise(x), y
         self.start_step = 0
+
 
 
 def make_streaming_batches(data: StreamingData, batch_size: int, test_batch_size: int, mean, std, device: torch.device,

@@ -14,16 +14,19 @@ every machine. ``--data shapes`` in ``atc train``/``compress``/``attention`` use
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from compressor.data.images import ImageData, subset_indices
 
-from compressor.data import ImageData, subset_indices
+
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
+
 TRAIN_SIZE, TEST_SIZE = 6000, 1000
+
 _SS = 2  # supersampling factor
+
 
 
 @dataclass
@@ -42,11 +45,13 @@ class ShapesData(ImageData):
                           take(self.train_masks, it), take(self.test_masks, iv))
 
 
+
 def _smooth_noise(rng: np.random.Generator, n: int, size: int, cells: int = 4) -> np.ndarray:
     """n×size×size values in [0, 1]: a bicubic upsampling of a random cells×cells grid."""
     grid = torch.from_numpy(rng.random((n, 1, cells, cells), dtype=np.float32))
     up = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
     return up.clamp(0, 1).numpy()
+
 
 
 def _inside(kind: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, ang: np.ndarray) -> np.ndarray:
@@ -66,11 +71,13 @@ def _inside(kind: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, ang: np.nd
     return ((au <= 0.3 * r) & (av <= r)) | ((av <= 0.3 * r) & (au <= r))  # cross
 
 
+
 def _segment(dx: np.ndarray, dy: np.ndarray, length: np.ndarray, ang: np.ndarray, half_width: float) -> np.ndarray:
     length, ang = length[:, None, None], ang[:, None, None]
     along = np.cos(ang) * dx + np.sin(ang) * dy
     across = -np.sin(ang) * dx + np.cos(ang) * dy
     return (np.abs(along) <= length / 2) & (np.abs(across) <= half_width)
+
 
 
 def render(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,6 +129,7 @@ def render(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.T
     img = img + 0.03 * rng.standard_normal(img.shape, dtype=np.float32)
     x = torch.from_numpy(np.clip(np.round(img * 255), 0, 255).astype(np.uint8))
     return x, torch.from_numpy(y.astype(np.int64)), torch.from_numpy(cover >= 0.5)
+
 
 
 def load_shapes(image_size: int = 32, train: int = TRAIN_SIZE, test: int = TEST_SIZE, seed: int = 0) -> ShapesData:

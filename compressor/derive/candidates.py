@@ -11,16 +11,23 @@ candidates with their measured params and GMACs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
-
 from torch import nn
-
-from compressor.checkpoint import ModelSpec
-from compressor.errors import ModelError
+from compressor.models.spec import ModelSpec
 from compressor.models.registry import Arch
-from compressor.profiling import count_macs, count_params
+from compressor.profiling.counts import count_macs, count_params
+from functools import partial
+import torch
+from compressor.config import Config
+from compressor.derive.rules import has_family_rule, student_arch
+from compressor.errors import ConfigError
+from compressor.events import SILENT, Reporter
+from compressor.models.registry import parse_arch
+from compressor.derive.search import Target
+from compressor.derive.rules import ladder_archs
+
+
 
 
 @dataclass(frozen=True)
@@ -36,61 +43,11 @@ class Candidate:
         return self.spec.name
 
 
-FAMILY_RULES = ("wrn", "cifar_resnet", "resnet")
-
-
-def has_family_rule(arch: Arch) -> bool:
-    return arch.family in FAMILY_RULES
-
-
-def _blocks_and_width(arch: Arch) -> tuple[list[int], float]:
-    k = arch.kwargs
-    if arch.family == "wrn":
-        return [(k["depth"] - 4) // 6] * 3, float(k["width"])
-    if arch.family == "cifar_resnet":
-        return [(k["depth"] - 2) // 6] * 3, float(k.get("width", 16))
-    if arch.family == "resnet":
-        return list(k["layers"]), float(k.get("width", 1.0))
-    raise ModelError(f"atc has no family rule for '{arch.name}'; pass --student NAME with a zoo architecture")
-
-
-def _with(arch: Arch, blocks: list[int], width: float) -> Arch:
-    k: dict[str, Any] = dict(arch.kwargs)
-    if arch.family == "wrn":
-        k.update(depth=6 * blocks[0] + 4, width=int(width) if float(width).is_integer() else width)
-    elif arch.family == "cifar_resnet":
-        k.update(depth=6 * blocks[0] + 2, width=max(4, int(round(width))))
-    else:
-        k.update(layers=list(blocks), width=width)
-    return Arch(arch.family, k)
-
-
-def student_arch(teacher: Arch, blocks_per_stage: int, width_ratio: float) -> Arch:
-    """The preset policy: at most ``blocks_per_stage`` blocks per stage, width × ``width_ratio``."""
-    blocks, width = _blocks_and_width(teacher)
-    return _with(teacher, [min(b, blocks_per_stage) for b in blocks], width * width_ratio)
-
-
-def ladder_archs(teacher: Arch) -> list[Arch]:
-    blocks, width = _blocks_and_width(teacher)
-    deepest = max(blocks)
-    block_caps = sorted({deepest, math.ceil(deepest / 2), max(1, deepest // 3), 1}, reverse=True)
-    ratios = [1.0, 0.5, 0.25] if teacher.family != "cifar_resnet" else [1.0, 0.5]
-    seen, out = {teacher.name}, []
-    for cap in block_caps:
-        for r in ratios:
-            if teacher.family == "wrn" and width * r < 0.25:
-                continue
-            arch = _with(teacher, [min(b, cap) for b in blocks], width * r)
-            if arch.name not in seen:
-                seen.add(arch.name)
-                out.append(arch)
-    return out
-
 
 def spec_like(teacher: ModelSpec, arch: Arch) -> ModelSpec:
     return ModelSpec(arch.family, dict(arch.kwargs), teacher.num_classes, list(teacher.class_names),
                      tuple(teacher.input_size), teacher.mean, teacher.std)
+
 
 
 def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candidate:
@@ -98,6 +55,7 @@ def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candi
     params = count_params(model)["total"]
     gmacs = count_macs(model, spec.input_size).gmacs
     return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
+
 
 
 def thinned(teacher: ModelSpec, plan: dict[str, Any], student: nn.Module, teacher_params: int, teacher_gmacs: float) -> Candidate:
@@ -110,25 +68,28 @@ def thinned(teacher: ModelSpec, plan: dict[str, Any], student: nn.Module, teache
     return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
 
 
+
 def derived_candidate(teacher: ModelSpec, model: nn.Module, width: float | str | dict[str, float],
                       max_blocks: int | None = None) -> Candidate:
     """Thin ``model`` (the trained teacher: magnitudes rank its channels) at ``width`` with at most
     ``max_blocks`` blocks per stage."""
-    from compressor.thinning import derive
+    from compressor.derive.thinning import derive
 
     student, plan = derive(model, teacher.input_size, width, max_blocks, teacher_arch=arch_ref(teacher))
     tp, tm = count_params(model)["total"], count_macs(model, teacher.input_size).gmacs
     return thinned(teacher, plan, student, tp, tm)
 
 
+
 def arch_ref(teacher: ModelSpec) -> dict[str, Any]:
     return {"family": teacher.family, "kwargs": dict(teacher.arch_kwargs), "name": teacher.name}
 
 
+
 def derived_ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate]:
     """Thinned students at widths 0.75/0.5/0.25, with all blocks and with fewer blocks per stage."""
-    from compressor.search import depth_options
-    from compressor.thinning import Thinner
+    from compressor.derive.search import depth_options
+    from compressor.derive.thinning import Thinner
 
     model = model if model is not None else teacher.build()
     tp, tm = count_params(model)["total"], count_macs(model, teacher.input_size).gmacs
@@ -145,6 +106,7 @@ def derived_ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[C
     return cands
 
 
+
 def ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate]:
     """Every candidate, largest first, with params, GMACs and ratios to the teacher: family rules for
     the zoo's WRNs and ResNets, derived (thinned) students for any other traceable CNN."""
@@ -156,8 +118,59 @@ def ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate
     return sorted(cands, key=lambda c: -c.gmacs)
 
 
+
 def apply_plan(model: nn.Module, plan: dict[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:
     """Rebuild a derived student: replay its thinning plan on a freshly built teacher architecture."""
-    from compressor.thinning import apply_plan as replay
+    from compressor.models.plan import apply_plan as replay
 
     return replay(model, plan, input_size)
+
+
+INITS = ("auto", "inherit", "scratch")
+
+
+
+def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0, *,
+                    teacher_model: nn.Module | None = None, width: float | str | None = None,
+                    blocks_per_stage: int | None = None, target: Target | None = None,
+                    reporter: Reporter = SILENT) -> list[Candidate]:
+    """``names`` if given; a derived student meeting ``target`` (a search) or thinned to ``width``;
+    else the ``count`` ladder candidates nearest the preset policy; else the policy student. Teachers
+    without a family rule (any other traceable CNN) get derived students. ``teacher_model`` (the
+    trained teacher) ranks channels for derived students; without it a fresh build does."""
+    t_model = teacher_model if teacher_model is not None else teacher.build()
+    tp, tm = count_params(t_model)["total"], count_macs(t_model, teacher.input_size).gmacs
+    if names:
+        return [measure(spec_like(teacher, parse_arch(n)), tp, tm) for n in names]
+    if target is not None:
+        from compressor.derive.search import search
+
+        reporter.info(f"searching a student of {teacher.name} for {target.describe()}")
+        found = search(t_model, teacher.input_size, target, teacher_arch=arch_ref(teacher),
+                       blocks_per_stage=blocks_per_stage, reporter=reporter)
+        return [thinned(teacher, found.plan, found.student, tp, tm)]
+    explicit = width is not None or blocks_per_stage is not None
+    if explicit or not has_family_rule(teacher.arch):
+        # Given one of width/depth, the other is left alone (None keeps every block); given neither, the preset's policy.
+        policy = derived_candidate(teacher, t_model, width if width is not None else cfg.student.width_ratio,
+                                   blocks_per_stage if explicit else cfg.student.blocks_per_stage)
+        rungs = partial(derived_ladder, teacher, t_model)  # built only when more than one student is wanted
+    else:
+        policy = measure(spec_like(teacher, student_arch(teacher.arch, cfg.student.blocks_per_stage, cfg.student.width_ratio)), tp, tm)
+        rungs = partial(ladder, teacher)
+    if count <= 1:
+        return [policy]
+    others = [c for c in rungs() if c.name != policy.name]
+    others.sort(key=lambda c: abs(torch.tensor(c.gmacs / policy.gmacs).log().item()))
+    return [policy] + others[: count - 1]
+
+
+
+def resolve_init(init: str, spec: ModelSpec) -> str:
+    """``auto``: a derived (thinned) student inherits the teacher's surviving weights; a zoo student starts from scratch."""
+    if init not in INITS:
+        raise ConfigError(f"--init {init} is unknown; choose one of {', '.join(INITS)}")
+    if init == "inherit" and spec.plan is None:
+        raise ConfigError(f"--init inherit needs a student derived from the teacher ({spec.name} is a zoo architecture); "
+                          "use --width-ratio or --target-speedup, or --init scratch")
+    return ("inherit" if spec.plan is not None else "scratch") if init == "auto" else init

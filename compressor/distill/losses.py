@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Sequence
-
 import torch
 import torch.nn.functional as F
 
+
+
 AtForm = Literal["code", "paper"]
+
 Reduce = Literal["mean", "max"]
+
 
 
 def attention_map(a: torch.Tensor, p: float = 2, reduce: Reduce = "mean") -> torch.Tensor:
@@ -31,6 +34,7 @@ def attention_map(a: torch.Tensor, p: float = 2, reduce: Reduce = "mean") -> tor
     energy = a.abs().pow(p)
     pooled = energy.mean(1) if reduce == "mean" else energy.amax(1)
     return F.normalize(pooled.flatten(1).float(), dim=1)
+
 
 
 def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +46,7 @@ def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch
     return F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
 
 
+
 def at_distance(qs: torch.Tensor, qt: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
     """Distance between two batches of normalised maps, *without* β."""
     if form == "code":
@@ -49,10 +54,12 @@ def at_distance(qs: torch.Tensor, qt: torch.Tensor, form: AtForm = "code") -> to
     return 0.5 * (qs - qt).norm(p=2, dim=1).mean()
 
 
+
 def at_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2, form: AtForm = "code", reduce: Reduce = "mean") -> torch.Tensor:
     """AT loss of one student/teacher activation pair (β not applied)."""
     s, t = match_spatial(s, t)
     return at_distance(attention_map(s, p, reduce), attention_map(t, p, reduce), form)
+
 
 
 def input_gradient(model, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +73,11 @@ def input_gradient(model, x: torch.Tensor, y: torch.Tensor, create_graph: bool =
     return grad, logits
 
 
+
 def gradient_at_loss(js: torch.Tensor, jt: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
     """Gradient-based AT: distance between per-sample L2-normalised input gradients (β not applied)."""
     return at_distance(F.normalize(js.flatten(1).float(), dim=1), F.normalize(jt.flatten(1).float(), dim=1), form)
+
 
 
 def flip_symmetry_loss(j: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
@@ -76,11 +85,13 @@ def flip_symmetry_loss(j: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
     return gradient_at_loss(j, j.flip(-1), form)
 
 
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
     """Hinton KD: batch-mean KL(teacher ‖ student) at temperature T, times T²."""
     log_s = F.log_softmax(student_logits.float() / T, dim=1)
     p_t = F.softmax(teacher_logits.float() / T, dim=1)
     return F.kl_div(log_s, p_t, reduction="batchmean") * T * T
+
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class Objective:
     @property
     def needs_teacher(self) -> bool:
         return self.uses_kd or self.uses_at
+
 
 
 def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: torch.Tensor,

@@ -30,20 +30,20 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
-
 import torch
 from torch import nn
-
 from compressor.errors import ConfigError, ModelError
 from compressor.quiet import quiet
+from compressor.models.plan import PLAN_VERSION, _CONV, _out_channels, _replace, apply_plan
 
-PLAN_VERSION = 1
+
 ROUND_TO = 8
-_CONV = nn.modules.conv._ConvNd
+
 
 
 def _example(input_size: tuple[int, int, int]) -> torch.Tensor:
     return torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +63,7 @@ def _failing_module(model: nn.Module, exc: BaseException) -> str | None:
                 found = names[id(owner)] or f"the model ({type(owner).__name__})"
         exc = exc.__cause__ or exc.__context__
     return found
+
 
 
 def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
@@ -97,8 +98,10 @@ def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
         model.train(was_training)
 
 
+
 # torch.export logs whole graphs when it gives up on a model; the one-line error is enough.
 TRACE_LOGGERS = ("torch", "torch.fx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +121,7 @@ class _Call:
     @property
     def keeps_shape(self) -> bool:
         return self.single and tuple(self.inp.shape) == tuple(self.out.shape)
+
 
 
 def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
@@ -149,6 +153,7 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
     return calls
 
 
+
 def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> str:
     """The last convolution or linear layer to run: the classifier whose outputs stay."""
     calls = calls if calls is not None else _record_calls(model, _example(input_size))
@@ -156,6 +161,7 @@ def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: d
     if not order:
         raise ModelError(f"{type(model).__name__} has no convolution or linear layer to thin; pass --student NAME")
     return order[-1]
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +181,10 @@ class BlockStage:
         return list(self.blocks[max(min_blocks, max_blocks, 1):])
 
 
+
 def _n_convs(module: nn.Module) -> int:
     return sum(isinstance(m, _CONV) for m in module.modules())
+
 
 
 def _is_block(module: nn.Module, call: _Call | None) -> bool:
@@ -184,10 +192,12 @@ def _is_block(module: nn.Module, call: _Call | None) -> bool:
             and any(True for _ in module.children()) and _n_convs(module) >= 2)
 
 
+
 def _runs_in_order(container: nn.Module) -> bool:
     if isinstance(container, nn.ModuleList):
         return True  # checked below by chaining each block's input to its predecessor's output
     return isinstance(container, nn.Sequential) and type(container).forward is nn.Sequential.forward
+
 
 
 def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> list[BlockStage]:
@@ -232,6 +242,7 @@ def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict
     return stages
 
 
+
 # --------------------------------------------------------------------------------------------
 # Width: Torch-Pruning groups, magnitude importance, kept indices
 
@@ -249,6 +260,7 @@ def _width_for(names: list[str], widths: Mapping[str, float]) -> float:
     return widths.get("", 1.0)
 
 
+
 def keep_count(channels: int, width: float, round_to: int = ROUND_TO) -> int:
     """Channels kept: ``width × channels`` rounded to the nearest multiple of ``round_to``, at least
     ``round_to`` (or all of them, where a layer has fewer)."""
@@ -257,6 +269,7 @@ def keep_count(channels: int, width: float, round_to: int = ROUND_TO) -> int:
     step = max(1, round_to)
     keep = int(math.floor(channels * width / step + 0.5)) * step
     return max(min(step, channels), min(keep, channels))
+
 
 
 def parse_widths(width: float | str | Mapping[str, float]) -> dict[str, float]:
@@ -280,6 +293,7 @@ def parse_widths(width: float | str | Mapping[str, float]) -> dict[str, float]:
     return widths
 
 
+
 @dataclass
 class _Group:
     root: nn.Module
@@ -287,6 +301,7 @@ class _Group:
     members: list[str]   # layers whose output channels the group holds
     ch_groups: int       # grouped convolutions keep their group count; channels go per group
     order: list[int]     # channel positions (within one group), least important first
+
 
 
 class Thinner:
@@ -424,26 +439,6 @@ class Thinner:
         return model, plan
 
 
-# --------------------------------------------------------------------------------------------
-# Plans: derive, replay, describe
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
-        parent[int(child)] = new
-    else:
-        setattr(parent, child, new)
-
-
-def _out_channels(module: nn.Module) -> int | None:
-    if isinstance(module, _CONV):
-        return module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return None
-
 
 def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | str | Mapping[str, float] = 0.5,
            max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
@@ -456,44 +451,6 @@ def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | 
     return thinner.student(width, name)
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:
-    """Replay ``plan`` on ``model`` (the teacher architecture, in place): remove blocks, then keep the
-    recorded channels of every layer. Returns ``model``. No tracing, so it is deterministic and fast."""
-    from torch_pruning import ops
-    from torch_pruning.pruner import function
-
-    if int(plan.get("version", 0)) > PLAN_VERSION:
-        raise ModelError(f"this thinning plan has version {plan.get('version')}, newer than atc understands; upgrade atc")
-    where = plan.get("name", "the student")
-    if plan.get("base") is not None:  # derived from a derived teacher: rebuild that one first
-        apply_plan(model, plan["base"], input_size)
-    try:
-        for name in plan.get("removed_blocks", []):
-            model.get_submodule(name)
-            _replace(model, name, nn.Identity())
-        for name, dims in plan.get("kept", {}).items():
-            module = model.get_submodule(name)
-            pruner = function.PrunerBox.get(ops.module2type(module))
-            if pruner is None:
-                raise ModelError(f"thinning plan of {where}: layer {name} ({type(module).__name__}) cannot be thinned")
-            for dim, keep in dims.items():
-                size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
-                if size is None or (keep and max(keep) >= size):
-                    raise ModelError(f"thinning plan of {where} does not fit layer {name}; was the teacher architecture changed?")
-                keep_set = set(keep)
-                pruned = [i for i in range(size) if i not in keep_set]
-                if pruned:
-                    (pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels)(module, pruned)
-    except AttributeError as exc:
-        raise ModelError(f"thinning plan of {where} names a layer this architecture lacks ({exc}); "
-                         "was the teacher architecture or its file changed?") from None
-    for name, channels in plan.get("channels", {}).items():
-        got = _out_channels(model.get_submodule(name))
-        if got != channels:
-            raise ModelError(f"thinning plan of {where}: layer {name} has {got} channels after replay, the plan says {channels}; "
-                             "the teacher architecture changed since the student was derived")
-    return model
-
 
 def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     """The student of ``plan`` with ``teacher``'s surviving weights (``teacher`` is not changed). ``teacher``
@@ -502,9 +459,11 @@ def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     return apply_plan(copy.deepcopy(teacher).cpu().float(), own)
 
 
+
 def _channels_of(model: nn.Module, input_size: tuple[int, int, int], names: list[str]) -> dict[str, int]:
     calls = _record_calls(model, _example(input_size))
     return {n: int(calls[n].out.shape[1]) for n in names if n in calls and calls[n].out is not None and calls[n].out.dim() >= 2}
+
 
 
 def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
@@ -521,7 +480,7 @@ def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[in
             rows.append({"stage": s.name, "blocks": sum(b in kept_blocks for b in s.blocks), "teacher_blocks": len(s.blocks),
                          "width": s_ch.get(s.blocks[0]), "teacher_width": t_ch.get(s.blocks[0])})
         return rows
-    from compressor.attention import find_stages
+    from compressor.pair import find_stages
 
     example = _example(input_size)
     s_st, t_st = find_stages(student, example), find_stages(teacher, example)

@@ -23,24 +23,30 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-
 from compressor import fileio
 from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
 from compressor.errors import ConfigError, OutputError
 from compressor.events import SILENT, Reporter
+from compressor.report.plots import plot_sweep
+from compressor.report.tables import sweep_markdown as markdown
+
+
 
 SHORTHAND = {"beta": "distill.beta", "p": "distill.p", "method": "distill.method", "alpha": "distill.alpha",
              "at_form": "distill.at_form", "at_layers": "distill.at_layers", "beta_schedule": "distill.beta_schedule",
              "flip_beta": "distill.flip_beta", "temperature": "distill.temperature", "lr": "train.lr",
              "epochs": "train.epochs", "weight_decay": "train.weight_decay"}
+
 ATTENTION_KEYS = ("attention", "distill.attention", "distill.p", "p", "at_form", "distill.at_form", "at_layers",
                   "distill.at_layers", "flip_beta", "distill.flip_beta", "beta_schedule", "distill.beta_schedule")
+
 
 
 @dataclass(frozen=True)
 class Axis:
     key: str
     values: tuple[str, ...]
+
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Cell:
     @property
     def top1s(self) -> list[float]:
         return [r["top1"] for r in self.runs if r.get("top1") is not None]
+
 
 
 def parse_grid(items: Sequence[str]) -> list[Axis]:
@@ -74,6 +81,7 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
     return axes
 
 
+
 def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
     """One grid setting as config overrides."""
     if key == "attention":
@@ -89,8 +97,10 @@ def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
     return parse_overrides([f"{dotted}={value}"])
 
 
+
 def expand(axes: Sequence[Axis]) -> list[Cell]:
     return [Cell(dict(zip([a.key for a in axes], combo))) for combo in itertools.product(*[a.values for a in axes])]
+
 
 
 def _merge(into: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -100,9 +110,11 @@ def _merge(into: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> 
     return out
 
 
+
 def _slug(params: dict[str, str]) -> str:
     text = "_".join(f"{k}={v}" for k, v in params.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
+
 
 
 def cell_config(preset: str | Path, base: dict[str, dict[str, Any]], cell: Cell, method: str, seed: int) -> tuple[Config, str]:
@@ -124,12 +136,14 @@ def cell_config(preset: str | Path, base: dict[str, dict[str, Any]], cell: Cell,
     return load_config(preset, merged), _slug(params)
 
 
+
 def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
     """n, mean, sample standard deviation (0 for one value) and median."""
     if not values:
         return {"n": 0, "mean": None, "std": None, "median": None}
     return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "median": statistics.median(values)}
+
 
 
 def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
@@ -139,9 +153,12 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png."""
     import torch
 
-    from compressor.checkpoint import load_model
-    from compressor.distill import evaluate, make_batches, pick_device
-    from compressor.pipeline import check_compatible, choose_students, distill_student, load_data, normalization
+    from compressor.models.checkpoint import load_model
+    from compressor.device import pick_device
+    from compressor.distill.loop import make_batches
+    from compressor.evaluate import evaluate
+    from compressor.derive.candidates import choose_students
+    from compressor.pipeline import check_compatible, distill_student, load_data, normalization
     from dataclasses import replace
 
     if seeds < 1:
@@ -202,6 +219,7 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     return result
 
 
+
 def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> None:
     want = {"config": cfg.to_dict(), "method": method, "student": student}
     path = run_dir / "run.json"
@@ -214,99 +232,8 @@ def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> 
         fileio.write_json(path, want)
 
 
-# ---------------------------------------------------------------- views of sweep.json
-
-
-def fmt_optional(v: float | None, spec: str = ".2f") -> str:
-    """``v`` formatted, or a dash when there is no value."""
-    return "–" if v is None else format(v, spec)
-
-
-def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    keys = list(result["grid"])
-    head = keys + ["n", "top-1 mean ± std", "median", "per seed"]
-    rows = []
-    for c in result["cells"]:
-        per = ", ".join(f"{r['top1']:.2f}" for r in c["runs"])
-        ms = "–" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
-        rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, fmt_optional(c["median"]), per])
-    return head, rows
-
-
-def markdown(result: dict[str, Any]) -> str:
-    head, rows = table_rows(result)
-    t = result["teacher"]
-    lines = [f"# atc sweep: {t['name']} → {result['student']} ({result['method']})", "",
-             f"Data: {result['data']['name']} ({result['data']['train']} train / {result['data']['test']} test images). "
-             f"Preset `{result['preset']}`, {result['epochs']} epochs, seeds {', '.join(map(str, result['seeds']))}. "
-             f"Teacher top-1 {t['top1']:.2f}%.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Top-1 in %; std is the sample standard deviation over seeds. At β = 0 the attention mechanism has no "
-              "effect, so those cells share one run per seed.", ""]
-    return "\n".join(lines)
-
 
 def write_outputs(out: Path, result: dict[str, Any]) -> None:
     fileio.write_json(out / "sweep.json", result)
     fileio.write_text(out / "sweep.md", markdown(result))
     plot_sweep(result, out / "sweep.png")
-
-
-def plot_sweep(result: dict[str, Any], path: str | Path) -> None:
-    """Top-1 (mean ± std over seeds) against β on a log axis, one line per setting of the other keys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(result["grid"])
-    xkey = "beta" if "beta" in keys else keys[0]
-    others = [k for k in keys if k != xkey]
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for c in result["cells"]:
-        groups.setdefault(tuple(c["params"][k] for k in others), []).append(c)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    numeric = xkey == "beta"
-    labels = result["grid"][xkey]
-    baselines: dict[str, dict[str, Any]] = {}
-    dodge = 10 ** 0.03  # spread overlapping error bars a little along the log axis
-    for gi, (g, cs) in enumerate(groups.items()):
-        name = ", ".join(f"{k}={v}" for k, v in zip(others, g)) or result["method"]
-        pts = []
-        for c in cs:
-            if c["mean"] is None:
-                continue
-            x = float(c["params"][xkey]) if numeric else labels.index(c["params"][xkey])
-            if numeric and x <= 0:
-                baselines[json.dumps([r["dir"] for r in c["runs"]])] = {"cell": c, "name": name}
-                continue
-            pts.append((x * dodge ** (gi - (len(groups) - 1) / 2) if numeric and len(groups) > 1 else x, c["mean"], c["std"]))
-        pts.sort()
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=name)
-    colors = ["0.35", "tab:gray", "tab:brown", "tab:olive"]
-    for bi, b in enumerate(baselines.values()):
-        c = b["cell"]
-        shared = len(baselines) == 1
-        lab = f"{'β' if xkey == 'beta' else xkey} = 0 (no AT): {c['mean']:.2f}%" + ("" if shared else f" [{b['name']}]")
-        ax.axhline(c["mean"], ls="--", color=colors[bi % len(colors)], label=lab)
-        if c["std"]:
-            ax.axhspan(c["mean"] - c["std"], c["mean"] + c["std"], color=colors[bi % len(colors)], alpha=0.12)
-    t = result["teacher"]
-    if numeric:
-        ax.set_xscale("log")
-        ax.set_xlabel("β (AT weight, log scale)")
-    else:
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels)
-        ax.set_xlabel(xkey)
-    ax.set_ylabel(f"student top-1 (%), mean ± std over {len(result['seeds'])} seed(s)")
-    ax.set_title(f"{result['data']['name']}: {t['name']} (top-1 {t['top1']:.2f}%) → {result['student']} "
-                 f"({result['method']}, {result['epochs']} epochs)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with fileio.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)

@@ -14,40 +14,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-
 import torch
 from torch import nn
-
 from compressor import fileio
-from compressor.attention import AttentionPair, Taps
+from compressor.pair import AttentionPair, Taps
 from compressor.config import Config
-from compressor.data import Augment, DeviceBatches, ImageData
+from compressor.data.images import Augment, DeviceBatches, ImageData
 from compressor import distributed
 from compressor.distributed import unwrap
 from compressor.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from compressor.events import SILENT, Reporter
-from compressor.losses import Objective, distillation_terms, input_gradient
+from compressor.distill.losses import Objective, distillation_terms, input_gradient
+from compressor.device import Speed, _autocast, autocast_dtype, pick_device
+from compressor.evaluate import evaluate
+
+
 
 STATE_FILE = "train_state.pt"
+
 METRICS_FILE = "metrics.jsonl"
 
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ConfigError(f"--device '{requested}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested} asked for but no CUDA device is available; use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA devices; use cuda:0 to "
-                              f"cuda:{torch.cuda.device_count() - 1}")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device '{requested}' is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def objective_from(cfg: Config, method: str | None = None) -> Objective:
@@ -57,12 +43,14 @@ def objective_from(cfg: Config, method: str | None = None) -> Objective:
                      gradient=d.attention == "gradient", flip_beta=d.flip_beta)
 
 
+
 @dataclass
 class Teacher:
     """A frozen teacher and the attention pairs that tie it to the student."""
 
     model: nn.Module
     pairs: Sequence[AttentionPair] = ()
+
 
 
 @dataclass
@@ -82,11 +70,13 @@ class EpochStats:
         return {f"train_{k}": v / max(self.seen, 1) for k, v in self.sums.items()}
 
 
+
 class StopRequested(Interrupted):
     """SIGINT/SIGTERM arrived; the state was saved at a step boundary."""
 
     def __init__(self, message: str = "training stopped", signum: int = signal.SIGINT):
         super().__init__(message, signum)
+
 
 
 class _StopFlag:
@@ -112,55 +102,10 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _autocast(device: torch.device, enabled: bool | torch.dtype | None):
-    """``enabled``: True = bf16 on CUDA only (fp32 on the CPU), a dtype = autocast to it, False/None = fp32."""
-    if isinstance(enabled, torch.dtype):
-        return torch.autocast(device.type, dtype=enabled)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-@dataclass(frozen=True)
-class Speed:
-    """How the arithmetic runs; results agree with the plain fp32 loop up to rounding.
-
-    ``precision``: auto = bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32
-    on the CPU. ``channels_last``: None = on CUDA only. ``compile``: ``torch.compile`` of student and
-    teacher, compiled before the first epoch and timed apart. ``workers``: DataLoader processes when
-    the data is streamed (None = one per spare core, at most 8). cuDNN autotuning is on for CUDA.
-    """
-
-    precision: str = "auto"
-    channels_last: bool | None = None
-    compile: bool = False
-    compile_backend: str = "inductor"
-    cudnn_benchmark: bool = True
-    workers: int | None = None
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
-    cuda = device.type == "cuda"
-    bf16_ok = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    if precision == "auto":
-        return (torch.bfloat16 if bf16_ok else torch.float16) if cuda else None
-    if precision == "bf16":
-        if cuda and not bf16_ok:
-            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp16 (with loss scaling) or fp32")
-        return torch.bfloat16
-    return torch.float16 if precision == "fp16" else None
-
 
 class Diverged(TrainingError):
     """A loss term went NaN or infinite; ``fit`` adds where the last good state is."""
+
 
 
 def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -173,12 +118,15 @@ def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None
                        f"lower --lr (or distill.beta) and run again")
 
 
+
 # torch.OutOfMemoryError is the CUDA allocator's error; older torch only has it under torch.cuda.
 _CUDA_OOM = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
 
 
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (_CUDA_OOM, MemoryError)) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
 
 
 def _out_of_memory_message(batch_size: int, device: torch.device, epoch: int, kept: str, exc: BaseException) -> str:
@@ -190,6 +138,7 @@ def _out_of_memory_message(batch_size: int, device: torch.device, epoch: int, ke
     suggest = 1 << ((batch_size // 2).bit_length() - 1)
     return (f"{where} ran out of memory at epoch {epoch} with batch size {batch_size}; try --batch-size {suggest} "
             f"(or --set train.batch_size={suggest}); {kept}")
+
 
 
 def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, objective: Objective,
@@ -250,25 +199,6 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
     return stats
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: DeviceBatches, bf16: bool = True) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over ``batches``; with sharded batches (several
-    data-parallel ranks) the sums are added over the ranks, so every rank gets the whole test set's numbers."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, total; one sync at the end
-    for x, y in batches:
-        with _autocast(batches.device, bf16):
-            logits = model(x)
-        sums[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        sums[1] += (logits.argmax(1) == y).sum()
-        sums[2] += len(y)
-    model.train(was_training)
-    loss, correct, total = sums.tolist()
-    if getattr(batches, "world_size", 1) > 1:
-        loss, correct, total = distributed.all_reduce_sum([loss, correct, total], batches.device)
-    return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
-
 
 @dataclass
 class FitResult:
@@ -278,12 +208,13 @@ class FitResult:
     compile_seconds: float = 0.0
 
 
+
 def make_batches(data, cfg: Config, mean, std, device: torch.device, rank: int | None = None, world: int | None = None,
                  channels_last: bool = False, workers: int | None = None):
     """Train and test batches: ``DeviceBatches`` for an in-memory ``ImageData``, ``LoaderBatches`` (a
     DataLoader) for a ``compressor.loaders.StreamingData``. Rank and world size default to this
     process's place in the process group; ``train.batch_size`` is split over the ranks."""
-    from compressor.loaders import StreamingData, make_streaming_batches
+    from compressor.data.streaming import StreamingData, make_streaming_batches
 
     if rank is None or world is None:
         info = distributed.current()
@@ -303,6 +234,7 @@ def make_batches(data, cfg: Config, mean, std, device: torch.device, rank: int |
     return train, test
 
 
+
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     t = cfg.train
     decay, no_decay = [], []
@@ -317,10 +249,12 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     return opt, sched
 
 
+
 def _beta_at(cfg: Config, epoch: int) -> float:
     if cfg.distill.beta_schedule == "decay":
         return cfg.distill.beta * (1 - epoch / cfg.train.epochs)
     return cfg.distill.beta
+
 
 
 def _run_identity(cfg: Config, data: ImageData) -> dict[str, Any]:
@@ -331,6 +265,7 @@ def _run_identity(cfg: Config, data: ImageData) -> dict[str, Any]:
     return ident
 
 
+
 def _check_same_run(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
     if not saved:
         return
@@ -339,6 +274,7 @@ def _check_same_run(saved: dict[str, Any] | None, now: dict[str, Any], path: Pat
         shown = ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in diff[:3])
         raise ConfigError(f"the training state in {path.parent} was made with {shown}; resume with the same options and data, "
                           "or pass --overwrite to start again")
+
 
 
 def _save_state(path: Path, student, opt, sched, epoch: int, step: int, history, stats: EpochStats | None,
@@ -355,11 +291,13 @@ def _save_state(path: Path, student, opt, sched, epoch: int, step: int, history,
     })
 
 
+
 def _load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"the training state {path} is unreadable ({type(exc).__name__}); start again without --resume") from exc
+
 
 
 def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
@@ -465,9 +403,11 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
     return FitResult(history, final, seconds, compile_s)
 
 
+
 def _stopped(signum: int, when: str, state_path: Path) -> StopRequested:
     return StopRequested(f"stopped by {signal.Signals(signum).name} {when}; the training state is saved in {state_path}; "
                          "run the same command with --resume to continue", signum)
+
 
 
 def _global_stats(stats: EpochStats, device: torch.device) -> EpochStats:
@@ -477,6 +417,7 @@ def _global_stats(stats: EpochStats, device: torch.device) -> EpochStats:
     keys = sorted(stats.sums)
     total = distributed.all_reduce_sum([stats.sums[k] for k in keys] + [stats.correct, stats.seen], device)
     return EpochStats(dict(zip(keys, total[:-2])), int(total[-2]), int(total[-1]), stats.steps, stats.seconds)
+
 
 
 def _runtime_models(student: nn.Module, teacher: Teacher | None, objective: Objective, speed: Speed, device: torch.device,
@@ -496,6 +437,7 @@ def _runtime_models(student: nn.Module, teacher: Teacher | None, objective: Obje
     reporter.info(f"compiled the student{' and teacher' if teacher else ''} in {seconds:.1f} s (torch.compile, "
                   f"{speed.compile_backend}); not counted in training time or images/s")
     return model, teacher, seconds
+
 
 
 def _warm_up(model: nn.Module, teacher: Teacher | None, objective: Objective, batches, amp: torch.dtype | None) -> float:
@@ -533,9 +475,9 @@ def _warm_up(model: nn.Module, teacher: Teacher | None, objective: Objective, ba
     return seconds
 
 
+
 def _rewrite_metrics(path: Path, history: list[dict[str, float]]) -> None:
     """On resume, metrics.jsonl is rebuilt from the saved state, dropping lines of lost epochs."""
     import json
 
     fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in history))
-

@@ -12,54 +12,20 @@ import pickle
 import pickletools
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
 import torch
 from torch import nn
-
 from compressor import fileio
 from compressor.errors import CheckpointError, ModelError
-from compressor.models.registry import Arch, parse_arch
 from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
+from compressor.models.spec import ModelSpec
+
+
 
 FORMAT = "atc-checkpoint/1"
 
-
-@dataclass
-class ModelSpec:
-    """What it takes to rebuild a model and feed it: architecture, classes, input, normalisation."""
-
-    family: str
-    arch_kwargs: dict[str, Any]
-    num_classes: int
-    class_names: list[str] = field(default_factory=list)
-    input_size: tuple[int, int, int] = (3, 32, 32)
-    mean: list[float] | None = None  # None: not known (plain state_dict); taken from the data
-    std: list[float] | None = None
-    plan: dict[str, Any] | None = None  # thinning plan of a derived student, when there is one
-
-    @property
-    def arch(self) -> Arch:
-        return Arch(self.family, self.arch_kwargs)
-
-    @property
-    def name(self) -> str:
-        return self.arch.name if self.plan is None else self.plan.get("name", self.arch.name)
-
-    def build(self) -> nn.Module:
-        model = self.arch.build(self.num_classes)
-        if self.plan is not None:
-            from compressor.derive import apply_plan
-
-            model = apply_plan(model, self.plan, self.input_size)
-        return model
-
-    @classmethod
-    def for_arch(cls, name: str, num_classes: int, **extra: Any) -> "ModelSpec":
-        arch = parse_arch(name)
-        return cls(arch.family, dict(arch.kwargs), num_classes, **extra)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, metrics: dict | None = None) -> None:
@@ -72,6 +38,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, metrics
     fileio.torch_save(path, blob)
 
 
+
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
@@ -80,7 +47,9 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
 
 
 def _pickle_streams(path: Path) -> list[bytes]:
@@ -90,6 +59,7 @@ def _pickle_streams(path: Path) -> list[bytes]:
             return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
     except (zipfile.BadZipFile, OSError, KeyError, RuntimeError):
         return [path.read_bytes()]
+
 
 
 def _pickles_code(path: Path) -> bool:
@@ -111,6 +81,7 @@ def _pickles_code(path: Path) -> bool:
         if calls:
             return True
     return False
+
 
 
 def read_file(path: str | Path, trust: bool = False) -> Any:
@@ -147,6 +118,7 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
         raise CheckpointError(f"{path} could not be loaded even as a trusted pickle ({type(exc).__name__}: {exc})") from exc
 
 
+
 def check_input_fits(model: nn.Module, input_size: tuple[int, int, int] | list[int], name: str = "the model") -> None:
     """Raise ``ModelError`` when ``input_size`` (C, H, W) is too small for ``model``.
 
@@ -171,6 +143,7 @@ def check_input_fits(model: nn.Module, input_size: tuple[int, int, int] | list[i
         lo, hi = (lo, mid) if _fits(model, (c, mid, mid))[0] else (mid, hi)
     raise ModelError(f"input {c}x{h}x{w} is too small for {name} ({why}); use images of at least {hi}x{hi} "
                      "(--input-size, or data.image_size in the preset)")
+
 
 
 def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
@@ -200,6 +173,7 @@ def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
     return (not collapsed), (collapsed[0] if collapsed else "")
 
 
+
 def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "net", "model_state_dict"):
@@ -211,9 +185,11 @@ def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+
 def _classes_in(state_dict: dict[str, torch.Tensor]) -> int | None:
     linear = [v for k, v in state_dict.items() if k.endswith("weight") and v.dim() == 2]
     return int(linear[-1].shape[0]) if linear else None
+
 
 
 def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
@@ -224,6 +200,7 @@ def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where
         missing = ", ".join(result.missing_keys[:3]) or "none"
         extra = ", ".join(result.unexpected_keys[:3]) or "none"
         raise CheckpointError(f"{where} does not fit this architecture (missing keys: {missing}; unexpected: {extra}); pass the right --arch")
+
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
@@ -255,4 +232,3 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit {arch} ({str(exc).splitlines()[-1].strip()[:120]}); pass the right --arch") from exc
     return model, spec, {}
-

@@ -22,16 +22,19 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-
 from torch import nn
-
 from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
-from compressor.profiling import RUNTIMES, SpeedUp, compare_latency, count_macs, count_params
-from compressor.thinning import ROUND_TO, Thinner
+from compressor.profiling.counts import count_macs, count_params
+from compressor.profiling.latency import RUNTIMES, SpeedUp, compare_latency
+from compressor.derive.thinning import ROUND_TO, Thinner
+
+
 
 BY = ("gmacs", "params", "latency")
+
 DEFAULT_TOLERANCE = {"gmacs": 0.05, "params": 0.05, "latency": 0.10}
+
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Target:
         return f"{self.speedup:g}x fewer {'GMACs' if self.by == 'gmacs' else 'params'}"
 
 
+
 @dataclass
 class Trial:
     """One measured candidate."""
@@ -93,6 +97,7 @@ class Trial:
         d.pop("signature")
         d["latency_spread"] = list(self.latency_spread) if self.latency_spread else None
         return d
+
 
 
 @dataclass
@@ -127,6 +132,7 @@ class SearchResult:
         return out
 
 
+
 def depth_options(thinner_stages: list, blocks_per_stage: int | None = None) -> list[int | None]:
     """Block caps to try, deepest first: all blocks, then ceil(n/2), then 1 (n: the longest stage)."""
     if blocks_per_stage is not None:
@@ -137,6 +143,7 @@ def depth_options(thinner_stages: list, blocks_per_stage: int | None = None) -> 
         if cap < longest and cap not in caps:
             caps.append(cap)
     return caps
+
 
 
 class _Evaluator:
@@ -153,13 +160,13 @@ class _Evaluator:
 
     def teacher_onnx(self) -> Path:
         if self.t_onnx is None:
-            from compressor.export import to_onnx
+            from compressor.export.onnx import to_onnx
 
             self.t_onnx = to_onnx(self.teacher, self.input_size, self.workdir / "teacher.onnx")
         return self.t_onnx
 
     def latency(self, student: nn.Module, rounds: int) -> SpeedUp:
-        from compressor.export import to_onnx
+        from compressor.export.onnx import to_onnx
 
         t = self.target
         ort = t.runtime.startswith("ort")  # PyTorch runtimes time the modules themselves
@@ -191,9 +198,11 @@ class _Evaluator:
         return trial
 
 
+
 def _closeness(by: str, goal: float) -> Callable[[Trial], float]:
     """Distance of a trial from the goal, in log speed-up (so 2x too slow and 2x too fast weigh the same)."""
     return lambda t: abs(math.log(max(t.achieved(by), 1e-9) / goal))
+
 
 
 def _secant(points: list[tuple[float, float]], goal: float, fallback_slope: float) -> float:
@@ -207,6 +216,7 @@ def _secant(points: list[tuple[float, float]], goal: float, fallback_slope: floa
             if -6.0 < s < -0.2:  # speed-up falls as width grows; anything else is noise
                 slope = s
     return x1 + (goal - y1) / slope
+
 
 
 def _search_width(evaluate: Callable[[float, str], Trial], by: str, goal: float, tol: float, min_width: float,
@@ -246,6 +256,7 @@ def _search_width(evaluate: Callable[[float, str], Trial], by: str, goal: float,
     return made
 
 
+
 def search(teacher: nn.Module, input_size: tuple[int, int, int], target: Target, *,
            teacher_arch: Mapping[str, Any] | None = None, blocks_per_stage: int | None = None,
            round_to: int = ROUND_TO, name: str | None = None, reporter: Reporter = SILENT) -> SearchResult:
@@ -283,4 +294,3 @@ def search(teacher: nn.Module, input_size: tuple[int, int, int], target: Target,
         result = SearchResult(target, best, student, plan, evaluate.trials, evaluate.t_params, evaluate.t_gmacs, final)
     plan["search"] = result.to_dict()
     return result
-

@@ -17,60 +17,17 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
-
 import numpy as np
 import torch
 from torch import nn
+from compressor.errors import ConfigError
 
-from compressor.errors import ConfigError, ModelError
 
-MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs)"
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
 
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-
-
-@dataclass
-class MacCount:
-    gmacs: float
-    by_module: dict[str, float]  # module name → GMACs (fvcore's module tree)
-    skipped_ops: dict[str, int]  # operator → times fvcore skipped it
-
-    @property
-    def gflops(self) -> float:
-        return 2 * self.gmacs
-
-
-def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> MacCount:
-    """fvcore multiply-adds for one image of ``input_size`` (C, H, W)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        # fvcore names operators by hooking every submodule; TorchScript modules refuse hooks.
-        raise ModelError("TorchScript models cannot be profiled (fvcore needs module hooks); "
-                         "profile the eager checkpoint or a state_dict with --arch instead")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fvcore's import trips torch.jit deprecation warnings
-        from fvcore.nn import FlopCountAnalysis
-
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(model, torch.zeros(1, *input_size, device=next(model.parameters()).device))
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            total = analysis.total()
-            by_module = {k: v / 1e9 for k, v in analysis.by_module().items()}
-            skipped = dict(analysis.unsupported_ops())
-    finally:
-        model.train(was_training)
-    return MacCount(total / 1e9, by_module, skipped)
 
 
 @dataclass
@@ -91,12 +48,14 @@ class Latency:
         return asdict(self)
 
 
+
 def _summarise(samples: list[float], cold: float, runtime: str, batch: int, threads: int, providers: list[str]) -> Latency:
     arr = np.array(samples) * 1e3
     med = float(np.median(arr))
     cv = float(arr.std() / arr.mean()) if len(arr) > 1 else 0.0
     return Latency(runtime, batch, threads, med, float(np.percentile(arr, 90)), float(np.percentile(arr, 99)),
                    cold * 1e3, cv, len(arr), batch / (med / 1e3), providers)
+
 
 
 def time_runs(fn: Callable[[], float], warmup: int = 5, min_runs: int = 20, min_time_s: float = 0.5,
@@ -115,6 +74,7 @@ def time_runs(fn: Callable[[], float], warmup: int = 5, min_runs: int = 20, min_
     return cold, samples
 
 
+
 class Runner:
     """One model on one runtime at one batch size, callable for timing."""
 
@@ -125,7 +85,7 @@ class Runner:
         self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
         x = torch.randn(batch_size, *input_size)
         if runtime.startswith("ort"):
-            from compressor.export import ort_session
+            from compressor.device import ort_session
 
             if runtime == "ort-cuda":
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -177,6 +137,7 @@ class Runner:
         return time.perf_counter() - t
 
 
+
 @dataclass(frozen=True)
 class Timing:
     warmup: int = 5
@@ -184,10 +145,12 @@ class Timing:
     min_time_s: float = 0.5
 
 
+
 def set_threads(threads: int | None) -> int:
     threads = threads or min(os.cpu_count() or 1, 8)
     torch.set_num_threads(threads)
     return threads
+
 
 
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu", batch_size: int = 1,
@@ -199,6 +162,7 @@ def measure_latency(model: nn.Module, input_size: tuple[int, int, int], runtime:
     return _summarise(samples, cold, runtime, batch_size, threads, runner.providers)
 
 
+
 class _onnx_for:
     """The model's ONNX file for an ORT runtime: the one given, or a temporary export."""
 
@@ -208,7 +172,7 @@ class _onnx_for:
     def __enter__(self) -> Path | None:
         if not self.runtime.startswith("ort") or self.path is not None:
             return self.path
-        from compressor.export import to_onnx
+        from compressor.export.onnx import to_onnx
 
         self._tmp = tempfile.TemporaryDirectory()
         return to_onnx(self.model, self.input_size, Path(self._tmp.name) / "model.onnx")
@@ -216,6 +180,7 @@ class _onnx_for:
     def __exit__(self, *exc) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
 
 
 @dataclass
@@ -231,9 +196,11 @@ class SpeedUp:
     quartiles: tuple[float, float] = (0.0, 0.0)  # 25th and 75th percentile of the per-round ratios
 
 
+
 # A round times each model for at least this long, so that sub-millisecond models are not
 # measured on a handful of calls that one scheduler hiccup can dominate.
 ROUND_S = 0.02
+
 
 
 def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu",
@@ -255,6 +222,7 @@ def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[in
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return SpeedUp(runtime, batch_size, threads, statistics.median(ratios), (min(ratios), max(ratios)),
                    statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds, (q[0], q[2]))
+
 
 
 def environment() -> dict[str, str | int | None]:

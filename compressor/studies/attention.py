@@ -21,16 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from compressor import fileio
-from compressor.attention import AttentionPair, find_pairs, find_stages, select_pairs, tapped
+from compressor.pair import AttentionPair, find_pairs, find_stages, select_pairs, tapped
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
-from compressor.losses import at_distance, attention_map, input_gradient, match_spatial
+from compressor.distill.losses import at_distance, attention_map, input_gradient, match_spatial
+
+
 
 
 # ---------------------------------------------------------------- pure functions on maps
@@ -44,12 +44,14 @@ def spatial_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a * b).sum(1) / denom).float()
 
 
+
 def mass_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Share of each map's mass (B×h×w, non-negative) on the object pixels of ``masks`` (B×H×W)."""
     mass = maps.flatten(1).double()
     mass = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
     frac = F.adaptive_avg_pool2d(masks.double().unsqueeze(1), maps.shape[-2:]).flatten(1)
     return (mass * frac).sum(1).float()
+
 
 
 def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -60,9 +62,11 @@ def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
     return F.max_pool2d(masks.float().unsqueeze(1), k, stride=1, padding=pixels).squeeze(1) > 0
 
 
+
 def spatial_maps(acts: torch.Tensor, p: float = 2, reduce: str = "mean") -> torch.Tensor:
     """Normalised attention maps of activations (B×C×H×W) in their spatial shape (B×H×W)."""
     return attention_map(acts, p, reduce).view(acts.shape[0], *acts.shape[-2:])  # type: ignore[arg-type]
+
 
 
 # ---------------------------------------------------------------- maps of a model
@@ -83,6 +87,7 @@ class Net:
         return (x_uint8.to(device).float() / 255 - m) / s
 
 
+
 def stage_activations(net: Net, x_uint8: torch.Tensor, y: torch.Tensor, modules: Sequence[str], gradient: bool,
                       device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-stage tensors to take maps of (activations, or the input gradient) and the logits."""
@@ -95,6 +100,7 @@ def stage_activations(net: Net, x_uint8: torch.Tensor, y: torch.Tensor, modules:
         logits = net.model(x)
         acts = taps.take(modules)
     return acts, logits
+
 
 
 # ---------------------------------------------------------------- the analysis
@@ -114,6 +120,7 @@ class StageResult:
     position_prior: float | None = None  # a map that ignores the image: where objects lie on average in training
 
 
+
 @dataclass
 class AttentionResult:
     attention: str
@@ -131,6 +138,7 @@ class AttentionResult:
         return asdict(self)
 
 
+
 def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: str, gradient: bool) -> list[tuple[str, str | None, str]]:
     """(label, teacher module, student module) per stage; the gradient mechanism has one, the input."""
     if gradient:
@@ -142,6 +150,7 @@ def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: st
     stages = find_stages(teacher.model, example)
     chosen = select_pairs([AttentionPair(s, s) for s in stages], layers)
     return [(p.teacher.module, p.teacher.module, None) for p in chosen]
+
 
 
 def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor, *, masks: torch.Tensor | None = None,
@@ -210,10 +219,12 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
                            {"name": student.name, "top1": acc[student.name]} if student else None, out)
 
 
+
 def pick_images(n_total: int, n: int) -> list[int]:
     """``n`` test indices spread evenly over the test set (sorted folders: one from each part)."""
     n = max(1, min(n, n_total))
     return sorted({int(i) for i in torch.linspace(0, n_total - 1, n).round().tolist()})
+
 
 
 def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
@@ -263,13 +274,14 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
     plt.close(fig)
 
 
+
 def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: str | Path, cfg, *, student_path: str | Path | None = None,
                      images: int = 8, test_images: int = 2000, attention: str | None = None, p: float | None = None,
                      layers: str | None = None, localization: bool = False, dilate_px: int = 0, device: str = "auto",
                      trust: bool = False, reporter: Reporter = SILENT) -> AttentionResult:
     """``atc attention``: load the models and data, compute the per-stage numbers, write the map grid."""
-    from compressor.checkpoint import load_model
-    from compressor.distill import pick_device
+    from compressor.models.checkpoint import load_model
+    from compressor.device import pick_device
     from compressor.pipeline import check_compatible, load_data, normalization
 
     attention = attention or cfg.distill.attention

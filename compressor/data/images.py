@@ -1,0 +1,171 @@
+"""Datasets and batch iterators.
+
+Small datasets (digits, CIFAR, CUB-sized folders) are decoded once into uint8 tensors, cached
+on disk keyed by the files' names, sizes and times, and kept on the training device; random
+crop, flip and normalisation run per batch on that device. Batch ``k`` of epoch ``e`` is a pure
+function of (seed, e, k), which is what lets a killed run resume bit-for-bit.
+
+Layouts accepted by ``open_dataset``: the word ``digits`` (scikit-learn's bundled 8×8 digits),
+torchvision's CIFAR-10/100 folders (``cifar-10-batches-py``, ``cifar-100-python``) and
+ImageFolder trees with ``train/`` and ``test/`` (or ``val/``) subfolders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+import torch
+import torch.nn.functional as F
+
+
+
+
+@dataclass
+class ImageData:
+    """A dataset held in memory as uint8 images (N×C×H×W) and int64 labels."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    class_names: list[str]
+    skipped_files: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        return channel_stats(self.train_x)
+
+    def subset(self, train: int = 0, test: int = 0, seed: int = 0) -> "ImageData":
+        """A class-stratified-by-chance subset, for short schedules; 0 keeps everything."""
+        g = torch.Generator().manual_seed(seed)
+
+        def pick(x, y, n):
+            idx = subset_indices(len(y), n, g)
+            return (x, y) if idx is None else (x[idx], y[idx])
+
+        tx, ty = pick(self.train_x, self.train_y, train)
+        vx, vy = pick(self.test_x, self.test_y, test)
+        return ImageData(self.name, tx, ty, vx, vy, self.class_names, self.skipped_files)
+
+
+
+def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (floored at 1e-3) of uint8 images N×C×H×W, in [0, 1] units."""
+    x = x_uint8.float().div_(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+
+def subset_indices(total: int, n: int, g: torch.Generator) -> torch.Tensor | None:
+    """``n`` sorted random indices out of ``total`` drawn with ``g``; None when all are kept (``n`` 0 or ≥ total).
+    In-memory and streamed datasets both pick through here, so a subset is the same images either way."""
+    if not n or n >= total:
+        return None
+    return torch.randperm(total, generator=g)[:n].sort().values
+
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop_padding: int = 4
+    flip: bool = True
+
+
+
+class Batches:
+    """What every batch iterator shares: the epoch's order, this rank's share, normalisation.
+
+    ``set_epoch`` picks the epoch whose order and augmentation to replay, ``start_step`` skips
+    batches already done. Subclasses hold the images and yield ``(images, labels)``.
+    """
+
+    def __init__(self, y: torch.Tensor, batch_size: int, mean, std, device: torch.device, train: bool,
+                 augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        self.y = y
+        self.batch_size, self.device, self.train, self.augment = batch_size, device, train, augment
+        self.seed, self.epoch, self.start_step = seed, 0, 0
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.y)
+        if not self.train:
+            idx = torch.arange(n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        per_rank = len(idx) // self.world_size if self.world_size > 1 and self.train else None
+        if per_rank is not None:
+            idx = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+        elif self.world_size > 1:
+            idx = idx[self.rank::self.world_size]
+        return idx
+
+    def __len__(self) -> int:
+        n = len(self._order())
+        # A dataset smaller than one batch still trains: dropping the last batch would drop everything.
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+
+    def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = (x_uint8.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+
+class DeviceBatches(Batches):
+    """Batches of a device-resident uint8 dataset, augmented and normalised on the device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, device: torch.device,
+                 train: bool, augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(y.to(device), batch_size, mean, std, device, train, augment, seed, drop_last, rank, world_size,
+                         channels_last)
+        self.x = x.to(device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order().to(self.device)
+        for step in range(self.start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            x = self.x[idx]
+            if self.train:
+                x = self._augment(x, step)
+            yield self._normalise(x), self.y[idx]
+        self.start_step = 0
+
+    def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        # One generator per (seed, epoch, step): any batch can be replayed without the ones before it.
+        g = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + step)
+        b, _, h, w = x.shape
+        pad = self.augment.crop_padding
+        if pad:
+            dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+            dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+            x = _crop(F.pad(x, (pad, pad, pad, pad)), dy, dx, h, w)
+        if self.augment.flip:
+            flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        return x
+
+
+
+def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Per-sample crops of size h×w at offsets (dy, dx), one gather per axis."""
+    b, c, hp, wp = padded.shape
+    rows = (dy.view(b, 1) + torch.arange(h, device=padded.device)).view(b, 1, h, 1).expand(b, c, h, wp)
+    out = padded.gather(2, rows)
+    cols = (dx.view(b, 1) + torch.arange(w, device=padded.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    return out.gather(3, cols)

@@ -1,0 +1,67 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from compressor.errors import ModelError
+from compressor.models.registry import Arch
+
+
+
+
+FAMILY_RULES = ("wrn", "cifar_resnet", "resnet")
+
+
+
+def has_family_rule(arch: Arch) -> bool:
+    return arch.family in FAMILY_RULES
+
+
+
+def _blocks_and_width(arch: Arch) -> tuple[list[int], float]:
+    k = arch.kwargs
+    if arch.family == "wrn":
+        return [(k["depth"] - 4) // 6] * 3, float(k["width"])
+    if arch.family == "cifar_resnet":
+        return [(k["depth"] - 2) // 6] * 3, float(k.get("width", 16))
+    if arch.family == "resnet":
+        return list(k["layers"]), float(k.get("width", 1.0))
+    raise ModelError(f"atc has no family rule for '{arch.name}'; pass --student NAME with a zoo architecture")
+
+
+
+def _with(arch: Arch, blocks: list[int], width: float) -> Arch:
+    k: dict[str, Any] = dict(arch.kwargs)
+    if arch.family == "wrn":
+        k.update(depth=6 * blocks[0] + 4, width=int(width) if float(width).is_integer() else width)
+    elif arch.family == "cifar_resnet":
+        k.update(depth=6 * blocks[0] + 2, width=max(4, int(round(width))))
+    else:
+        k.update(layers=list(blocks), width=width)
+    return Arch(arch.family, k)
+
+
+
+def student_arch(teacher: Arch, blocks_per_stage: int, width_ratio: float) -> Arch:
+    """The preset policy: at most ``blocks_per_stage`` blocks per stage, width × ``width_ratio``."""
+    blocks, width = _blocks_and_width(teacher)
+    return _with(teacher, [min(b, blocks_per_stage) for b in blocks], width * width_ratio)
+
+
+
+def ladder_archs(teacher: Arch) -> list[Arch]:
+    blocks, width = _blocks_and_width(teacher)
+    deepest = max(blocks)
+    block_caps = sorted({deepest, math.ceil(deepest / 2), max(1, deepest // 3), 1}, reverse=True)
+    ratios = [1.0, 0.5, 0.25] if teacher.family != "cifar_resnet" else [1.0, 0.5]
+    seen, out = {teacher.name}, []
+    for cap in block_caps:
+        for r in ratios:
+            if teacher.family == "wrn" and width * r < 0.25:
+                continue
+            arch = _with(teacher, [min(b, cap) for b in blocks], width * r)
+            if arch.name not in seen:
+                seen.add(arch.name)
+                out.append(arch)
+    return out

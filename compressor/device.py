@@ -1,0 +1,91 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from compressor.errors import ConfigError
+
+
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device '{requested}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested} asked for but no CUDA device is available; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA devices; use cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device '{requested}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+
+def _autocast(device: torch.device, enabled: bool | torch.dtype | None):
+    """``enabled``: True = bf16 on CUDA only (fp32 on the CPU), a dtype = autocast to it, False/None = fp32."""
+    if isinstance(enabled, torch.dtype):
+        return torch.autocast(device.type, dtype=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
+
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How the arithmetic runs; results agree with the plain fp32 loop up to rounding.
+
+    ``precision``: auto = bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32
+    on the CPU. ``channels_last``: None = on CUDA only. ``compile``: ``torch.compile`` of student and
+    teacher, compiled before the first epoch and timed apart. ``workers``: DataLoader processes when
+    the data is streamed (None = one per spare core, at most 8). cuDNN autotuning is on for CUDA.
+    """
+
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+    cudnn_benchmark: bool = True
+    workers: int | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        return (torch.bfloat16 if bf16_ok else torch.float16) if cuda else None
+    if precision == "bf16":
+        if cuda and not bf16_ok:
+            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp16 (with loss scaling) or fp32")
+        return torch.bfloat16
+    return torch.float16 if precision == "fp16" else None
+
+
+
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])

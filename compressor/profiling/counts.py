@@ -1,0 +1,57 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+import torch
+from torch import nn
+from compressor.errors import ModelError
+
+
+
+MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs)"
+
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+
+@dataclass
+class MacCount:
+    gmacs: float
+    by_module: dict[str, float]  # module name → GMACs (fvcore's module tree)
+    skipped_ops: dict[str, int]  # operator → times fvcore skipped it
+
+    @property
+    def gflops(self) -> float:
+        return 2 * self.gmacs
+
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> MacCount:
+    """fvcore multiply-adds for one image of ``input_size`` (C, H, W)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        # fvcore names operators by hooking every submodule; TorchScript modules refuse hooks.
+        raise ModelError("TorchScript models cannot be profiled (fvcore needs module hooks); "
+                         "profile the eager checkpoint or a state_dict with --arch instead")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's import trips torch.jit deprecation warnings
+        from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(model, torch.zeros(1, *input_size, device=next(model.parameters()).device))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            total = analysis.total()
+            by_module = {k: v / 1e9 for k, v in analysis.by_module().items()}
+            skipped = dict(analysis.unsupported_ops())
+    finally:
+        model.train(was_training)
+    return MacCount(total / 1e9, by_module, skipped)

@@ -1,0 +1,112 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from typing import Any
+from compressor.profiling.counts import MAC_UNIT
+
+
+COLUMNS = ("model", "role", "top-1 %", "Δ top-1", "params", "GMACs", "latency ms", "params ×", "GMACs ×", "latency ×")
+
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+
+# When the middle half of the rounds' ratios spans more than this factor, the CPU was shared
+# with other work (an idle machine stays within a few per cent): say so beside the figure.
+NOISY_SPREAD = 1.25
+
+
+
+def _speedup_cell(student: dict[str, Any]) -> str:
+    if not student.get("latency_speedup"):
+        return "–"
+    text = f"{student['latency_speedup']:.2f}"
+    if spread := student.get("latency_speedup_spread"):
+        text += f" ({spread[0]:.2f}–{spread[1]:.2f})"
+    return text
+
+
+
+def noisy_latency(report: dict[str, Any]) -> list[str]:
+    """Students whose interleaved rounds' interquartile ratios differ by more than ``NOISY_SPREAD`` times."""
+    return [s["name"] for s in report["students"]
+            if (q := s.get("latency_speedup_quartiles")) and q[0] > 0 and q[1] / q[0] > NOISY_SPREAD]
+
+
+
+def rows(report: dict[str, Any]) -> list[list[str]]:
+    """The trade-off table as strings: teacher first, then every student."""
+    t = report["teacher"]
+    out = [[t["name"], "teacher", f"{t['top1']:.2f}" if t.get("top1") is not None else "–", "", _fmt_int(t["params"]),
+            f"{t['gmacs']:.4f}", f"{t['latency_ms']:.3f}" if t.get("latency_ms") else "–", "1.00", "1.00", "1.00"]]
+    for s in report["students"]:
+        out.append([s["name"], s.get("role", "student"), f"{s['top1']:.2f}" if s.get("top1") is not None else "–",
+                    f"{s['top1_delta']:+.2f}" if s.get("top1_delta") is not None else "",
+                    _fmt_int(s["params"]), f"{s['gmacs']:.4f}", f"{s['latency_ms']:.3f}" if s.get("latency_ms") else "–",
+                    f"{s['param_ratio']:.2f}", f"{s['mac_ratio']:.2f}",
+                    _speedup_cell(s)])
+        if q := s.get("int8"):
+            out.append([f"{s['name']} INT8", "student int8", f"{q['top1_int8']:.2f}", f"{q['top1_delta']:+.2f}", out[-1][4], out[-1][5],
+                        f"{q['latency_ms']:.3f}", out[-1][7], out[-1][8], f"{q['latency_speedup_vs_teacher']:.2f}"])
+    return out
+
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lat = report.get("latency", {})
+    lines = [f"# atc report: {report['teacher']['name']} → {', '.join(s['name'] for s in report['students'])}", "",
+             f"Data: {report['data']['name']} ({report['data']['train']} train / {report['data']['test']} test images, "
+             f"{report['data']['classes']} classes). Preset `{report['preset']}`, {report['epochs']} epochs, method `{report['method']}`.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    env = report.get("environment", {})
+    lines += ["", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
+              f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
+              f"latency × is the median per-round ratio, (min–max) over rounds.", "",
+              *([f"Latency is noisy for {', '.join(noisy)}: the middle half of the rounds spans more than {NOISY_SPREAD}×: the machine was "
+                 "busy, or the thread count too high for a model this small; measure again on an idle machine (`atc profile "
+                 "--threads 1`) before trusting the latency columns.", ""]
+                if (noisy := noisy_latency(report)) else []),
+              f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
+              f"onnxruntime {env.get('onnxruntime', '?')}.", ""]
+    return "\n".join(lines)
+
+
+
+# ---------------------------------------------------------------- views of sweep.json
+
+
+def fmt_optional(v: float | None, spec: str = ".2f") -> str:
+    """``v`` formatted, or a dash when there is no value."""
+    return "–" if v is None else format(v, spec)
+
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = list(result["grid"])
+    head = keys + ["n", "top-1 mean ± std", "median", "per seed"]
+    rows = []
+    for c in result["cells"]:
+        per = ", ".join(f"{r['top1']:.2f}" for r in c["runs"])
+        ms = "–" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
+        rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, fmt_optional(c["median"]), per])
+    return head, rows
+
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    head, rows = table_rows(result)
+    t = result["teacher"]
+    lines = [f"# atc sweep: {t['name']} → {result['student']} ({result['method']})", "",
+             f"Data: {result['data']['name']} ({result['data']['train']} train / {result['data']['test']} test images). "
+             f"Preset `{result['preset']}`, {result['epochs']} epochs, seeds {', '.join(map(str, result['seeds']))}. "
+             f"Teacher top-1 {t['top1']:.2f}%.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Top-1 in %; std is the sample standard deviation over seeds. At β = 0 the attention mechanism has no "
+              "effect, so those cells share one run per seed.", ""]
+    return "\n".join(lines)
