@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -28,13 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ATC = [sys.executable, "-m", "cli"]
 KIT_DATA = Path(".device-kit") / "cifar10"
 PARITY_ATOL = 1e-4
+TARGET_SECONDS = 240  # the whole run on one H100 (docs/benchmarks.md); over it is noted, not failed
 STDERR_TAIL = 15
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,9 +50,11 @@ class SmokeError(Exception):
 # Pure checks over what atc wrote: each returns {check name: value} and a list of failures.
 
 
-def check_report(report: dict[str, Any], min_top1: float, *, int8: bool = True, atol: float = PARITY_ATOL) -> tuple[dict[str, Any], list[str]]:
+def check_report(report: dict[str, Any], min_top1: float, *, int8: bool = True, atol: float = PARITY_ATOL,
+                 int8_drop: float = 10.0) -> tuple[dict[str, Any], list[str]]:
     """Checks of a compress ``report.json``: one student with top-1 above ``min_top1``, latency
-    figures, ONNX parity within ``atol`` at every batch size and (``int8``) an INT8 entry."""
+    figures, ONNX parity within ``atol`` at every batch size and (``int8``) an INT8 entry whose top-1
+    is at most ``int8_drop`` points below the FP32 ONNX model's, which itself agrees with torch's."""
     checks: dict[str, Any] = {}
     fails: list[str] = []
 
@@ -96,11 +101,20 @@ def check_report(report: dict[str, Any], min_top1: float, *, int8: bool = True, 
             need(_number(q.get("top1_int8")), "report.json: int8.top1_int8 missing")
             need(_positive(q.get("speedup")), f"report.json: int8.speedup is {q.get('speedup')!r}, not a positive number")
             need(_positive(q.get("latency_ms")), f"report.json: int8.latency_ms is {q.get('latency_ms')!r}, not a positive number")
+            fp32, i8 = q.get("top1_fp32"), q.get("top1_int8")
+            if _number(fp32) and _number(i8) and _number(s.get("top1")):
+                # one test image's worth of slack, so that a single near-tie flipping on tiny test sets is no failure
+                image = 100.0 * 1.01 / max(int((report.get("data") or {}).get("test") or 1), 1)
+                need(abs(fp32 - s["top1"]) <= max(2.0, image),
+                     f"report.json: onnxruntime FP32 top-1 {fp32:.2f}% disagrees with torch's {s['top1']:.2f}% by more than 2 points")
+                need(fp32 - i8 <= max(int8_drop, image), f"report.json: INT8 top-1 {i8:.2f}% is more than {int8_drop:g} points below FP32 {fp32:.2f}%")
+            elif not _number(fp32):
+                fails.append("report.json: int8.top1_fp32 missing")
     return checks, fails
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive(v: Any) -> bool:
@@ -158,7 +172,7 @@ def run_step(step: Step, index: int, total: int, failed: set[str], env: dict[str
     _say(f"[{index}/{total}] {step.name}: {record['cmd']}")
     began = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=step.timeout)
+        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=step.timeout)
     except subprocess.TimeoutExpired as exc:
         record["seconds"] = round(time.perf_counter() - began, 2)
         record["error"] = f"timed out after {step.timeout} s" + _tail(_text(exc.stderr), "; stderr: ")
@@ -174,7 +188,7 @@ def run_step(step: Step, index: int, total: int, failed: set[str], env: dict[str
         try:
             checks, errors = step.check(proc)
             record["checks"] = checks
-        except Exception as exc:  # a check that trips over unexpected output is a failed step, not a crash
+        except Exception as exc:  # noqa: BLE001  (a check that trips over unexpected output is a failed step, not a crash)
             errors = [f"checking the output failed: {type(exc).__name__}: {exc}"]
     if errors:
         record["error"] = "; ".join(errors) + _tail(proc.stderr, "; stderr: ")
@@ -208,6 +222,7 @@ def build_steps(a: argparse.Namespace, data: Path, work: Path, results: dict[str
     min_top1 = a.min_top1
     subset = ["--train-subset", str(a.train_subset)]
     runtimes = "torch-cuda,ort-cpu" if dev == "cuda" else "torch-cpu,ort-cpu"
+    batch_sizes = "1,128" if dev == "cuda" else "1,8"  # batch 128 in torch on a small CPU takes ~15 s of the test
 
     def train_check(proc):
         checks, fails = {"checkpoint_bytes": teacher.stat().st_size if teacher.is_file() else 0}, []
@@ -347,7 +362,7 @@ def build_steps(a: argparse.Namespace, data: Path, work: Path, results: dict[str
         Step("sweep", ["sweep", "--teacher", str(teacher), "--data", d, "--preset", "cifar", "--student", "wrn-16-1",
                        "--grid", "beta=0,1e3", "--epochs", "1", *subset, "--out", str(work / "sweep"), *dev_flag], 400,
              sweep_check, needs=("train",)),
-        Step("profile", ["profile", str(student), "--runtimes", runtimes, "--batch-sizes", "1,128", "--min-time", "0.3", "--json"],
+        Step("profile", ["profile", str(student), "--runtimes", runtimes, "--batch-sizes", batch_sizes, "--min-time", "0.3", "--json"],
              180, profile_check, needs=("compress",)),
         Step("export", ["export", str(student), "--out", str(work / "export" / "student.onnx")], 180, export_check,
              needs=("compress",)),
@@ -377,7 +392,7 @@ def device_info(dev: str) -> dict[str, Any]:
         if shutil.which("nvidia-smi"):
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=30)
+                                     check=False, capture_output=True, text=True, timeout=30)
                 first = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
                 if "," in first:
                     name, driver = (p.strip() for p in first.rsplit(",", 1))
@@ -412,7 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default); cpu runs the sequence without a GPU, for tests")
     ap.add_argument("--epochs", type=int, default=2, help="epochs of the teacher and of the compress student (default 2)")
     ap.add_argument("--train-subset", type=int, default=10000, help="training images per run (default 10000; 0 = all 50,000)")
-    ap.add_argument("--min-top1", type=float, default=None, help="top-1 %% that teacher and student must beat (default: chance, 100 / classes)")
+    ap.add_argument("--min-top1", type=float, default=None, help="top-1 %% that teacher and student must beat (default: chance, 100 / classes; the tests pass -1)")
     a = ap.parse_args(argv)
     if a.epochs < 1 or a.train_subset < 0:
         ap.error("--epochs must be ≥ 1 and --train-subset ≥ 0")
@@ -464,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     passed = all(r["ok"] for r in records)
     payload = {
         "device": device, "command": command, "data": str(data), "work": str(work),
-        "budget": {"epochs": a.epochs, "train_subset": a.train_subset, "sweep_epochs": 1, "min_top1": a.min_top1},
+        "budget": {"epochs": a.epochs, "train_subset": a.train_subset, "sweep_epochs": 1, "min_top1": a.min_top1,
+                   "target_seconds": TARGET_SECONDS},
         "steps": records,
         "accuracies": {"teacher": results.get("teacher"), "student": results.get("student"), "int8": results.get("int8")},
         "total_seconds": total, "passed": passed,
@@ -474,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     elif not passed:
         _say(f"gpu_smoke: outputs kept in {work}; failed: {', '.join(r['name'] for r in records if not r['ok'])}")
+    if a.device == "cuda" and total > TARGET_SECONDS:
+        _say(f"gpu_smoke: note: {total:.0f} s is over the {TARGET_SECONDS} s this run should take on one H100")
     ok = sum(r["ok"] for r in records)
     print(f"gpu_smoke: {ok}/{len(records)} steps passed in {total:.0f} s on {device['gpu'] or 'cpu'} -> {out}", flush=True)
     return 0 if passed else 1

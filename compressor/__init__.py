@@ -1,12 +1,44 @@
 """atc: compress a trained CNN teacher into a smaller student with attention transfer.
 
-    from compressor import attention_map, at_loss, kd_loss
+The public API, enough for a five-line script:
+
+    from compressor import compress, load_config
+    report = compress("teacher.pt", "cifar10/", load_config("cifar"), "runs/x", students=["wrn-16-1"])
+
+and the method itself: ``attention_map``, ``at_loss``, ``kd_loss``. Names are imported on first
+use, so ``import compressor`` stays cheap.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from compressor.errors import AtcError  # noqa: E402
-from compressor.distill.losses import at_loss, attention_map, kd_loss
-from compressor.models import create_model  # noqa: E402
+import importlib
 
-__all__ = ["AtcError", "__version__", "at_loss", "attention_map", "create_model", "kd_loss"]
+__version__ = "0.2.0"
+
+_API = {
+    "AtcError": "compressor.errors",
+    "Config": "compressor.config",
+    "load_config": "compressor.config",
+    "compress": "compressor.pipeline",
+    "train": "compressor.pipeline",
+    "dry_run": "compressor.pipeline",
+    "load_model": "compressor.models.checkpoint",
+    "create_model": "compressor.models.registry",
+    "list_models": "compressor.models.registry",
+    "attention_map": "compressor.distill.losses",
+    "at_loss": "compressor.distill.losses",
+    "kd_loss": "compressor.distill.losses",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

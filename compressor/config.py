@@ -138,7 +138,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             return out_t
         return str(value)
     except (TypeError, ValueError):
-        wanted = f"a comma list of whole numbers, e.g. {where}=60,120,160" if kind.startswith("tuple") else f"a {kind}"
+        wanted = (f"a comma list of whole numbers, e.g. {where}=60,120,160" if kind.startswith("tuple")
+                  else {"int": "an integer", "bool": "true or false"}.get(kind, f"a {kind}"))
         raise ConfigError(f"{where} must be {wanted}, got {value!r}") from None
 
 
@@ -205,8 +206,28 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size {cfg.data.image_size} is too small; use 8 or more")
 
 
+def scaled_milestones(milestones, preset_epochs: int, epochs: int) -> list[int]:
+    """The preset's lr milestones moved proportionally from ``preset_epochs`` to ``epochs``.
+
+    Each is rounded to the nearest epoch; the result is strictly increasing and inside the run:
+    milestones that round below 1 become 1, duplicates are dropped (so one epoch never takes two
+    lr drops at once, e.g. 60/120/160 of 200 for 3 epochs gives [1, 2], not [1, 2, 2]), and
+    milestones at or after ``epochs`` are dropped (they would never take effect). A caller can
+    print ``f"milestones scaled to {ms} for {epochs} epochs"``; fewer milestones than the
+    preset's means fewer lr drops in this run.
+    """
+    scale = epochs / max(1, preset_epochs)
+    out: list[int] = []
+    for m in sorted(int(v) for v in milestones):
+        v = max(1, round(m * scale))
+        if v < epochs and (not out or v > out[-1]):
+            out.append(v)
+    return out
+
+
 def load_config(preset: str | Path = "cifar", overrides: Mapping[str, Any] | list[str] | None = None) -> Config:
-    """Read a preset, apply overrides, validate. Milestones follow an overridden epoch count."""
+    """Read a preset, apply overrides, validate. Milestones follow an overridden epoch count
+    (``scaled_milestones``) unless the overrides set them too."""
     name, raw = _read_preset(preset)
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     _merge(values, raw, f"preset {name}")
@@ -218,8 +239,7 @@ def load_config(preset: str | Path = "cifar", overrides: Mapping[str, Any] | lis
     _merge(values, user, "override")
     train_user = user.get("train", {})
     if "epochs" in train_user and "milestones" not in train_user:
-        scale = values["train"]["epochs"] / preset_epochs
-        values["train"]["milestones"] = tuple(max(1, round(m * scale)) for m in preset_milestones)
+        values["train"]["milestones"] = tuple(scaled_milestones(preset_milestones, preset_epochs, values["train"]["epochs"]))
     cfg = Config(preset=name, description=str(raw.get("description", "")),
                  **{s: cls(**values[s]) for s, cls in SECTIONS.items()})
     _validate(cfg)

@@ -1,13 +1,32 @@
-"""TODO docstring."""
+"""Where and how the arithmetic runs: the device (``pick_device``), the precision (``Speed``,
+``autocast_dtype``), onnxruntime sessions (``ort_session``).
+
+The device rule of the library: a tensor atc makes takes its device from the model or batch it
+serves (``model_device``, ``example_input``); export and CPU latency work on CPU copies and never
+move the caller's model.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from torch import nn
 from compressor.errors import ConfigError
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def example_input(model: nn.Module, input_size: tuple[int, ...], batch: int = 1) -> torch.Tensor:
+    """A zero batch shaped for ``model`` and on its device: what tracing and pairing run on."""
+    return torch.zeros(batch, *input_size, device=model_device(model))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -28,17 +47,14 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-
-def _autocast(device: torch.device, enabled: bool | torch.dtype | None):
+def autocast(device: torch.device, enabled: bool | torch.dtype | None):
     """``enabled``: True = bf16 on CUDA only (fp32 on the CPU), a dtype = autocast to it, False/None = fp32."""
     if isinstance(enabled, torch.dtype):
         return torch.autocast(device.type, dtype=enabled)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
 
 
-
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,6 @@ class Speed:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
 
 
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
     cuda = device.type == "cuda"
@@ -77,7 +92,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp16 (with loss scaling) or fp32")
         return torch.bfloat16
     return torch.float16 if precision == "fp16" else None
-
 
 
 def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):

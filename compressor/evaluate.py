@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Top-1 accuracy: of a torch model over batches (on the batches' device, under the given autocast),
+and of an ONNX file in onnxruntime over normalised images."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from torch import nn
 from compressor.data.images import DeviceBatches
 from compressor import distributed
 import numpy as np
-from compressor.device import _autocast, ort_session
-
-
+from compressor.device import autocast, ort_session
 
 
 @torch.no_grad()
@@ -21,7 +20,7 @@ def evaluate(model: nn.Module, batches: DeviceBatches, bf16: bool = True) -> dic
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, total; one sync at the end
     for x, y in batches:
-        with _autocast(batches.device, bf16):
+        with autocast(batches.device, bf16):
             logits = model(x)
         sums[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
@@ -33,13 +32,11 @@ def evaluate(model: nn.Module, batches: DeviceBatches, bf16: bool = True) -> dic
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
 
 
-
 def normalized_images(x_uint8: torch.Tensor, mean, std) -> np.ndarray:
     """uint8 N×C×H×W → float32 input as the exported model expects it."""
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return ((x_uint8.float() / 255 - m) / s).numpy().astype(np.float32)
-
 
 
 def onnx_top1(path: str | Path, x: np.ndarray, y: np.ndarray, batch_size: int = 256, threads: int | None = None) -> float:

@@ -18,11 +18,9 @@ from torch import nn
 from compressor.errors import ConfigError, ModelError
 
 
-
 _NOT_A_STAGE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
                 nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.Identity, nn.Dropout, nn.Dropout2d,
                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,6 @@ class Stage:
         return self.shape[1], self.shape[2]
 
 
-
 @dataclass(frozen=True)
 class AttentionPair:
     student: Stage
@@ -44,7 +41,6 @@ class AttentionPair:
     def describe(self) -> str:
         s, t = self.student, self.teacher
         return f"{s.module} {'×'.join(map(str, s.shape))}  ↔  {t.module} {'×'.join(map(str, t.shape))}"
-
 
 
 def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
@@ -80,14 +76,12 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
     return sorted(stages, key=lambda s: -(s.shape[1] * s.shape[2]))
 
 
-
 def pair_stages(student: Sequence[Stage], teacher: Sequence[Stage]) -> list[AttentionPair]:
     """Align stages from the deepest one, as many as the network with fewer stages has."""
     n = min(len(student), len(teacher))
     if n == 0:
         raise ModelError("no spatial feature maps found to transfer attention between; use --method kd or none")
     return [AttentionPair(s, t) for s, t in zip(student[len(student) - n:], teacher[len(teacher) - n:])]
-
 
 
 def select_pairs(pairs: list[AttentionPair], layers: str = "all") -> list[AttentionPair]:
@@ -107,10 +101,8 @@ def select_pairs(pairs: list[AttentionPair], layers: str = "all") -> list[Attent
     return chosen
 
 
-
 def find_pairs(student: nn.Module, teacher: nn.Module, example: torch.Tensor, layers: str = "all") -> list[AttentionPair]:
     return select_pairs(pair_stages(find_stages(student, example), find_stages(teacher, example)), layers)
-
 
 
 class Taps:
@@ -134,7 +126,6 @@ class Taps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
 
 
 @contextlib.contextmanager

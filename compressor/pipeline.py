@@ -1,41 +1,48 @@
 """The whole job, one function per arrow: load → derive → pair → distil → evaluate → export →
-profile → report. The CLI calls these; so can a five-line Python script.
+profile → report. This module only sequences the steps; each step lives in its own package.
+The CLI calls these functions, and so can a five-line Python script:
+
+    from compressor import compress, load_config
+    report = compress("wrn-40-4.pt", "cifar10/", load_config("cifar"), "runs/x", students=["wrn-16-2"])
+
+Device rule: every tensor made here (example inputs, the dry run's batch) is made on the device
+of the model it feeds, so a teacher already on CUDA meets CUDA tensors.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import nn
-from compressor import __version__, fileio
-from compressor.pair import AttentionPair, find_pairs
-from compressor.models.checkpoint import load_model, save_checkpoint
-from compressor.models.spec import ModelSpec
+
+from compressor import distributed, fileio
 from compressor.config import Config
 from compressor.data.images import ImageData
 from compressor.data.open import open_dataset
-from compressor.derive.candidates import Candidate
-from compressor import distributed
-from compressor.device import Speed, autocast_dtype, pick_device
-from compressor.distill.loop import METRICS_FILE, Teacher, fit, make_batches, objective_from
-from compressor.evaluate import evaluate
-from compressor.errors import ConfigError, DataError, OutputError
-from compressor.events import SILENT, Reporter
-from compressor.export.onnx import export_checked, to_onnx
-from compressor.distill.losses import distillation_terms, input_gradient
-from compressor.profiling.counts import count_macs, count_params
-from compressor.profiling.latency import Timing, compare_latency, environment, measure_latency
-from compressor.report.build import write_report
+from compressor.derive.candidates import Candidate, check_student_options, choose_students, resolve_init
 from compressor.derive.search import Target
-from compressor.derive.thinning import describe_stages
-from compressor.derive.candidates import choose_students, resolve_init
+from compressor.derive.thinning import describe_stages, inherit
+from compressor.device import Speed, autocast_dtype, example_input, model_device, pick_device
+from compressor.distill.loop import DistilledStudent, Teacher, fit, make_batches, objective_from
+from compressor.distill.state import METRICS_FILE
+from compressor.distill.losses import distillation_terms, input_gradient
+from compressor.errors import ConfigError, DataError, OutputError
+from compressor.evaluate import evaluate
+from compressor.events import SILENT, Reporter
+from compressor.models.checkpoint import check_input_fits, load_model, save_checkpoint
+from compressor.models.registry import parse_arch
+from compressor.models.spec import ModelSpec
+from compressor.pair import AttentionPair, Taps, find_pairs
+from compressor.profiling.counts import count_macs, count_params
+from compressor.report.build import Report, build_report, write_report
+from compressor.report.plots import plot_curves
 
 
+# ---------------------------------------------------------------- outputs and inputs
 
 
 def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = False, create: bool = True) -> Path:
@@ -53,11 +60,10 @@ def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = 
     return out
 
 
-
 def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT,
               device: torch.device | None = None, workers: int | None = None, budget_bytes: int | None = None) -> ImageData:
     """The dataset, subset as the preset says. With ``device``, data too large for the memory it may
-    use there is not loaded but streamed (``compressor.loaders``); the decision is reported."""
+    use there is not loaded but streamed (``compressor.data.streaming``); the decision is reported."""
     image_size = cfg.data.image_size if str(spec) == "digits" or cfg.data.image_size else None
     if device is not None:
         from compressor.data.streaming import open_for_device
@@ -72,7 +78,6 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
     return data  # type: ignore[return-value]
 
 
-
 def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") -> None:
     if spec.num_classes != data.num_classes:
         raise DataError(f"the {role} has {spec.num_classes} classes but the data has {data.num_classes}; "
@@ -82,12 +87,58 @@ def check_compatible(spec: ModelSpec, data: ImageData, role: str = "teacher") ->
                         f"{'x'.join(map(str, data.input_size))}; set data.image_size in the preset or use matching data")
 
 
-
 def normalization(spec: ModelSpec, data: ImageData) -> tuple[list[float], list[float]]:
     if spec.mean is not None and spec.std is not None:
         return list(spec.mean), list(spec.std)
     return data.channel_stats()
 
+
+@dataclass
+class TeacherAndData:
+    """A trained teacher ready for the data it will teach on: its spec carries the input size,
+    normalisation and class names (taken from the data where the checkpoint had none)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    metrics: dict[str, Any]
+    data: ImageData
+
+    @property
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        return list(self.spec.mean), list(self.spec.std)  # type: ignore[arg-type]
+
+
+def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: Config, *, arch: str | None = None,
+                          trust: bool = False, strict_data: bool = False, reporter: Reporter = SILENT,
+                          device: torch.device | None = None, workers: int | None = None) -> TeacherAndData:
+    """The one "load teacher and data" step of compress, the dry run, sweep and attention."""
+    teacher, spec, metrics = load_model(teacher_path, arch=arch, trust=trust)
+    if spec.family == "module":
+        raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
+    data = load_data(data_spec, cfg, strict_data, reporter, device=device, workers=workers)
+    spec = replace(spec, input_size=spec.input_size if spec.mean is not None else tuple(data.input_size))
+    check_compatible(spec, data)
+    mean, std = normalization(spec, data)
+    spec = replace(spec, mean=mean, std=std, class_names=list(spec.class_names or data.class_names))
+    return TeacherAndData(teacher, spec, metrics, data)
+
+
+# ---------------------------------------------------------------- training a model from scratch
+
+
+def state_dir_for(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".state")
+
+
+def check_train_output(out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse to replace a checkpoint or an unfinished run's state unless told to."""
+    out = Path(out)
+    if out.exists() and not (overwrite or resume):
+        raise OutputError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or another --out")
+    state = state_dir_for(out)
+    if not out.exists() and state.is_dir() and any(state.iterdir()) and not (overwrite or resume):
+        raise OutputError(f"{state} holds the state of an unfinished run; pass --resume to continue it, --overwrite to start again, "
+                          "or another --out")
 
 
 def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, device: torch.device | None = None,
@@ -111,10 +162,23 @@ def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, d
     return model.cpu(), spec, metrics
 
 
+def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, *, device: str = "auto", overwrite: bool = False,
+          resume: bool = False, strict_data: bool = False, reporter: Reporter = SILENT,
+          speed: Speed | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """``atc train``: check the name and the output, load the data, check the model takes its images, train."""
+    parse_arch(arch)
+    check_train_output(out, overwrite, resume)
+    speed = speed or Speed()
+    dev = pick_device(device)
+    data = load_data(data_spec, cfg, strict_data, reporter, device=dev, workers=speed.workers)
+    check_input_fits(parse_arch(arch).build(data.num_classes), data.input_size, arch)
+    rank = distributed.current()
+    where = f"{dev}" if rank.world_size == 1 else f"{rank.world_size} processes ({rank.backend}, {dev} on rank 0)"
+    reporter.info(f"training {arch} on {data.name} ({len(data.train_y)} train / {len(data.test_y)} test) on {where}")
+    return train_model(arch, data, cfg, out, dev, reporter, resume, speed)
 
-def state_dir_for(checkpoint: Path) -> Path:
-    return checkpoint.with_name(checkpoint.name + ".state")
 
+# ---------------------------------------------------------------- the dry run
 
 
 @dataclass
@@ -125,51 +189,78 @@ class DryRun:
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: blocks and width, student vs teacher
 
 
+@dataclass
+class DryRunReport:
+    """What ``compress`` would do: the teacher's size and, per student, its shape, pairs and first loss terms."""
+
+    teacher: str
+    teacher_params: int
+    teacher_gmacs: float
+    method: str
+    at_layers: str
+    init: str
+    students: list[DryRun]
+
 
 def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: ImageData, cfg: Config,
                   mean, std, method: str) -> dict[str, float]:
-    """The loss terms on one training batch before any training: a check that β and α are sane."""
-    from compressor.pair import Taps
-
-    train_b, _ = make_batches(data, cfg, mean, std, torch.device("cpu"))
+    """The loss terms on one training batch before any training: a check that β and α are sane.
+    The batch is made on the teacher's device; the student must be there too."""
+    train_b, _ = make_batches(data, cfg, mean, std, model_device(teacher))
     x, y = next(iter(train_b))
     s_taps, t_taps = Taps(student, [p.student.module for p in pairs]), Taps(teacher, [p.teacher.module for p in pairs])
     student.train(), teacher.eval()
-    with torch.no_grad():
-        t_logits, logits = teacher(x), student(x)
-    obj, grads = objective_from(cfg, method), None
-    s_maps, t_maps = s_taps.take([p.student.module for p in pairs]), t_taps.take([p.teacher.module for p in pairs])
-    if obj.gradient and obj.uses_at:
-        xg = x.clone().requires_grad_(True)
-        grads = (input_gradient(student, xg, y)[0], input_gradient(teacher, xg, y)[0])
-    terms = distillation_terms(obj, logits, y, t_logits, list(zip(s_maps, t_maps)), input_grads=grads)
-    s_taps.remove(), t_taps.remove()
+    try:
+        with torch.no_grad():
+            t_logits, logits = teacher(x), student(x)
+        obj, grads = objective_from(cfg, method), None
+        s_maps, t_maps = s_taps.take([p.student.module for p in pairs]), t_taps.take([p.teacher.module for p in pairs])
+        if obj.gradient and obj.uses_at:
+            xg = x.clone().requires_grad_(True)
+            grads = (input_gradient(student, xg, y)[0], input_gradient(teacher, xg, y)[0])
+        terms = distillation_terms(obj, logits, y, t_logits, list(zip(s_maps, t_maps)), input_grads=grads)
+    finally:
+        s_taps.remove(), t_taps.remove()
     return {k: float(v) for k, v in terms.items()}
-
 
 
 def plan(teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, candidates: list[Candidate], method: str) -> list[DryRun]:
     mean, std = normalization(t_spec, data)
-    example = torch.zeros(1, *t_spec.input_size)
     out = []
     for cand in candidates:
         torch.manual_seed(cfg.train.seed)
-        student = cand.spec.build()
-        pairs = find_pairs(student, teacher, example, cfg.distill.at_layers)
+        student = cand.spec.build().to(model_device(teacher))
+        pairs = find_pairs(student, teacher, example_input(teacher, t_spec.input_size), cfg.distill.at_layers)
         stages = (cand.spec.plan or {}).get("stages") or describe_stages(teacher, student, t_spec.input_size)
         out.append(DryRun(cand, pairs, initial_terms(student, teacher, pairs, data, cfg, mean, std, method), stages))
     return out
 
+
+def dry_run(teacher_path: str | Path, data_spec: str | Path, cfg: Config, *, students: list[str] | None = None,
+            n_students: int = 0, arch: str | None = None, trust: bool = False, strict_data: bool = False,
+            width: float | str | None = None, blocks_per_stage: int | None = None, target: Target | None = None,
+            init: str = "auto", reporter: Reporter = SILENT) -> DryRunReport:
+    """Students, attention pairs and initial loss terms of a ``compress`` run, without training or writing."""
+    check_student_options(students, width, blocks_per_stage, target, init)
+    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, arch=arch, trust=trust, strict_data=strict_data, reporter=reporter)
+    model, spec = loaded.model, loaded.spec
+    tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs
+    cands = choose_students(spec, cfg, students, n_students, teacher_model=model, width=width,
+                            blocks_per_stage=blocks_per_stage, target=target, reporter=reporter)
+    return DryRunReport(spec.name, tp, tm, cfg.distill.method, cfg.distill.at_layers, init,
+                        plan(model, spec, loaded.data, cfg, cands, cfg.distill.method))
+
+
+# ---------------------------------------------------------------- distillation
 
 
 def _student_dir(out: Path, cand: Candidate, method: str) -> Path:
     return out / "students" / f"{cand.name}-{method.replace('+', '_')}"
 
 
-
 def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, method: str,
                     out: Path, device: torch.device, reporter: Reporter = SILENT, resume: bool = False,
-                    init: str = "auto", speed: Speed | None = None) -> dict[str, Any]:
+                    init: str = "auto", speed: Speed | None = None) -> DistilledStudent:
     """Train one student (skipped when a finished checkpoint is already there and ``resume``). A derived
     student starts from the teacher's surviving weights (``init="inherit"``) or from a fresh initialisation."""
     mean, std = normalization(t_spec, data)
@@ -179,16 +270,14 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
     if resume and ckpt.exists():
         model, spec, metrics = load_model(ckpt)
         reporter.info(f"{cand.name} ({method}) already finished; reusing {ckpt}")
-        return {"model": model, "spec": spec, "metrics": metrics, "dir": sdir}
+        return DistilledStudent(model, spec, metrics, sdir)
     torch.manual_seed(cfg.train.seed)
     model = spec.build()
     init = resolve_init(init, spec)
     if init == "inherit":
-        from compressor.derive.thinning import inherit
-
         model.load_state_dict(inherit(teacher, spec.plan).state_dict())
-    example = torch.zeros(1, *spec.input_size)
-    pairs = find_pairs(model, teacher, example, cfg.distill.at_layers)
+    model.to(model_device(teacher))
+    pairs = find_pairs(model, teacher, example_input(teacher, spec.input_size), cfg.distill.at_layers)
     result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
                  resume=resume, tag=f"{cand.name} ({method})", speed=speed)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
@@ -198,8 +287,7 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
         metrics["compile_seconds"] = result.compile_seconds
     if distributed.is_main():
         save_checkpoint(ckpt, model.cpu(), spec, metrics)
-    return {"model": model.cpu(), "spec": spec, "metrics": metrics, "dir": sdir}
-
+    return DistilledStudent(model.cpu(), spec, metrics, sdir)
 
 
 def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_dir: str | Path, *, method: str | None = None,
@@ -208,40 +296,38 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
              threads: int | None = None, int8: bool = False, width: float | str | None = None,
              blocks_per_stage: int | None = None, target: Target | None = None, init: str = "auto",
              reporter: Reporter = SILENT, command: str = "", speed: Speed | None = None) -> dict[str, Any]:
-    """Distil one or more students from a trained teacher and write the full output set.
+    """Distil one or more students from a trained teacher and write the full output set; return report.json's content.
 
     ``speed`` sets precision, channels_last, torch.compile and DataLoader workers. Run under torchrun
     (several processes), each rank trains on its shard; rank 0 alone exports, measures and writes the
     report, and the other ranks return an empty dict.
 
-    ``width``/``blocks_per_stage`` derive a thinned student from any traceable CNN; ``target`` searches
-    the width (and depth) that meets a speed-up; ``init`` says whether a derived student inherits the
-    teacher's surviving weights (``auto``/``inherit``) or starts fresh (``scratch``).
+    ``students`` names zoo students; ``width``/``blocks_per_stage`` derive a thinned student from any
+    traceable CNN; ``target`` searches the width (and depth) that meets a speed-up; ``init`` says
+    whether a derived student inherits the teacher's surviving weights (``auto``/``inherit``) or
+    starts fresh (``scratch``). Naming students and deriving one are exclusive.
 
     With ``int8`` each student is also quantized (static QDQ, calibrated on training images) and
     its INT8 accuracy and latency join the report.
     """
+    check_student_options(students, width, blocks_per_stage, target, init)
     out = prepare_output(out_dir, overwrite, resume, create=False)
     speed = speed or Speed()
     method = method or cfg.distill.method
-    teacher, t_spec, t_metrics = load_model(teacher_path, arch=arch, trust=trust)
     dev = pick_device(device)
-    data = load_data(data_spec, cfg, strict_data, reporter, device=dev, workers=speed.workers)
+    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, arch=arch, trust=trust, strict_data=strict_data,
+                                   reporter=reporter, device=dev, workers=speed.workers)
+    teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
     if int8 and not isinstance(data, ImageData):
         raise ConfigError("--int8 needs the images in memory for calibration, but this dataset is streamed from disk; "
                           "quantize afterwards with `atc export --int8 --calib-data` on a smaller folder")
-    if t_spec.family == "module":
-        raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
-    t_spec = replace(t_spec, input_size=t_spec.input_size if t_spec.mean is not None else tuple(data.input_size))
-    check_compatible(t_spec, data)
-    mean, std = normalization(t_spec, data)
-    t_spec = replace(t_spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
     candidates = choose_students(t_spec, cfg, students, n_students, teacher_model=teacher, width=width,
                                  blocks_per_stage=blocks_per_stage, target=target, reporter=reporter)
     for c in candidates:
         resolve_init(init, c.spec)  # fail before any training
     prepare_output(out, overwrite, resume)
     distributed.barrier()  # every rank has checked --out before any of them writes into it
+    mean, std = loaded.mean_std
     _, test_b = make_batches(data, cfg, mean, std, dev, workers=speed.workers)
     teacher.to(dev)
     t_top1 = evaluate(teacher, test_b, autocast_dtype(speed.precision, dev))["top1"]
@@ -253,83 +339,17 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
     _publish_primary(out, results[0])
     write_report(out, report)
-    from compressor.report.plots import plot_curves
-
-    plot_curves(out / "curves.png", (t_spec.name, t_metrics.get("history", [])),
-                [(f"{c.name} ({method})", r["metrics"].get("history", [])) for c, r in zip(candidates, results)])
-    return report
+    plot_curves(out / "curves.png", (t_spec.name, loaded.metrics.get("history", [])),
+                [(f"{c.name} ({method})", r.metrics.get("history", [])) for c, r in zip(candidates, results)])
+    return report.to_dict()
 
 
-
-def _publish_primary(out: Path, primary: dict[str, Any]) -> None:
+def _publish_primary(out: Path, primary: DistilledStudent) -> None:
     """The first student's files also sit at the top of ``out`` (student.pt, student.onnx, metrics.jsonl)."""
     for name in ("student.pt", "student.onnx", METRICS_FILE):
         with fileio.atomic_path(out / name) as tmp:
-            shutil.copyfile(primary["dir"] / name, tmp)
+            shutil.copyfile(primary.dir / name, tmp)
 
 
-
-def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
-                 candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
-                 threads: int | None, reporter: Reporter = SILENT, command: str = "", int8: bool = False) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:  # one teacher export serves every latency comparison
-        t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
-        return _report(teacher, t_onnx, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
-
-
-
-def _report(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: float, results: list[dict[str, Any]],
-            candidates: list[Candidate], data: ImageData, cfg: Config, method: str, out: Path,
-            threads: int | None, reporter: Reporter, command: str, int8: bool) -> dict[str, Any]:
-    t_params, t_macs = count_params(teacher)["total"], count_macs(teacher, t_spec.input_size).gmacs
-    reporter.info("measuring teacher latency (onnxruntime CPU, batch 1)")
-    t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5), onnx_path=t_onnx)
-    students, speed = [], None
-    for res, cand in zip(results, candidates):
-        onnx_path = res["dir"] / "student.onnx"
-        parity = export_checked(res["model"], res["spec"], onnx_path)
-        reporter.info(f"{cand.name}: exported {onnx_path} (max |ORT - torch| {parity.worst:.1e}); timing against the teacher")
-        speed = compare_latency(teacher, res["model"], t_spec.input_size, "ort-cpu", 1, threads, teacher_onnx=t_onnx,
-                                student_onnx=onnx_path)
-        top1 = res["metrics"]["top1"]
-        students.append({
-            "name": cand.name, "method": method, "role": "student", "params": cand.params, "gmacs": cand.gmacs,
-            "gflops": 2 * cand.gmacs, "top1": top1, "top1_delta": top1 - t_top1, "param_ratio": cand.param_ratio,
-            "mac_ratio": cand.mac_ratio, "latency_ms": speed.student_ms, "latency_speedup": speed.speedup,
-            "latency_speedup_spread": list(speed.spread), "latency_speedup_quartiles": list(speed.quartiles), "checkpoint": str((res["dir"] / "student.pt").relative_to(out)),
-            "onnx": str(onnx_path.relative_to(out)), "onnx_parity_max_abs_diff": {str(k): v for k, v in parity.max_abs_diff.items()},
-            "train_seconds": res["metrics"].get("train_seconds"), "epochs": cfg.train.epochs,
-            "attention_pairs": res["metrics"].get("pairs", []), "init": res["metrics"].get("init"),
-        })
-        if res["spec"].plan is not None:  # a derived student: its shape and, after a search, target vs achieved
-            plan_ = res["spec"].plan
-            students[-1]["derived"] = {"width": plan_.get("width"), "removed_blocks": plan_.get("removed_blocks", []),
-                                       "stages": plan_.get("stages", []),
-                                       "search": {k: v for k, v in plan_.get("search", {}).items() if k != "trials"} or None}
-        if int8:
-            students[-1]["int8"] = _int8_entry(t_onnx, res, onnx_path, data, t_spec, t_top1, threads, out, reporter)
-    return {
-        "atc_version": __version__, "report_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-        "preset": cfg.preset, "method": method, "epochs": cfg.train.epochs, "config": cfg.to_dict(),
-        "data": {"name": data.name, "train": len(data.train_y), "test": len(data.test_y), "classes": data.num_classes},
-        "units": {"gmacs": "fvcore multiply-adds, one multiply-add = one flop; GFLOPs = 2 x GMACs", "latency": "milliseconds"},
-        "latency": {"runtime": "ort-cpu", "batch_size": 1, "threads": t_lat.threads, "rounds": speed.rounds if speed else 0,
-                    "teacher_median_ms": t_lat.median_ms, "teacher_cv": t_lat.cv},
-        "teacher": {"name": t_spec.name, "params": t_params, "gmacs": t_macs, "gflops": 2 * t_macs, "top1": t_top1,
-                    "latency_ms": speed.teacher_ms if speed else t_lat.median_ms},
-        "students": students, "environment": environment(),
-    }
-
-
-
-def _int8_entry(t_onnx: Path, res: dict[str, Any], onnx_path: Path, data: ImageData, t_spec: ModelSpec, t_top1: float,
-                threads: int | None, out: Path, reporter: Reporter) -> dict[str, Any]:
-    from compressor.export.int8 import int8_with_evaluation
-
-    spec = res["spec"]
-    q_path = onnx_path.with_name("student.int8.onnx")
-    reporter.info(f"{spec.name}: INT8 static quantization (QDQ, U8 activations, S8 per-channel weights)")
-    r = int8_with_evaluation(onnx_path, q_path, data, spec.mean, spec.std, spec.input_size, threads=threads)
-    vs_teacher = compare_latency(None, None, t_spec.input_size, "ort-cpu", 1, threads, teacher_onnx=t_onnx, student_onnx=q_path)
-    return {**r.to_dict(), "path": str(q_path.relative_to(out)), "top1_delta": r.top1_int8 - t_top1,
-            "latency_speedup_vs_teacher": vs_teacher.speedup, "latency_ms": vs_teacher.student_ms}
+__all__ = ["Report", "TeacherAndData", "DryRun", "DryRunReport", "compress", "dry_run", "train", "train_model", "load_data",
+           "load_teacher_and_data", "prepare_output", "check_compatible", "normalization", "choose_students", "resolve_init"]

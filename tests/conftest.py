@@ -17,6 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+def _hypothesis_profiles() -> None:
+    """Property tests: random examples locally ("dev"), the same examples on every CI run ("ci",
+    loaded when the environment variable CI is set; ``--hypothesis-profile`` still picks another)."""
+    try:
+        from hypothesis import settings
+    except ImportError:  # hypothesis is a test extra; tests that need it import it themselves
+        return
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    settings.register_profile("dev")
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+_hypothesis_profiles()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Decoded-dataset caches go to a temporary folder, never the user's ~/.cache."""

@@ -1,8 +1,8 @@
 """Run the ``atc`` entry point many times without paying torch's import each time.
 
-A server process imports ``cli.main`` (and with it torch) once, then forks one child per
+A server process imports ``cli.app`` (and with it torch) once, then forks one child per
 request. Each child is a separate process that starts from the same freshly imported state,
-runs ``cli.main.run()`` with its own argv, working folder and environment, writes stdout and
+runs ``cli.app.run()`` with its own argv, working folder and environment, writes stdout and
 stderr to files and exits with the entry point's exit code, just as ``python -m cli`` would.
 An uncaught exception prints its traceback and exits with 1, as the interpreter does. A
 request may carry ``prelude`` code that the child runs first, to simulate a failing machine.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SERVER = r"""
 import json, os, sys, traceback
-import cli.main
+import cli.app
 import compressor.models.checkpoint, compressor.data.images, compressor.distill.loop, compressor.pipeline  # noqa: F401
 
 for line in sys.stdin:
@@ -43,7 +43,7 @@ for line in sys.stdin:
             if req.get("prelude"):
                 exec(compile(req["prelude"], "<prelude>", "exec"), {"__name__": "prelude"})
             try:
-                cli.main.run()
+                cli.app.run()
                 code = 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

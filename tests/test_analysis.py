@@ -161,7 +161,7 @@ def test_attention_cli_writes_png_and_numbers(shape_checkpoints, tmp_path):
 def test_attention_refusals(shape_checkpoints, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cli.app import app
     from compressor.studies.attention import attention_report
     from compressor.config import load_config
     from compressor.errors import DataError, OutputError

@@ -21,7 +21,9 @@ import torch
 
 from compressor.config import load_config
 from compressor.data.open import open_dataset
-from compressor.distill.loop import STATE_FILE, StopRequested, fit
+from compressor.distill.failures import StopRequested
+from compressor.distill.loop import fit
+from compressor.distill.state import STATE_FILE
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model

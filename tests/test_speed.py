@@ -9,7 +9,8 @@ from compressor.pair import find_pairs
 from compressor.config import load_config
 from compressor.data.open import open_dataset
 from compressor.device import Speed, autocast_dtype
-from compressor.distill.loop import STATE_FILE, Teacher, fit, objective_from
+from compressor.distill.loop import Teacher, fit, objective_from
+from compressor.distill.state import STATE_FILE
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model

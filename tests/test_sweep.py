@@ -70,7 +70,7 @@ def tiny_teacher(tmp_path_factory):
 def test_tiny_sweep_end_to_end_and_rerun(tiny_teacher, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cli.app import app
     from compressor.studies.sweep import run_sweep
 
     teacher, data = tiny_teacher

@@ -10,7 +10,8 @@ from torch import nn
 from compressor.pair import find_pairs
 from compressor.models.checkpoint import load_model, save_checkpoint
 from compressor.models.spec import ModelSpec
-from compressor.derive.candidates import apply_plan, derived_candidate, ladder
+from compressor.derive.candidates import derived_candidate, ladder
+from compressor.models.plan import apply_plan
 from compressor.errors import ConfigError, ModelError
 from compressor.export.onnx import check_parity, to_onnx
 from compressor.models.registry import parse_arch

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Image folders on disk: the ImageFolder layout (train/ and test/ with one folder per class),
+strict or tolerant decoding, and a decode cache keyed by the files' content."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ import numpy as np
 import torch
 from compressor import fileio
 from compressor.errors import DataError, OutputError
-from compressor.data.images import ImageData
-
+from compressor.data.images import ImageData, with_source
 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
-
 
 
 def find_layout(root: Path) -> tuple[str, Path]:
@@ -43,9 +42,11 @@ def find_layout(root: Path) -> tuple[str, Path]:
                     "class, or a torchvision CIFAR folder")
 
 
-
 def _list_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    """Image files of one split, their labels and the class names (one per subfolder, sorted).
+
+    Hidden folders (``.ipynb_checkpoints``, ``.git``) are not classes."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
     for i, c in enumerate(classes):
         for f in sorted((split_dir / c).rglob("*")):
@@ -55,32 +56,103 @@ def _list_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
+def _names(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def list_splits(root: Path) -> tuple[Path, tuple[list[Path], list[int], list[str]], tuple[list[Path], list[int], list[str]]]:
+    """The test folder and the listing (files, labels, classes) of train/ and test/ (or val/), checked before any decoding.
+
+    Refuses a split without images, a class folder without images (it would become a class no
+    image teaches) and class folders that differ between the splits, naming the folders."""
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    listings = []
+    for split in (root / "train", test_dir):
+        files, labels, classes = _list_images(split)
+        if not files:
+            raise DataError(f"{split} holds no images; it needs one subfolder per class with image files in it")
+        listings.append((files, labels, classes))
+    empty = [str(split / c) for split, (_, labels, classes) in zip((root / "train", test_dir), listings)
+             for i, c in enumerate(classes) if i not in set(labels)]
+    if len(empty) == 1:
+        raise DataError(f"class folder {empty[0]} has no images; remove it or add images to it")
+    if empty:
+        raise DataError(f"class folders {_names(empty)} have no images; remove them or add images to them")
+    train_classes, test_classes = listings[0][2], listings[1][2]
+    if train_classes != test_classes:
+        only_train = [c for c in train_classes if c not in test_classes]
+        only_test = [c for c in test_classes if c not in train_classes]
+        parts = ([f"only in train/: {_names(only_train)}"] if only_train else []) + \
+                ([f"only in {test_dir.name}/: {_names(only_test)}"] if only_test else [])
+        raise DataError(f"{root}: train/ and {test_dir.name}/ have different class folders ({'; '.join(parts)}); "
+                        "make them the same")
+    return test_dir, listings[0], listings[1]
+
 
 def _content_key(files: list[Path], image_size: int | None) -> str:
-    h = hashlib.sha256(str(image_size).encode())
+    # v2: 16-bit images are scaled to 8 bits (v1 clipped them) and the source modes/sizes are stored
+    h = hashlib.sha256(f"v2:{image_size}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
-
 def cache_dir() -> Path:
     return Path(os.environ.get("ATC_CACHE_DIR", Path.home() / ".cache" / "atc"))
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-def _decode(files: list[Path], image_size: int | None, strict: bool) -> tuple[np.ndarray, list[int], list[str]]:
+
+def source_channels(im) -> int:
+    """Channels of a PIL image as stored: 1 for grayscale (``L``, ``I;16``, ``I``, ``1``), 3 for RGB or a palette, 4 for RGBA."""
+    return 3 if im.mode in ("P", "PA") else len(im.getbands())
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB. 16-bit grayscale (``I;16``, and ``I`` read as 16-bit) is scaled to 8 bits
+    (value >> 8) first: ``convert("RGB")`` alone clips every value above 255 to white."""
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(im).astype(np.int64)
+        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _new_info() -> dict:
+    return {"channels": [], "wide": 0, "resized": 0, "sizes": []}
+
+
+def _record(info: dict, im, resized: bool) -> None:
+    c = source_channels(im)
+    if c not in info["channels"]:
+        info["channels"] = sorted(info["channels"] + [c])
+    info["wide"] += im.mode in SIXTEEN_BIT_MODES
+    if resized:
+        info["resized"] += 1
+        hw = [im.size[1], im.size[0]]
+        if hw not in info["sizes"] and len(info["sizes"]) < 2:  # two are enough to know the sizes vary
+            info["sizes"].append(hw)
+
+
+def _decode(files: list[Path], image_size: int | None, strict: bool,
+            info: dict | None = None) -> tuple[np.ndarray, list[int], list[str]]:
     from PIL import Image, UnidentifiedImageError
 
     arrays, kept, bad = [], [], []
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                if image_size and im.size != (image_size, image_size):
+            with Image.open(f) as src:
+                im = to_rgb(src)
+                resize = bool(image_size) and im.size != (image_size, image_size)
+                if resize:
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 arrays.append(np.asarray(im, dtype=np.uint8))
+                if info is not None:
+                    _record(info, src, resize)
             kept.append(i)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if strict:
@@ -92,40 +164,47 @@ def _decode(files: list[Path], image_size: int | None, strict: bool) -> tuple[np
     return (np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)), kept, bad
 
 
-
-def _load_split(split_dir: Path, image_size: int | None, strict: bool) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    files, labels, classes = _list_images(split_dir)
+def _load_split(split_dir: Path, image_size: int | None, strict: bool,
+                listing: tuple[list[Path], list[int], list[str]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str], dict]:
+    files, labels, classes = listing or _list_images(split_dir)
     if not files:
         raise DataError(f"{split_dir} holds no images; it needs one subfolder per class with image files in it")
     cache = cache_dir() / f"{_content_key(files, image_size)}.pt"
     if cache.exists():
         try:
             blob = torch.load(cache, weights_only=True)
-            blob = blob if all(k in blob for k in ("x", "y", "skipped")) else None
+            blob = blob if all(k in blob for k in ("x", "y", "skipped", "info")) else None
         except Exception:
             blob = None  # an unreadable cache is rebuilt below
         if blob is not None:
             if strict and blob["skipped"]:
                 raise DataError(f"corrupt image {blob['skipped'][0]} (one of {len(blob['skipped'])} in {split_dir}); remove it, "
                                 "or run without --strict-data to skip unreadable images")
-            return blob["x"], blob["y"], classes, blob["skipped"]
-    arr, kept, bad = _decode(files, image_size, strict)
+            return blob["x"], blob["y"], classes, blob["skipped"], blob["info"]
+    info = _new_info()
+    arr, kept, bad = _decode(files, image_size, strict, info)
     if not kept:
         raise DataError(f"no image in {split_dir} could be decoded; check the files")
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([labels[i] for i in kept], dtype=torch.long)
     try:
-        fileio.torch_save(cache, {"x": x, "y": y, "skipped": bad})
+        fileio.torch_save(cache, {"x": x, "y": y, "skipped": bad, "info": info})
     except (OSError, OutputError):
         pass  # a read-only or full cache folder only costs the decode next time
-    return x, y, classes, bad
+    return x, y, classes, bad, info
 
+
+def _merge_info(a: dict, b: dict) -> dict:
+    sizes = a["sizes"] + [s for s in b["sizes"] if s not in a["sizes"]]
+    return {"channels": sorted(set(a["channels"]) | set(b["channels"])), "wide": a["wide"] + b["wide"],
+            "resized": a["resized"] + b["resized"], "sizes": sizes[:2]}
 
 
 def load_image_folder(root: Path, image_size: int | None = None, strict: bool = False) -> ImageData:
-    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-    tx, ty, classes, bad_train = _load_split(root / "train", image_size, strict)
-    vx, vy, test_classes, bad_test = _load_split(test_dir, image_size, strict)
-    if test_classes != classes:
-        raise DataError(f"{root}: train/ and {test_dir.name}/ have different class folders; make them the same")
-    return ImageData(root.name, tx, ty, vx, vy, classes, bad_train + bad_test)
+    test_dir, train_listing, test_listing = list_splits(root)
+    tx, ty, classes, bad_train, info_train = _load_split(root / "train", image_size, strict, train_listing)
+    vx, vy, _, bad_test, info_test = _load_split(test_dir, image_size, strict, test_listing)
+    info = _merge_info(info_train, info_test)
+    data = ImageData(root.name, tx, ty, vx, vy, classes, bad_train + bad_test)
+    return with_source(data, info["channels"], info["resized"], info["sizes"], info["wide"])

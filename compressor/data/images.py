@@ -12,12 +12,11 @@ ImageFolder trees with ``train/`` and ``test/`` (or ``val/``) subfolders.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 import torch
 import torch.nn.functional as F
-
-
 
 
 @dataclass
@@ -31,6 +30,11 @@ class ImageData:
     test_y: torch.Tensor
     class_names: list[str]
     skipped_files: list[str] = field(default_factory=list)
+    # What was done to the source images to make them N×3×H×W uint8, for the report to state:
+    source_channels: tuple[int, ...] = ()  # distinct channel counts of the files as stored (1 = grayscale); () unknown
+    resized_images: int = 0  # how many images were resized to H×W
+    resized_from: tuple[int, int] | None = None  # their (H, W) before, when they all had one size; None otherwise
+    notes: list[str] = field(default_factory=list)  # the above as one-line sentences, ready to print
 
     @property
     def num_classes(self) -> int:
@@ -53,15 +57,42 @@ class ImageData:
 
         tx, ty = pick(self.train_x, self.train_y, train)
         vx, vy = pick(self.test_x, self.test_y, test)
-        return ImageData(self.name, tx, ty, vx, vy, self.class_names, self.skipped_files)
+        return dataclasses.replace(self, train_x=tx, train_y=ty, test_x=vx, test_y=vy)
 
+
+def source_notes(channels: list[int] | tuple[int, ...], resized: int, sizes: list, total: int, size: tuple[int, int],
+                 sixteen_bit: int = 0) -> list[str]:
+    """One-line sentences on how source images became 3-channel ``size`` images (none when nothing changed)."""
+    notes = []
+    if sixteen_bit:
+        notes.append(f"{sixteen_bit:,} 16-bit image(s) scaled to 8 bits")
+    if channels and list(channels) != [3]:
+        kinds = {1: "1-channel (grayscale)", 2: "2-channel (grayscale + alpha)", 4: "4-channel (RGBA or CMYK)"}
+        what = " and ".join(kinds.get(c, f"{c}-channel") for c in channels if c != 3)
+        mixed = " (mixed with RGB)" if 3 in channels else ""
+        notes.append(f"{what} images{mixed} converted to RGB" + (" by repeating the channel" if 1 in channels else "")
+                     + (", alpha dropped" if 2 in channels or 4 in channels else ""))
+    if resized:
+        hw = lambda s: f"{s[0]}x{s[1]}"  # noqa: E731
+        source = f"from {hw(sizes[0])}" if len(sizes) == 1 else f"from several sizes (e.g. {', '.join(map(hw, sizes))})"
+        notes.append(f"{resized:,} of {total:,} images resized {source} to {hw(size)} (bilinear)")
+    return notes
+
+
+def with_source(data: "ImageData", channels, resized: int, sizes: list, sixteen_bit: int = 0) -> "ImageData":
+    """``data`` with its source fields and notes filled in (``sizes``: up to two distinct (H, W) of resized images)."""
+    total = len(data.train_y) + len(data.test_y) + len(data.skipped_files)
+    size = tuple(data.train_x.shape[2:4])
+    return dataclasses.replace(
+        data, source_channels=tuple(channels), resized_images=int(resized),
+        resized_from=tuple(sizes[0]) if resized and len(sizes) == 1 else None,  # type: ignore[arg-type]
+        notes=source_notes(channels, resized, sizes, total, size, sixteen_bit))  # type: ignore[arg-type]
 
 
 def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (floored at 1e-3) of uint8 images N×C×H×W, in [0, 1] units."""
     x = x_uint8.float().div_(255)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-
 
 
 def subset_indices(total: int, n: int, g: torch.Generator) -> torch.Tensor | None:
@@ -72,12 +103,10 @@ def subset_indices(total: int, n: int, g: torch.Generator) -> torch.Tensor | Non
     return torch.randperm(total, generator=g)[:n].sort().values
 
 
-
 @dataclass(frozen=True)
 class Augment:
     crop_padding: int = 4
     flip: bool = True
-
 
 
 class Batches:
@@ -125,7 +154,6 @@ class Batches:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-
 class DeviceBatches(Batches):
     """Batches of a device-resident uint8 dataset, augmented and normalised on the device."""
 
@@ -159,7 +187,6 @@ class DeviceBatches(Batches):
             flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
             x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
         return x
-
 
 
 def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:

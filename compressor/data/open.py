@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Open a dataset by name or path: the bundled digits, the generated shapes, a torchvision CIFAR
+folder, or an ImageFolder tree."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from compressor.errors import DataError
 from compressor.data.folders import find_layout, load_image_folder
-from compressor.data.images import ImageData
-
-
+from compressor.data.images import ImageData, with_source
 
 
 def load_digits(image_size: int = 16) -> ImageData:
@@ -25,8 +24,8 @@ def load_digits(image_size: int = 16) -> ImageData:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(y))
     tr, te = perm[:cut].sort().values, perm[cut:].sort().values
-    return ImageData("digits", x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)])
-
+    data = ImageData("digits", x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)])
+    return with_source(data, [1], len(y) if image_size != 8 else 0, [[8, 8]])
 
 
 def _load_torchvision_cifar(root: Path, hundred: bool) -> ImageData:
@@ -43,7 +42,6 @@ def _load_torchvision_cifar(root: Path, hundred: bool) -> ImageData:
 
     (tx, ty), (vx, vy) = tensors(train), tensors(test)
     return ImageData("cifar100" if hundred else "cifar10", tx, ty, vx, vy, list(train.classes))
-
 
 
 def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict: bool = False) -> ImageData:

@@ -13,6 +13,7 @@ every machine. ``--data shapes`` in ``atc train``/``compress``/``attention`` use
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -20,13 +21,11 @@ import torch.nn.functional as F
 from compressor.data.images import ImageData, subset_indices
 
 
-
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 
 TRAIN_SIZE, TEST_SIZE = 6000, 1000
 
 _SS = 2  # supersampling factor
-
 
 
 @dataclass
@@ -40,10 +39,9 @@ class ShapesData(ImageData):
         g = torch.Generator().manual_seed(seed)
         it, iv = subset_indices(len(self.train_y), train, g), subset_indices(len(self.test_y), test, g)
         take = lambda t, i: t if i is None or t is None else t[i]  # noqa: E731
-        return ShapesData(self.name, take(self.train_x, it), take(self.train_y, it), take(self.test_x, iv),
-                          take(self.test_y, iv), self.class_names, self.skipped_files,
-                          take(self.train_masks, it), take(self.test_masks, iv))
-
+        return dataclasses.replace(self, train_x=take(self.train_x, it), train_y=take(self.train_y, it),
+                                   test_x=take(self.test_x, iv), test_y=take(self.test_y, iv),
+                                   train_masks=take(self.train_masks, it), test_masks=take(self.test_masks, iv))
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, size: int, cells: int = 4) -> np.ndarray:
@@ -51,7 +49,6 @@ def _smooth_noise(rng: np.random.Generator, n: int, size: int, cells: int = 4) -
     grid = torch.from_numpy(rng.random((n, 1, cells, cells), dtype=np.float32))
     up = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
     return up.clamp(0, 1).numpy()
-
 
 
 def _inside(kind: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, ang: np.ndarray) -> np.ndarray:
@@ -71,13 +68,11 @@ def _inside(kind: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, ang: np.nd
     return ((au <= 0.3 * r) & (av <= r)) | ((av <= 0.3 * r) & (au <= r))  # cross
 
 
-
 def _segment(dx: np.ndarray, dy: np.ndarray, length: np.ndarray, ang: np.ndarray, half_width: float) -> np.ndarray:
     length, ang = length[:, None, None], ang[:, None, None]
     along = np.cos(ang) * dx + np.sin(ang) * dy
     across = -np.sin(ang) * dx + np.cos(ang) * dy
     return (np.abs(along) <= length / 2) & (np.abs(across) <= half_width)
-
 
 
 def render(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,9 +126,8 @@ def render(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return x, torch.from_numpy(y.astype(np.int64)), torch.from_numpy(cover >= 0.5)
 
 
-
 def load_shapes(image_size: int = 32, train: int = TRAIN_SIZE, test: int = TEST_SIZE, seed: int = 0) -> ShapesData:
     """The shapes dataset: ``train``/``test`` images of ``image_size``², five classes, with masks."""
     tx, ty, tm = render(train, image_size, seed * 2)
     vx, vy, vm = render(test, image_size, seed * 2 + 1)
-    return ShapesData("shapes", tx, ty, vx, vy, list(CLASSES), [], tm, vm)
+    return ShapesData("shapes", tx, ty, vx, vy, list(CLASSES), [], train_masks=tm, test_masks=vm)

@@ -22,6 +22,7 @@ Test-time images are resized to ``image_size``×``image_size`` exactly as the in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,12 +31,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from compressor.data.folders import _list_images, find_layout
-from compressor.data.images import Augment, Batches, ImageData, channel_stats, subset_indices
+from compressor.data.folders import _new_info, _record, find_layout, list_splits, to_rgb
+from compressor.data.images import Augment, Batches, ImageData, channel_stats, source_notes, subset_indices
 from compressor.data.open import open_dataset
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
-
 
 
 DEFAULT_FRACTION = 0.5
@@ -45,7 +45,6 @@ BUDGET_ENV = "ATC_DATA_BUDGET_MB"
 RRC_MIN_SIZE = 64  # images this large or larger, with no crop padding, get RandomResizedCrop when streamed
 
 _MB = 1 << 20
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +63,6 @@ def available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
-
 
 
 def memory_budget(device: torch.device, fraction: float = DEFAULT_FRACTION, decode_in_ram: bool = False) -> tuple[int, str]:
@@ -90,7 +88,6 @@ def memory_budget(device: torch.device, fraction: float = DEFAULT_FRACTION, deco
     return ram, f"{pct} of available RAM"
 
 
-
 @dataclass(frozen=True)
 class Residency:
     """Whether a dataset is kept on the training device, and the numbers behind the answer."""
@@ -111,7 +108,6 @@ class Residency:
                 f"{'s' if workers != 1 else ''}{', pinned memory' if self.device.startswith('cuda') else ''})")
 
 
-
 def decide(need_bytes: int, images: int, device: torch.device, budget_bytes: int | None = None,
            fraction: float = DEFAULT_FRACTION, decode_in_ram: bool = False) -> Residency:
     """Compare ``need_bytes`` with ``budget_bytes`` (default: ``memory_budget(device, fraction)``)."""
@@ -122,13 +118,11 @@ def decide(need_bytes: int, images: int, device: torch.device, budget_bytes: int
     return Residency(need_bytes <= budget_bytes, int(need_bytes), int(budget_bytes), of, int(images), str(device))
 
 
-
 def default_workers() -> int:
     """DataLoader workers per process: the CPU cores shared by the local ranks, one left for the main process, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cores // local - 1))
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +149,7 @@ class FolderImages:
             f = self.files[(i + k) % len(self.files)]
             try:
                 with Image.open(f) as im:
-                    im = im.convert("RGB")
+                    im = to_rgb(im)  # 16-bit grayscale scaled to 8 bits, as compressor.data.folders._decode
                     if not native and im.size != (self.size, self.size):
                         im = im.resize((self.size, self.size), Image.BILINEAR)  # as compressor.data._decode
                     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
@@ -167,7 +161,6 @@ class FolderImages:
 
     def nbytes(self) -> int:
         return len(self.files) * 3 * self.size * self.size
-
 
 
 class TensorImages:
@@ -189,10 +182,8 @@ class TensorImages:
         return self.x.numel() * self.x.element_size()
 
 
-
 def _split_bytes(src) -> int:
     return src.nbytes() + len(src.labels) * 8
-
 
 
 @dataclass
@@ -207,26 +198,25 @@ class StreamingData:
     image_size: int
     channels: int = 3
     skipped_files: list[str] = field(default_factory=list)
+    # as ImageData's; for a folder, estimated from the headers of a sample of files (see ``_probe``)
+    source_channels: tuple[int, ...] = ()
+    resized_images: int = 0
+    resized_from: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_folder(cls, root: Path, image_size: int, strict: bool = False) -> "StreamingData":
-        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        splits = []
-        for split in (root / "train", test_dir):
-            files, labels, classes = _list_images(split)
-            if not files:
-                raise DataError(f"{split} holds no images; it needs one subfolder per class with image files in it")
-            splits.append((FolderImages([str(f) for f in files], torch.tensor(labels, dtype=torch.long), image_size, strict), classes))
-        (train, classes), (test, test_classes) = splits
-        if test_classes != classes:
-            raise DataError(f"{root}: train/ and {test_dir.name}/ have different class folders; make them the same")
-        return cls(root.name, train, test, classes, image_size)
+        _, (train_files, train_labels, classes), (test_files, test_labels, _) = list_splits(root)
+        train = FolderImages([str(f) for f in train_files], torch.tensor(train_labels, dtype=torch.long), image_size, strict)
+        test = FolderImages([str(f) for f in test_files], torch.tensor(test_labels, dtype=torch.long), image_size, strict)
+        return cls(root.name, train, test, classes, image_size, **_probe(train.files + test.files, image_size))
 
     @classmethod
     def from_memory(cls, data: ImageData) -> "StreamingData":
         c, h, _ = data.input_size
         return cls(data.name, TensorImages(data.train_x, data.train_y), TensorImages(data.test_x, data.test_y),
-                   list(data.class_names), h, c, list(data.skipped_files))
+                   list(data.class_names), h, c, list(data.skipped_files), tuple(data.source_channels),
+                   data.resized_images, data.resized_from, list(data.notes))
 
     @property
     def train_y(self) -> torch.Tensor:
@@ -262,9 +252,7 @@ class StreamingData:
             idx = subset_indices(len(src), n, g)
             return src if idx is None else src.select(idx)
 
-        return StreamingData(self.name, pick(self.train, train), pick(self.test, test), self.class_names, self.image_size,
-                             self.channels, self.skipped_files)
-
+        return dataclasses.replace(self, train=pick(self.train, train), test=pick(self.test, test))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,15 +290,39 @@ def open_for_device(spec: str | os.PathLike, image_size: int | None, device: tor
     return data if res.fits else StreamingData.from_memory(data)
 
 
-
 def _decode_subset(lazy: StreamingData) -> ImageData:
     """Decode only the picked files of a folder too large to decode whole (no disk cache: it is keyed by the whole split)."""
     def split(src: FolderImages) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([src.image(i) for i in range(len(src))]), src.labels
 
     (tx, ty), (vx, vy) = split(lazy.train), split(lazy.test)  # type: ignore[arg-type]
-    return ImageData(lazy.name, tx, ty, vx, vy, lazy.class_names)
+    return ImageData(lazy.name, tx, ty, vx, vy, lazy.class_names, source_channels=lazy.source_channels,
+                     resized_images=lazy.resized_images, resized_from=lazy.resized_from, notes=list(lazy.notes))
 
+
+PROBE_FILES = 64
+
+
+def _probe(files: list[str], image_size: int, sample: int = PROBE_FILES) -> dict:
+    """Source fields of a folder too large to decode, from the headers (mode, size) of ``sample`` files spread
+    evenly over the list: opening a file reads its header only. The notes say they are an estimate."""
+    from PIL import Image
+
+    idx = range(len(files)) if len(files) <= sample else np.linspace(0, len(files) - 1, sample).round().astype(int).tolist()
+    info, seen = _new_info(), 0
+    for i in idx:
+        try:
+            with Image.open(files[int(i)]) as im:
+                _record(info, im, im.size != (image_size, image_size))
+                seen += 1
+        except Exception:  # an unreadable file is dealt with (skipped or fatal) when it is decoded
+            continue
+    notes = source_notes(info["channels"], info["resized"], info["sizes"], seen, (image_size, image_size), info["wide"])
+    if notes and seen < len(files):
+        notes = [f"{n} (in a sample of {seen:,} of {len(files):,} files)" for n in notes]
+    return {"source_channels": tuple(info["channels"]), "resized_images": info["resized"],
+            "resized_from": tuple(info["sizes"][0]) if info["resized"] and len(info["sizes"]) == 1 else None,
+            "notes": notes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +331,6 @@ def _decode_subset(lazy: StreamingData) -> ImageData:
 
 def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % (1 << 63))
-
 
 
 def random_resized_crop_box(h: int, w: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -343,7 +354,6 @@ def random_resized_crop_box(h: int, w: int, g: torch.Generator, scale=(0.08, 1.0
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
-
 
 
 class _Split(torch.utils.data.Dataset):
@@ -379,7 +389,6 @@ class _Split(torch.utils.data.Dataset):
         return x.contiguous(), label
 
 
-
 class _EpochBatches:
     """The batch sampler: this rank's share of the epoch's order, from ``start_step`` on, in batches."""
 
@@ -396,10 +405,8 @@ class _EpochBatches:
             yield [(i, o.epoch) for i in order[step * o.batch_size:(step + 1) * o.batch_size]]
 
 
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; threads inside them only compete
-
 
 
 class LoaderBatches(Batches):
@@ -424,7 +431,6 @@ class LoaderBatches(Batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield self._normalise(x), y
         self.start_step = 0
-
 
 
 def make_streaming_batches(data: StreamingData, batch_size: int, test_batch_size: int, mean, std, device: torch.device,

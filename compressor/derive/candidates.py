@@ -12,6 +12,7 @@ candidates with their measured params and GMACs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 from torch import nn
 from compressor.models.spec import ModelSpec
@@ -21,13 +22,15 @@ from functools import partial
 import torch
 from compressor.config import Config
 from compressor.derive.rules import has_family_rule, student_arch
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, ModelError
 from compressor.events import SILENT, Reporter
 from compressor.models.registry import parse_arch
 from compressor.derive.search import Target
+from compressor.derive.thinning import parse_widths
 from compressor.derive.rules import ladder_archs
 
 
+INITS = ("auto", "inherit", "scratch")
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,9 @@ class Candidate:
         return self.spec.name
 
 
-
 def spec_like(teacher: ModelSpec, arch: Arch) -> ModelSpec:
     return ModelSpec(arch.family, dict(arch.kwargs), teacher.num_classes, list(teacher.class_names),
                      tuple(teacher.input_size), teacher.mean, teacher.std)
-
 
 
 def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candidate:
@@ -55,7 +56,6 @@ def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candi
     params = count_params(model)["total"]
     gmacs = count_macs(model, spec.input_size).gmacs
     return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
-
 
 
 def thinned(teacher: ModelSpec, plan: dict[str, Any], student: nn.Module, teacher_params: int, teacher_gmacs: float) -> Candidate:
@@ -66,7 +66,6 @@ def thinned(teacher: ModelSpec, plan: dict[str, Any], student: nn.Module, teache
     params = count_params(student)["total"]
     gmacs = count_macs(student, teacher.input_size).gmacs
     return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
-
 
 
 def derived_candidate(teacher: ModelSpec, model: nn.Module, width: float | str | dict[str, float],
@@ -80,10 +79,8 @@ def derived_candidate(teacher: ModelSpec, model: nn.Module, width: float | str |
     return thinned(teacher, plan, student, tp, tm)
 
 
-
 def arch_ref(teacher: ModelSpec) -> dict[str, Any]:
     return {"family": teacher.family, "kwargs": dict(teacher.arch_kwargs), "name": teacher.name}
-
 
 
 def derived_ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate]:
@@ -106,7 +103,6 @@ def derived_ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[C
     return cands
 
 
-
 def ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate]:
     """Every candidate, largest first, with params, GMACs and ratios to the teacher: family rules for
     the zoo's WRNs and ResNets, derived (thinned) students for any other traceable CNN."""
@@ -116,18 +112,6 @@ def ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate
     tp, tm = count_params(model)["total"], count_macs(model, teacher.input_size).gmacs
     cands = [measure(spec_like(teacher, a), tp, tm) for a in ladder_archs(teacher.arch)]
     return sorted(cands, key=lambda c: -c.gmacs)
-
-
-
-def apply_plan(model: nn.Module, plan: dict[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:
-    """Rebuild a derived student: replay its thinning plan on a freshly built teacher architecture."""
-    from compressor.models.plan import apply_plan as replay
-
-    return replay(model, plan, input_size)
-
-
-INITS = ("auto", "inherit", "scratch")
-
 
 
 def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0, *,
@@ -165,6 +149,18 @@ def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = N
     return [policy] + others[: count - 1]
 
 
+def check_student_options(names: list[str] | None = None, width: float | str | None = None,
+                          blocks_per_stage: int | None = None, target: Target | None = None, init: str = "auto") -> None:
+    """The rules between the ways of choosing students, checked before anything is loaded."""
+    if names and (width is not None or blocks_per_stage is not None or target is not None):
+        raise ConfigError("--student names a zoo student; drop it to derive one with --width-ratio/--blocks-per-stage/--target-speedup")
+    if target is not None and width is not None:
+        raise ConfigError("--target-speedup searches the width itself; drop --width-ratio (or --target-speedup)")
+    if init not in INITS:
+        raise ConfigError(f"--init {init} is unknown; choose one of {', '.join(INITS)}")
+    if width is not None:
+        parse_widths(width)  # reject a malformed value before loading anything
+
 
 def resolve_init(init: str, spec: ModelSpec) -> str:
     """``auto``: a derived (thinned) student inherits the teacher's surviving weights; a zoo student starts from scratch."""
@@ -174,3 +170,18 @@ def resolve_init(init: str, spec: ModelSpec) -> str:
         raise ConfigError(f"--init inherit needs a student derived from the teacher ({spec.name} is a zoo architecture); "
                           "use --width-ratio or --target-speedup, or --init scratch")
     return ("inherit" if spec.plan is not None else "scratch") if init == "auto" else init
+
+
+def teacher_ladder(teacher: str | Path, *, arch: str | None = None, trust: bool = False,
+                   input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> tuple[ModelSpec, list[Candidate]]:
+    """``atc derive``: the student ladder of a checkpoint or of an architecture name."""
+    from compressor.models.checkpoint import load_model
+
+    if Path(teacher).exists():
+        model, spec, _ = load_model(teacher, arch=arch, trust=trust, input_size=input_size)
+        if spec.family == "module":
+            raise ModelError(f"{teacher} is a pickled nn.Module, which atc cannot rebuild by name; save its state_dict and pass "
+                             "--arch NAME, or derive from the architecture name itself")
+        return spec, ladder(spec, model)
+    spec = ModelSpec.for_arch(str(teacher), num_classes, input_size=input_size)
+    return spec, ladder(spec)

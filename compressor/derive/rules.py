@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Family rules: how the zoo's WRNs and ResNets get thinner (width) and shallower (blocks per
+stage) while staying zoo architectures."""
 
 from __future__ import annotations
 
@@ -8,15 +9,11 @@ from compressor.errors import ModelError
 from compressor.models.registry import Arch
 
 
-
-
 FAMILY_RULES = ("wrn", "cifar_resnet", "resnet")
-
 
 
 def has_family_rule(arch: Arch) -> bool:
     return arch.family in FAMILY_RULES
-
 
 
 def _blocks_and_width(arch: Arch) -> tuple[list[int], float]:
@@ -30,7 +27,6 @@ def _blocks_and_width(arch: Arch) -> tuple[list[int], float]:
     raise ModelError(f"atc has no family rule for '{arch.name}'; pass --student NAME with a zoo architecture")
 
 
-
 def _with(arch: Arch, blocks: list[int], width: float) -> Arch:
     k: dict[str, Any] = dict(arch.kwargs)
     if arch.family == "wrn":
@@ -42,12 +38,10 @@ def _with(arch: Arch, blocks: list[int], width: float) -> Arch:
     return Arch(arch.family, k)
 
 
-
 def student_arch(teacher: Arch, blocks_per_stage: int, width_ratio: float) -> Arch:
     """The preset policy: at most ``blocks_per_stage`` blocks per stage, width × ``width_ratio``."""
     blocks, width = _blocks_and_width(teacher)
     return _with(teacher, [min(b, blocks_per_stage) for b in blocks], width * width_ratio)
-
 
 
 def ladder_archs(teacher: Arch) -> list[Arch]:

@@ -30,11 +30,9 @@ from compressor.profiling.latency import RUNTIMES, SpeedUp, compare_latency
 from compressor.derive.thinning import ROUND_TO, Thinner
 
 
-
 BY = ("gmacs", "params", "latency")
 
 DEFAULT_TOLERANCE = {"gmacs": 0.05, "params": 0.05, "latency": 0.10}
-
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,15 @@ class Target:
         return f"{self.speedup:g}x fewer {'GMACs' if self.by == 'gmacs' else 'params'}"
 
 
+def make_target(speedup: float | None, by: str | None = None, runtime: str = "ort-cpu", batch_size: int = 1,
+                threads: int | None = None) -> Target | None:
+    """The search goal of ``--target-speedup``/``--by``; None when no speed-up is asked for."""
+    if speedup is None:
+        if by is not None:
+            raise ConfigError("--by says how --target-speedup is measured; add --target-speedup N (e.g. 3)")
+        return None
+    return Target(speedup, by or "gmacs", runtime, batch_size, threads)
+
 
 @dataclass
 class Trial:
@@ -97,7 +104,6 @@ class Trial:
         d.pop("signature")
         d["latency_spread"] = list(self.latency_spread) if self.latency_spread else None
         return d
-
 
 
 @dataclass
@@ -132,7 +138,6 @@ class SearchResult:
         return out
 
 
-
 def depth_options(thinner_stages: list, blocks_per_stage: int | None = None) -> list[int | None]:
     """Block caps to try, deepest first: all blocks, then ceil(n/2), then 1 (n: the longest stage)."""
     if blocks_per_stage is not None:
@@ -143,7 +148,6 @@ def depth_options(thinner_stages: list, blocks_per_stage: int | None = None) -> 
         if cap < longest and cap not in caps:
             caps.append(cap)
     return caps
-
 
 
 class _Evaluator:
@@ -198,11 +202,9 @@ class _Evaluator:
         return trial
 
 
-
 def _closeness(by: str, goal: float) -> Callable[[Trial], float]:
     """Distance of a trial from the goal, in log speed-up (so 2x too slow and 2x too fast weigh the same)."""
     return lambda t: abs(math.log(max(t.achieved(by), 1e-9) / goal))
-
 
 
 def _secant(points: list[tuple[float, float]], goal: float, fallback_slope: float) -> float:
@@ -216,7 +218,6 @@ def _secant(points: list[tuple[float, float]], goal: float, fallback_slope: floa
             if -6.0 < s < -0.2:  # speed-up falls as width grows; anything else is noise
                 slope = s
     return x1 + (goal - y1) / slope
-
 
 
 def _search_width(evaluate: Callable[[float, str], Trial], by: str, goal: float, tol: float, min_width: float,
@@ -254,7 +255,6 @@ def _search_width(evaluate: Callable[[float, str], Trial], by: str, goal: float,
             nxt = (lo + hi) / 2
         x = nxt
     return made
-
 
 
 def search(teacher: nn.Module, input_size: tuple[int, int, int], target: Target, *,

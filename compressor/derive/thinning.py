@@ -40,10 +40,8 @@ from compressor.models.plan import PLAN_VERSION, _CONV, _out_channels, _replace,
 ROUND_TO = 8
 
 
-
 def _example(input_size: tuple[int, int, int]) -> torch.Tensor:
     return torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +61,6 @@ def _failing_module(model: nn.Module, exc: BaseException) -> str | None:
                 found = names[id(owner)] or f"the model ({type(owner).__name__})"
         exc = exc.__cause__ or exc.__context__
     return found
-
 
 
 def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
@@ -98,10 +95,8 @@ def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
         model.train(was_training)
 
 
-
 # torch.export logs whole graphs when it gives up on a model; the one-line error is enough.
 TRACE_LOGGERS = ("torch", "torch.fx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +116,6 @@ class _Call:
     @property
     def keeps_shape(self) -> bool:
         return self.single and tuple(self.inp.shape) == tuple(self.out.shape)
-
 
 
 def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
@@ -153,7 +147,6 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
     return calls
 
 
-
 def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> str:
     """The last convolution or linear layer to run: the classifier whose outputs stay."""
     calls = calls if calls is not None else _record_calls(model, _example(input_size))
@@ -161,7 +154,6 @@ def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: d
     if not order:
         raise ModelError(f"{type(model).__name__} has no convolution or linear layer to thin; pass --student NAME")
     return order[-1]
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,10 +173,8 @@ class BlockStage:
         return list(self.blocks[max(min_blocks, max_blocks, 1):])
 
 
-
 def _n_convs(module: nn.Module) -> int:
     return sum(isinstance(m, _CONV) for m in module.modules())
-
 
 
 def _is_block(module: nn.Module, call: _Call | None) -> bool:
@@ -192,12 +182,10 @@ def _is_block(module: nn.Module, call: _Call | None) -> bool:
             and any(True for _ in module.children()) and _n_convs(module) >= 2)
 
 
-
 def _runs_in_order(container: nn.Module) -> bool:
     if isinstance(container, nn.ModuleList):
         return True  # checked below by chaining each block's input to its predecessor's output
     return isinstance(container, nn.Sequential) and type(container).forward is nn.Sequential.forward
-
 
 
 def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> list[BlockStage]:
@@ -242,7 +230,6 @@ def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict
     return stages
 
 
-
 # --------------------------------------------------------------------------------------------
 # Width: Torch-Pruning groups, magnitude importance, kept indices
 
@@ -260,7 +247,6 @@ def _width_for(names: list[str], widths: Mapping[str, float]) -> float:
     return widths.get("", 1.0)
 
 
-
 def keep_count(channels: int, width: float, round_to: int = ROUND_TO) -> int:
     """Channels kept: ``width × channels`` rounded to the nearest multiple of ``round_to``, at least
     ``round_to`` (or all of them, where a layer has fewer)."""
@@ -269,7 +255,6 @@ def keep_count(channels: int, width: float, round_to: int = ROUND_TO) -> int:
     step = max(1, round_to)
     keep = int(math.floor(channels * width / step + 0.5)) * step
     return max(min(step, channels), min(keep, channels))
-
 
 
 def parse_widths(width: float | str | Mapping[str, float]) -> dict[str, float]:
@@ -293,7 +278,6 @@ def parse_widths(width: float | str | Mapping[str, float]) -> dict[str, float]:
     return widths
 
 
-
 @dataclass
 class _Group:
     root: nn.Module
@@ -303,7 +287,6 @@ class _Group:
     order: list[int]     # channel positions (within one group), least important first
 
 
-
 class Thinner:
     """One teacher at one depth: blocks removed, Torch-Pruning's dependency graph built and every
     channel group ranked once; ``student(width)`` then costs a copy and a replay, not a trace."""
@@ -311,8 +294,7 @@ class Thinner:
     def __init__(self, teacher: nn.Module, input_size: tuple[int, int, int], max_blocks: int | None = None, *,
                  min_blocks: int = 1, round_to: int = ROUND_TO, teacher_arch: Mapping[str, Any] | None = None,
                  check: bool = True):
-        import torch_pruning as tp
-        from torch_pruning import ops
+        from compressor import pruning
 
         if max_blocks is not None and max_blocks < 1:
             raise ConfigError(f"--blocks-per-stage must be at least 1, got {max_blocks}")
@@ -330,38 +312,37 @@ class Thinner:
         self.base = base
         modules = dict(base.named_modules())
         self._names = {id(m): n for n, m in modules.items()}
+        pruning.check_torch_pruning()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.graph = tp.DependencyGraph().build_dependency(base, example_inputs=_example(input_size), verbose=False)
+                self.graph = pruning.dependency_graph(base, _example(input_size))
         except Exception as exc:
             raise ModelError(f"Torch-Pruning could not trace {type(teacher).__name__} ({str(exc).splitlines()[0][:120]}); "
                              "pass --student NAME with a zoo architecture") from exc
-        importance = tp.importance.GroupMagnitudeImportance(p=2)
         self.groups: list[_Group] = []
         with torch.no_grad():
-            for group in self.graph.get_all_groups(ignored_layers=[modules[self.classifier]],
-                                                   root_module_types=[ops.TORCH_CONV, ops.TORCH_LINEAR]):
+            for group in pruning.channel_groups(self.graph, ignored=[modules[self.classifier]]):
                 members, ch_groups = [], 1
-                for dep, _ in group:
-                    m = dep.target.module
-                    if dep.target.type == ops.OPTYPE.PARAMETER:
+                for c in pruning.group_members(self.graph, group):
+                    m = c.module
+                    if c.parameter:
                         raise ModelError(f"{type(teacher).__name__} has a bare nn.Parameter tied to channels, which "
                                          "thinning does not support; pass --student NAME")
                     if isinstance(m, _CONV) and 1 < m.groups < m.out_channels:
                         ch_groups = max(ch_groups, m.groups)
-                    if self.graph.is_out_channel_pruning_fn(dep.handler) and isinstance(m, (_CONV, nn.Linear)):
+                    if c.out and isinstance(m, (_CONV, nn.Linear)):
                         members.append(self._names.get(id(m), ""))
-                imp = importance(group)
+                imp = pruning.group_importance(group, p=2)
                 if imp is None:
                     continue
                 imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
                 order = torch.argsort(imp.cpu(), stable=True).tolist()
-                self.groups.append(_Group(group[0].dep.target.module, group[0].dep.handler, members, ch_groups, order))
+                self.groups.append(_Group(*pruning.group_root(group), members, ch_groups, order))
 
     def kept(self, width: float | str | Mapping[str, float]) -> dict[str, dict[str, list[int]]]:
         """Indices each thinned layer keeps, per dimension ("out"/"in"), relative to the teacher."""
-        from torch_pruning import _helpers
+        from compressor import pruning
 
         widths = parse_widths(width)
         for key in widths:
@@ -382,19 +363,18 @@ class Thinner:
             if keep >= per_group:
                 continue
             pruned = sorted(i + k * per_group for k in range(g.ch_groups) for i in g.order[: per_group - keep])
-            group = self.graph.get_pruning_group(g.root, g.handler, pruned)
-            if not self.graph.check_pruning_group(group):
+            group = pruning.pruning_group(self.graph, g.root, g.handler, pruned)
+            if group is None:
                 continue
-            for dep, idxs in group:
-                module = dep.target.module
-                name = self._names.get(id(module))
+            for c in pruning.group_members(self.graph, group, indices=True):
+                name = self._names.get(id(c.module))
                 if name is None:
                     continue  # an operation node (add, cat, flatten): no weights
-                pruner = self.graph.get_pruner_of_module(module)
-                coupled = getattr(pruner.prune_in_channels, "__func__", None) is getattr(pruner.prune_out_channels, "__func__", 0)
-                dim = "out" if coupled or self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
-                sizes[(name, dim)] = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
-                gone.setdefault((name, dim), set()).update(_helpers.to_plain_idxs(idxs))
+                pruner = pruning.layer_pruner(c.module, self.graph)
+                out = pruning.couples_in_and_out(pruner) or c.out
+                dim = "out" if out else "in"
+                sizes[(name, dim)] = pruning.channels(pruner, c.module, out)
+                gone.setdefault((name, dim), set()).update(c.indices)
         kept: dict[str, dict[str, list[int]]] = {}
         for (name, dim), removed in sorted(gone.items()):
             kept.setdefault(name, {})[dim] = [i for i in range(sizes[(name, dim)]) if i not in removed]
@@ -439,7 +419,6 @@ class Thinner:
         return model, plan
 
 
-
 def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | str | Mapping[str, float] = 0.5,
            max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
            teacher_arch: Mapping[str, Any] | None = None, name: str | None = None,
@@ -451,7 +430,6 @@ def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | 
     return thinner.student(width, name)
 
 
-
 def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     """The student of ``plan`` with ``teacher``'s surviving weights (``teacher`` is not changed). ``teacher``
     is the model the plan was derived from: a derived teacher's own plan (``base``) is already in it."""
@@ -459,11 +437,9 @@ def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     return apply_plan(copy.deepcopy(teacher).cpu().float(), own)
 
 
-
 def _channels_of(model: nn.Module, input_size: tuple[int, int, int], names: list[str]) -> dict[str, int]:
     calls = _record_calls(model, _example(input_size))
     return {n: int(calls[n].out.shape[1]) for n in names if n in calls and calls[n].out is not None and calls[n].out.dim() >= 2}
-
 
 
 def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],

@@ -6,6 +6,16 @@ channel mean of ``|A|^p``, flattened per sample and L2-normalised. Per tapped pa
 ``β/2 · ||Q_s - Q_t||_2`` per sample (``form="paper"``). The total is ``β · Σ_pairs``.
 Max-p (``reduce="max"``) takes the channel max of ``|A|^p`` instead of the mean.
 
+β in the paper form follows the paper's rule (section 4.1: "10³ divided by number of elements in
+attention map and batch size for each layer"): ``distillation_terms`` weights each pair's
+batch-mean distance by ``β / (H·W)``, H×W being the pair's (matched) map size, so with the
+default β = 1000 each pair gets the paper's 10³/(H·W·batch) on a batch sum. The batch mean
+does the division by the batch size. The code form needs no such factor: its mean already
+divides by H·W and the batch. So one β means the same in both forms, and at β = 1000 the two
+terms are of the same order (the paper form's per-pair term is about ``1/(2‖d‖)`` times the code
+form's, ``d`` a sample's map difference, ‖d‖ ≤ √2) instead of ``H·W/(2‖d‖)`` times. Gradient AT
+divides by the elements of one sample's input gradient (C·H·W) the same way.
+
 Gradient-based AT (section 3.2): ``J = ∂L/∂x`` for teacher and student; the same distance on the
 per-sample L2-normalised ``J``, trained with double backpropagation; optionally the student's
 horizontal-flip term ``||J − flip(J)||`` weighted by its own β.
@@ -22,19 +32,25 @@ import torch
 import torch.nn.functional as F
 
 
-
 AtForm = Literal["code", "paper"]
 
 Reduce = Literal["mean", "max"]
 
 
-
 def attention_map(a: torch.Tensor, p: float = 2, reduce: Reduce = "mean") -> torch.Tensor:
-    """Normalised spatial attention of ``a`` (B×C×H×W) → B×(H·W); ``reduce='max'`` is max-p."""
+    """Normalised spatial attention of ``a`` (B×C×H×W) → B×(H·W); ``reduce='max'`` is max-p.
+
+    The map uses ``|A|^p`` for every p, the paper's definition (its F_sum^p is Σ_c |A_c|^p).
+    For even p this equals ``A^p``; for odd p (e.g. p = 1, 3) peer reimplementations differ:
+    RepDistiller and mdistiller compute ``f.pow(p)`` without the absolute value, i.e. the signed
+    ``A^p``, which lets positive and negative activations cancel. After a ReLU (most tapped
+    points) activations are non-negative and both agree; before a ReLU (e.g. WRN's teacher maps,
+    taken before the final BN-ReLU) they do not, so odd-p results are not comparable with those
+    implementations.
+    """
     energy = a.abs().pow(p)
     pooled = energy.mean(1) if reduce == "mean" else energy.amax(1)
     return F.normalize(pooled.flatten(1).float(), dim=1)
-
 
 
 def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +62,6 @@ def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch
     return F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
 
 
-
 def at_distance(qs: torch.Tensor, qt: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
     """Distance between two batches of normalised maps, *without* β."""
     if form == "code":
@@ -54,12 +69,20 @@ def at_distance(qs: torch.Tensor, qt: torch.Tensor, form: AtForm = "code") -> to
     return 0.5 * (qs - qt).norm(p=2, dim=1).mean()
 
 
-
 def at_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2, form: AtForm = "code", reduce: Reduce = "mean") -> torch.Tensor:
     """AT loss of one student/teacher activation pair (β not applied)."""
     s, t = match_spatial(s, t)
     return at_distance(attention_map(s, p, reduce), attention_map(t, p, reduce), form)
 
+
+def pair_weight(form: AtForm, s: torch.Tensor, t: torch.Tensor) -> float:
+    """The factor a pair's AT distance is weighted by besides β: 1 for the code form; for the paper
+    form, 1 / (number of elements of one sample's matched attention map), the paper's β rule."""
+    if form == "code":
+        return 1.0
+    if s.dim() == 4:  # activations: the map is H×W of the smaller of the two
+        return 1.0 / (min(s.shape[-2], t.shape[-2]) * min(s.shape[-1], t.shape[-1]))
+    return 1.0 / max(1, s[0].numel())  # input gradients: C×H×W per sample
 
 
 def input_gradient(model, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,11 +96,9 @@ def input_gradient(model, x: torch.Tensor, y: torch.Tensor, create_graph: bool =
     return grad, logits
 
 
-
 def gradient_at_loss(js: torch.Tensor, jt: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
     """Gradient-based AT: distance between per-sample L2-normalised input gradients (β not applied)."""
     return at_distance(F.normalize(js.flatten(1).float(), dim=1), F.normalize(jt.flatten(1).float(), dim=1), form)
-
 
 
 def flip_symmetry_loss(j: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
@@ -85,13 +106,11 @@ def flip_symmetry_loss(j: torch.Tensor, form: AtForm = "code") -> torch.Tensor:
     return gradient_at_loss(j, j.flip(-1), form)
 
 
-
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
     """Hinton KD: batch-mean KL(teacher ‖ student) at temperature T, times T²."""
     log_s = F.log_softmax(student_logits.float() / T, dim=1)
     p_t = F.softmax(teacher_logits.float() / T, dim=1)
     return F.kl_div(log_s, p_t, reduction="batchmean") * T * T
-
 
 
 @dataclass(frozen=True)
@@ -121,7 +140,6 @@ class Objective:
         return self.uses_kd or self.uses_at
 
 
-
 def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: torch.Tensor,
                        teacher_logits: torch.Tensor | None = None,
                        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
@@ -145,11 +163,12 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
         if obj.gradient:
             if input_grads is None:
                 raise ValueError("gradient-based AT needs input_grads=(J_student, J_teacher)")
-            terms["at"] = b * gradient_at_loss(input_grads[0], input_grads[1], obj.form)
+            w = pair_weight(obj.form, input_grads[0], input_grads[1])
+            terms["at"] = b * w * gradient_at_loss(input_grads[0], input_grads[1], obj.form)
             if obj.flip_beta:
-                terms["flip"] = obj.flip_beta * flip_symmetry_loss(input_grads[0], obj.form)
+                terms["flip"] = obj.flip_beta * w * flip_symmetry_loss(input_grads[0], obj.form)
         else:
-            at_sum = sum(at_loss(s, t, obj.p, obj.form, obj.reduce) for s, t in pairs)
+            at_sum = sum(pair_weight(obj.form, s, t) * at_loss(s, t, obj.p, obj.form, obj.reduce) for s, t in pairs)
             terms["at"] = b * at_sum if pairs else ce.new_zeros(())
     terms["loss"] = sum(terms.values())
     return terms

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""INT8 export: static QDQ quantization in onnxruntime (U8 activations, S8 per-channel weights,
+calibrated on training images), then top-1 and latency against the FP32 file."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from compressor import fileio
 from compressor.quiet import quiet
 from compressor.evaluate import normalized_images, onnx_top1
 from compressor.export.onnx import EXPORT_LOGGERS, INPUT_NAME
-
-
 
 
 def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarray, per_channel: bool = True) -> Path:
@@ -37,7 +36,6 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarra
     return out
 
 
-
 @dataclass
 class Int8Result:
     path: Path
@@ -54,7 +52,6 @@ class Int8Result:
         d["path"] = str(self.path)
         d["spread"] = list(self.spread)
         return d
-
 
 
 def int8_with_evaluation(fp32_path: str | Path, out: str | Path, data, mean, std, input_size, calib_images: int = 256,

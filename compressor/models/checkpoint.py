@@ -12,20 +12,19 @@ import pickle
 import pickletools
 import warnings
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 import torch
 from torch import nn
 from compressor import fileio
 from compressor.errors import CheckpointError, ModelError
+from compressor.models.registry import parse_arch
 from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
 from compressor.models.spec import ModelSpec
 
 
-
 FORMAT = "atc-checkpoint/1"
-
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, metrics: dict | None = None) -> None:
@@ -38,7 +37,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, metrics
     fileio.torch_save(path, blob)
 
 
-
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
@@ -47,9 +45,7 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
-
 
 
 def _pickle_streams(path: Path) -> list[bytes]:
@@ -59,7 +55,6 @@ def _pickle_streams(path: Path) -> list[bytes]:
             return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
     except (zipfile.BadZipFile, OSError, KeyError, RuntimeError):
         return [path.read_bytes()]
-
 
 
 def _pickles_code(path: Path) -> bool:
@@ -81,7 +76,6 @@ def _pickles_code(path: Path) -> bool:
         if calls:
             return True
     return False
-
 
 
 def read_file(path: str | Path, trust: bool = False) -> Any:
@@ -118,7 +112,6 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
         raise CheckpointError(f"{path} could not be loaded even as a trusted pickle ({type(exc).__name__}: {exc})") from exc
 
 
-
 def check_input_fits(model: nn.Module, input_size: tuple[int, int, int] | list[int], name: str = "the model") -> None:
     """Raise ``ModelError`` when ``input_size`` (C, H, W) is too small for ``model``.
 
@@ -143,7 +136,6 @@ def check_input_fits(model: nn.Module, input_size: tuple[int, int, int] | list[i
         lo, hi = (lo, mid) if _fits(model, (c, mid, mid))[0] else (mid, hi)
     raise ModelError(f"input {c}x{h}x{w} is too small for {name} ({why}); use images of at least {hi}x{hi} "
                      "(--input-size, or data.image_size in the preset)")
-
 
 
 def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
@@ -173,7 +165,6 @@ def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
     return (not collapsed), (collapsed[0] if collapsed else "")
 
 
-
 def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "net", "model_state_dict"):
@@ -185,11 +176,9 @@ def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-
 def _classes_in(state_dict: dict[str, torch.Tensor]) -> int | None:
     linear = [v for k, v in state_dict.items() if k.endswith("weight") and v.dim() == 2]
     return int(linear[-1].shape[0]) if linear else None
-
 
 
 def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
@@ -200,7 +189,6 @@ def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where
         missing = ", ".join(result.missing_keys[:3]) or "none"
         extra = ", ".join(result.unexpected_keys[:3]) or "none"
         raise CheckpointError(f"{where} does not fit this architecture (missing keys: {missing}; unexpected: {extra}); pass the right --arch")
-
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
@@ -232,3 +220,22 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit {arch} ({str(exc).splitlines()[-1].strip()[:120]}); pass the right --arch") from exc
     return model, spec, {}
+
+
+def open_model(model: str | Path, arch: str | None = None, trust: bool = False, input_size: tuple[int, int, int] | None = None,
+               num_classes: int = 10) -> tuple[nn.Module, ModelSpec]:
+    """A model to profile or export: a checkpoint file, or a zoo name built fresh. ``input_size``
+    overrides the checkpoint's; a zoo ImageNet ResNet defaults to 1000 classes at 224x224. The model
+    is in eval mode and checked to accept its input size."""
+    size = tuple(input_size) if input_size else None
+    if Path(model).exists():
+        m, spec, _ = load_model(model, arch=arch, trust=trust, input_size=size)
+        if size:
+            spec = replace(spec, input_size=size)
+    else:
+        a = parse_arch(str(model))
+        classes = 1000 if a.family == "resnet" and num_classes == 10 and not a.kwargs.get("cifar_stem") else num_classes
+        spec = ModelSpec(a.family, dict(a.kwargs), classes, input_size=size or ((3, 224, 224) if classes == 1000 else (3, 32, 32)))
+        m = spec.build()
+    check_input_fits(m, spec.input_size, spec.name)
+    return m.eval(), spec

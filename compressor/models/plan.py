@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Thinning plans: replay a derived student's plan (removed blocks, kept channels) on its teacher's architecture."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ from torch import nn
 from compressor.errors import ModelError
 
 
-
 PLAN_VERSION = 1
 
 _CONV = nn.modules.conv._ConvNd
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -27,7 +25,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
-
 def _out_channels(module: nn.Module) -> int | None:
     if isinstance(module, _CONV):
         return module.out_channels
@@ -36,12 +33,10 @@ def _out_channels(module: nn.Module) -> int | None:
     return None
 
 
-
 def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:
     """Replay ``plan`` on ``model`` (the teacher architecture, in place): remove blocks, then keep the
     recorded channels of every layer. Returns ``model``. No tracing, so it is deterministic and fast."""
-    from torch_pruning import ops
-    from torch_pruning.pruner import function
+    from compressor import pruning
 
     if int(plan.get("version", 0)) > PLAN_VERSION:
         raise ModelError(f"this thinning plan has version {plan.get('version')}, newer than atc understands; upgrade atc")
@@ -54,17 +49,17 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any], input_size: tuple[int,
             _replace(model, name, nn.Identity())
         for name, dims in plan.get("kept", {}).items():
             module = model.get_submodule(name)
-            pruner = function.PrunerBox.get(ops.module2type(module))
+            pruner = pruning.layer_pruner(module)
             if pruner is None:
                 raise ModelError(f"thinning plan of {where}: layer {name} ({type(module).__name__}) cannot be thinned")
             for dim, keep in dims.items():
-                size = pruner.get_out_channels(module) if dim == "out" else pruner.get_in_channels(module)
+                size = pruning.channels(pruner, module, dim == "out")
                 if size is None or (keep and max(keep) >= size):
                     raise ModelError(f"thinning plan of {where} does not fit layer {name}; was the teacher architecture changed?")
                 keep_set = set(keep)
                 pruned = [i for i in range(size) if i not in keep_set]
                 if pruned:
-                    (pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels)(module, pruned)
+                    pruning.cut_channels(pruner, module, dim == "out", pruned)
     except AttributeError as exc:
         raise ModelError(f"thinning plan of {where} names a layer this architecture lacks ({exc}); "
                          "was the teacher architecture or its file changed?") from None

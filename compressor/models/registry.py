@@ -3,9 +3,12 @@ arguments and rebuild the module.
 
 Names: ``wrn-D-K`` (e.g. ``wrn-40-4``), CIFAR ResNets ``resnet20/32/56/110`` (and
 ``cifar-resnetD`` for any 6n+2 depth), torchvision's ``resnet18/34/50/101/152`` (``-cifar``
-for a 3x3 stem without max-pool), a few torchvision classifiers for generic thinning, and a
-user's own model as ``path/to/file.py:ClassName`` (family ``file``: the checkpoint stores the
-file's absolute path and the class name, so the file must stay where it is to rebuild the model).
+for a 3x3 stem without max-pool), a few torchvision classifiers by their bare names, any
+torchvision classification builder as ``tv:NAME`` and any timm model as ``timm:NAME`` (always
+built without pretrained weights; the data sets ``num_classes``), and a user's own model as
+``path/to/file.py:ClassName`` (family ``file``: the checkpoint stores the file's absolute path and
+the class name, so the file must stay where it is to rebuild the model). ``list_models()`` says
+all of this as rows of plain data.
 """
 
 from __future__ import annotations
@@ -53,10 +56,38 @@ class Arch:
         return FAMILIES[self.family](num_classes=num_classes, **self.kwargs)
 
 
-def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+TIMM_MISSING = "timm is not installed; pip install 'atc[timm]' to use timm:NAME models"
+
+
+def _torchvision_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     import torchvision
 
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if kwargs.pop("weights", None) is not None:
+        raise ModelError(f"atc builds tv:{name} without pretrained weights; load trained weights from a checkpoint instead")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(TIMM_MISSING) from None
+    return timm
+
+
+def _timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A timm model with fresh weights: ``pretrained=False`` always, so nothing is downloaded."""
+    timm = _import_timm()
+    if kwargs.pop("pretrained", False):
+        raise ModelError(f"atc builds timm:{name} without pretrained weights; load trained weights from a checkpoint instead")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def torchvision_names() -> list[str]:
+    """torchvision's classification builders (detection, segmentation, video and optical flow left out)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _file_model(num_classes: int, path: str, class_name: str, **kwargs: Any) -> nn.Module:
@@ -92,6 +123,7 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet": CifarResNet,
     "resnet": ScalableResNet,
     "torchvision": _torchvision_model,
+    "timm": _timm_model,
     "file": _file_model,
 }
 
@@ -113,8 +145,10 @@ def display_name(family: str, kwargs: dict[str, Any]) -> str:
         if kwargs.get("width", 1.0) != 1.0:
             name += f"-x{_fmt(kwargs['width'])}"
         return name + ("-cifar" if kwargs.get("cifar_stem") else "")
-    if family == "torchvision":
-        return kwargs["name"]
+    if family == "torchvision":  # a bare name only where it parses back to torchvision (not resnet18: the zoo's)
+        return kwargs["name"] if kwargs["name"] in TORCHVISION_GENERIC else f"tv:{kwargs['name']}"
+    if family == "timm":
+        return f"timm:{kwargs['name']}"
     if family == "file":
         return kwargs["class_name"]
     return family
@@ -127,8 +161,47 @@ def known_names() -> list[str]:
     return wrns + cifar + imagenet + list(TORCHVISION_GENERIC)
 
 
+FIND_NAMES = "run `atc models` for how to name models"
+
+
+def _unknown(what: str, close: list[str], where: str) -> ModelError:
+    """One line: what is unknown, the closest names, and how to find the right one."""
+    if close:
+        return ModelError(f"{what}; did you mean {', '.join(close)}? {FIND_NAMES.capitalize()} {where}")
+    return ModelError(f"{what}; {FIND_NAMES} {where}")
+
+
+def _parse_torchvision(name: str) -> Arch:
+    names = torchvision_names()
+    key = name if name in names else name.lower()
+    if key in names:
+        return Arch("torchvision", {"name": key})
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    raise _unknown(f"torchvision has no classification model '{name}'", ["tv:" + c for c in close],
+                   "(torchvision.models.list_models(module=torchvision.models) lists torchvision's)")
+
+
+def _parse_timm(name: str) -> Arch:
+    timm = _import_timm()
+    if ":" in name or "/" in name:
+        raise ModelError(f"timm:{name} names a hub or file source; atc builds timm models without weights, so pass "
+                         "the architecture name alone, e.g. timm:resnet18")
+    key = name if timm.is_model(name) else name.lower()
+    if timm.is_model(key):
+        return Arch("timm", {"name": key})
+    close = difflib.get_close_matches(key, timm.list_models(), n=3, cutoff=0.6)
+    raise _unknown(f"timm has no model '{name}'", ["timm:" + c for c in close],
+                   f"(timm.list_models('*{key}*') lists timm's)")
+
+
 def parse_arch(name: str) -> Arch:
-    """Turn a zoo name (or ``file.py:ClassName``) into an ``Arch``; unknown names raise with the closest known ones."""
+    """Turn a zoo name, ``tv:NAME``, ``timm:NAME`` or ``file.py:ClassName`` into an ``Arch``; unknown
+    names raise with the closest known ones."""
+    prefix, sep, rest = name.strip().partition(":")
+    if sep and prefix.lower() in ("tv", "torchvision"):
+        return _parse_torchvision(rest.strip())
+    if sep and prefix.lower() == "timm":
+        return _parse_timm(rest.strip())
     if m := re.fullmatch(r"(.+\.py):([A-Za-z_]\w*)", name.strip()):
         file = Path(m.group(1)).expanduser()
         if not file.is_file():
@@ -153,11 +226,72 @@ def parse_arch(name: str) -> Arch:
     if key in TORCHVISION_GENERIC:
         return Arch("torchvision", {"name": key})
     close = difflib.get_close_matches(key, known_names(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; run `atc derive --list-archs` for the zoo"
-    raise ModelError(f"unknown architecture '{name}'{hint}")
+    raise _unknown(f"unknown architecture '{name}'", close,
+                   "(tv:NAME for torchvision's, timm:NAME for timm's, path/to/file.py:ClassName for your own)")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of ``list_models()``: a name (or name pattern) as ``--arch`` takes it."""
+
+    name: str         # e.g. "wrn-D-K", "mobilenet_v2", "tv:NAME", "tv:convnext_tiny"
+    family: str       # the registry family a checkpoint stores
+    source: str       # "atc", "torchvision", "timm" or "your file"
+    derive: str       # how `atc compress` derives a student: "family rule" or "thinning"
+    description: str
+
+
+def _timm_names(pattern: str) -> list[str] | None:
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm.list_models(pattern)
+
+
+def list_models(pattern: str | None = None) -> list[ModelInfo]:
+    """The architectures atc builds, as rows: the zoo's name patterns (with examples), the torchvision
+    models known by bare name, and how to name any other torchvision or timm model or your own class.
+
+    With ``pattern`` (a glob such as ``"*mobilenet*"``; a bare word matches anywhere) the rows are the
+    matching names themselves, zoo, torchvision and (when installed) timm. Nothing is built or downloaded.
+    """
+    import fnmatch
+
+    tv = torchvision_names()
+    if pattern is not None:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        rows = [ModelInfo(n, parse_arch(n).family, "atc", "family rule", "")
+                for n in known_names() if n not in TORCHVISION_GENERIC and fnmatch.fnmatch(n, glob)]
+        rows += [ModelInfo(n, "torchvision", "torchvision", "thinning", "") for n in TORCHVISION_GENERIC if fnmatch.fnmatch(n, glob)]
+        rows += [ModelInfo(f"tv:{n}", "torchvision", "torchvision", "thinning", "") for n in tv
+                 if n not in TORCHVISION_GENERIC and fnmatch.fnmatch(n, glob)]
+        rows += [ModelInfo(f"timm:{n}", "timm", "timm", "thinning", "") for n in _timm_names(glob) or []]
+        return rows
+    timm_names = _timm_names("*")
+    timm_note = (f"any of timm's {len(timm_names)} models, e.g. timm:resnet18, timm:mobilenetv3_small_100"
+                 if timm_names is not None else "timm models (not installed: pip install 'atc[timm]')")
+    rows = [
+        ModelInfo("wrn-D-K", "wrn", "atc", "family rule", "Wide ResNet, depth D = 6n+4, width K: wrn-40-4, wrn-16-2, wrn-16-1"),
+        ModelInfo("resnetD[-wW]", "cifar_resnet", "atc", "family rule",
+                  "CIFAR ResNet, D in 20/32/44/56/110 (cifar-resnetD for any 6n+2), stem width W (16): resnet56, resnet20-w8"),
+        ModelInfo("resnet18/34/50/101/152[-cifar]", "resnet", "atc", "family rule",
+                  "torchvision-layout ResNet; -cifar: 3x3 stem, no max-pool: resnet18, resnet50-cifar"),
+    ]
+    rows += [ModelInfo(n, "torchvision", "torchvision", "thinning", f"torchvision {n}, no weights (same as tv:{n})")
+             for n in TORCHVISION_GENERIC]
+    rows += [
+        ModelInfo("tv:NAME", "torchvision", "torchvision", "thinning",
+                  f"any of torchvision's {len(tv)} classification models, no weights, e.g. tv:resnet18, tv:convnext_tiny"),
+        ModelInfo("timm:NAME", "timm", "timm", "thinning", f"{timm_note}; no weights"),
+        ModelInfo("path/to/file.py:ClassName", "file", "your file", "thinning",
+                  "your nn.Module; built with num_classes=N when it takes it"),
+    ]
+    return rows
 
 
 def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
-    """Build a zoo model from its name, e.g. ``create_model('wrn-16-2', num_classes=10)``."""
+    """Build a model from its name, e.g. ``create_model('wrn-16-2', num_classes=10)`` or
+    ``create_model('timm:resnet10t', num_classes=3)``; ``overrides`` go to the builder (and into the checkpoint)."""
     arch = parse_arch(name)
     return Arch(arch.family, {**arch.kwargs, **overrides}).build(num_classes)

@@ -1,13 +1,15 @@
-"""TODO docstring."""
+"""ModelSpec: what a checkpoint stores to rebuild a model without pickled code: the registry family
+and its builder's keyword arguments (``timm:NAME`` is family ``timm`` with ``{"name": NAME}``,
+``tv:NAME`` family ``torchvision``), the classes, the input, the normalisation and, for a derived
+student, its thinning plan."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 from torch import nn
+from compressor.models.plan import apply_plan
 from compressor.models.registry import Arch, parse_arch
-
-
 
 
 @dataclass
@@ -34,8 +36,6 @@ class ModelSpec:
     def build(self) -> nn.Module:
         model = self.arch.build(self.num_classes)
         if self.plan is not None:
-            from compressor.derive.candidates import apply_plan
-
             model = apply_plan(model, self.plan, self.input_size)
         return model
 

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Parameter and multiply-add counts.
+
+FLOP convention: fvcore counts one fused multiply-add as one flop, so its "flops" are MACs; atc
+reports GMACs and shows GFLOPs = 2 x GMACs beside them. fvcore also counts BatchNorm and pooling,
+which torchvision's published operation counts leave out (+0.2-0.55 % on ResNets, +4 % on
+MobileNetV2/EfficientNet-B0)."""
 
 from __future__ import annotations
 
@@ -9,15 +14,12 @@ from torch import nn
 from compressor.errors import ModelError
 
 
-
 MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs)"
-
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-
 
 
 @dataclass
@@ -29,7 +31,6 @@ class MacCount:
     @property
     def gflops(self) -> float:
         return 2 * self.gmacs
-
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> MacCount:

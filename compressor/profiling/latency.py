@@ -29,7 +29,6 @@ from compressor.errors import ConfigError
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
 
 
-
 @dataclass
 class Latency:
     runtime: str
@@ -48,14 +47,12 @@ class Latency:
         return asdict(self)
 
 
-
 def _summarise(samples: list[float], cold: float, runtime: str, batch: int, threads: int, providers: list[str]) -> Latency:
     arr = np.array(samples) * 1e3
     med = float(np.median(arr))
     cv = float(arr.std() / arr.mean()) if len(arr) > 1 else 0.0
     return Latency(runtime, batch, threads, med, float(np.percentile(arr, 90)), float(np.percentile(arr, 99)),
                    cold * 1e3, cv, len(arr), batch / (med / 1e3), providers)
-
 
 
 def time_runs(fn: Callable[[], float], warmup: int = 5, min_runs: int = 20, min_time_s: float = 0.5,
@@ -72,7 +69,6 @@ def time_runs(fn: Callable[[], float], warmup: int = 5, min_runs: int = 20, min_
     while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start < min_time_s):
         samples.append(fn())
     return cold, samples
-
 
 
 class Runner:
@@ -137,7 +133,6 @@ class Runner:
         return time.perf_counter() - t
 
 
-
 @dataclass(frozen=True)
 class Timing:
     warmup: int = 5
@@ -145,12 +140,10 @@ class Timing:
     min_time_s: float = 0.5
 
 
-
 def set_threads(threads: int | None) -> int:
     threads = threads or min(os.cpu_count() or 1, 8)
     torch.set_num_threads(threads)
     return threads
-
 
 
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu", batch_size: int = 1,
@@ -160,7 +153,6 @@ def measure_latency(model: nn.Module, input_size: tuple[int, int, int], runtime:
         runner = Runner(model, input_size, runtime, batch_size, threads, path)
         cold, samples = time_runs(runner, timing.warmup, timing.min_runs, timing.min_time_s)
     return _summarise(samples, cold, runtime, batch_size, threads, runner.providers)
-
 
 
 class _onnx_for:
@@ -182,7 +174,6 @@ class _onnx_for:
             self._tmp.cleanup()
 
 
-
 @dataclass
 class SpeedUp:
     runtime: str
@@ -196,11 +187,9 @@ class SpeedUp:
     quartiles: tuple[float, float] = (0.0, 0.0)  # 25th and 75th percentile of the per-round ratios
 
 
-
 # A round times each model for at least this long, so that sub-millisecond models are not
 # measured on a handful of calls that one scheduler hiccup can dominate.
 ROUND_S = 0.02
-
 
 
 def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu",
@@ -222,7 +211,6 @@ def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[in
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return SpeedUp(runtime, batch_size, threads, statistics.median(ratios), (min(ratios), max(ratios)),
                    statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds, (q[0], q[2]))
-
 
 
 def environment() -> dict[str, str | int | None]:

@@ -15,8 +15,6 @@ from compressor import fileio
 from typing import Sequence
 
 
-
-
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated in (higher x, higher y)."""
     front = []
@@ -26,16 +24,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-
 def plot_tradeoff(report: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     t, studs = report["teacher"], report["students"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "latency_speedup", "latency speed-up over teacher (×, measured)"),
                            (axes[1], "gmacs", "GMACs per image (fvcore multiply-adds)")):
         pts = [(s.get(key) or 0.0, s.get("top1") or 0.0) for s in studs]
@@ -54,7 +49,7 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> None:
         ax.set_ylabel("top-1 accuracy (%)")
         if key == "gmacs":
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.margins(0.15)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
@@ -62,17 +57,14 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
 
 
 History = Sequence[dict]
 
 
-
 def _series(history: History, key: str) -> tuple[list[float], list[float]]:
     pts = [(float(r.get("epoch", i + 1)), float(r[key])) for i, r in enumerate(history) if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
-
 
 
 def plot_curves(path: str | Path, teacher: tuple[str, History] | None, students: Sequence[tuple[str, History]]) -> None:
@@ -81,14 +73,13 @@ def plot_curves(path: str | Path, teacher: tuple[str, History] | None, students:
     ``teacher`` and every student are ``(label, history)``; a model with an empty history is left out.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     models = ([(f"teacher {teacher[0]}", teacher[1])] if teacher else []) + [(f"student {n}", h) for n, h in students]
     models = [(n, h) for n, h in models if h]
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(12.5, 4.2))
+    axes = fig.subplots(1, 2)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, history) in enumerate(models):
         c = colors[i % len(colors)]
         for ax, metric in ((axes[0], "loss"), (axes[1], "top1")):
@@ -114,16 +105,11 @@ def plot_curves(path: str | Path, teacher: tuple[str, History] | None, students:
         fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.8, 0.5))
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
 
 
 def plot_sweep(result: dict[str, Any], path: str | Path) -> None:
     """Top-1 (mean ± std over seeds) against β on a log axis, one line per setting of the other keys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     keys = list(result["grid"])
     xkey = "beta" if "beta" in keys else keys[0]
@@ -131,7 +117,8 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> None:
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for c in result["cells"]:
         groups.setdefault(tuple(c["params"][k] for k in others), []).append(c)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     numeric = xkey == "beta"
     labels = result["grid"][xkey]
     baselines: dict[str, dict[str, Any]] = {}
@@ -174,4 +161,3 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)

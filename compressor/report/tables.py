@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Views of report.json and sweep.json as rows of strings: the terminal table, report.md and
+sweep.md. Plain data in, strings out."""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ from compressor.profiling.counts import MAC_UNIT
 COLUMNS = ("model", "role", "top-1 %", "Δ top-1", "params", "GMACs", "latency ms", "params ×", "GMACs ×", "latency ×")
 
 
-
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
-
 
 
 # When the middle half of the rounds' ratios spans more than this factor, the CPU was shared
 # with other work (an idle machine stays within a few per cent): say so beside the figure.
 NOISY_SPREAD = 1.25
-
 
 
 def _speedup_cell(student: dict[str, Any]) -> str:
@@ -30,12 +28,19 @@ def _speedup_cell(student: dict[str, Any]) -> str:
     return text
 
 
-
 def noisy_latency(report: dict[str, Any]) -> list[str]:
     """Students whose interleaved rounds' interquartile ratios differ by more than ``NOISY_SPREAD`` times."""
     return [s["name"] for s in report["students"]
             if (q := s.get("latency_speedup_quartiles")) and q[0] > 0 and q[1] / q[0] > NOISY_SPREAD]
 
+
+def noisy_latency_note(report: dict[str, Any]) -> str:
+    """The one advice for noisy latency rounds (empty when every student's rounds agree)."""
+    if not (noisy := noisy_latency(report)):
+        return ""
+    return (f"Latency is noisy for {', '.join(noisy)}: the middle half of the rounds spans more than {NOISY_SPREAD}×: the machine was "
+            "busy, or the thread count too high for a model this small; measure again on an idle machine (`atc profile "
+            "--threads 1`) before trusting the latency columns.")
 
 
 def rows(report: dict[str, Any]) -> list[list[str]]:
@@ -55,7 +60,6 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-
 def markdown(report: dict[str, Any]) -> str:
     lat = report.get("latency", {})
     lines = [f"# atc report: {report['teacher']['name']} → {', '.join(s['name'] for s in report['students'])}", "",
@@ -67,14 +71,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
               f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
               f"latency × is the median per-round ratio, (min–max) over rounds.", "",
-              *([f"Latency is noisy for {', '.join(noisy)}: the middle half of the rounds spans more than {NOISY_SPREAD}×: the machine was "
-                 "busy, or the thread count too high for a model this small; measure again on an idle machine (`atc profile "
-                 "--threads 1`) before trusting the latency columns.", ""]
-                if (noisy := noisy_latency(report)) else []),
+              *([noisy_latency_note(report), ""] if noisy_latency(report) else []),
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
               f"onnxruntime {env.get('onnxruntime', '?')}.", ""]
     return "\n".join(lines)
-
 
 
 # ---------------------------------------------------------------- views of sweep.json
@@ -83,7 +83,6 @@ def markdown(report: dict[str, Any]) -> str:
 def fmt_optional(v: float | None, spec: str = ".2f") -> str:
     """``v`` formatted, or a dash when there is no value."""
     return "–" if v is None else format(v, spec)
-
 
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -95,7 +94,6 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ms = "–" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
         rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, fmt_optional(c["median"]), per])
     return head, rows
-
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from compressor import fileio
 from compressor.pair import AttentionPair, find_pairs, find_stages, select_pairs, tapped
+from compressor.device import pick_device
+from compressor.models.checkpoint import load_model
+from compressor.pipeline import check_compatible, load_teacher_and_data, normalization
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
 from compressor.distill.losses import at_distance, attention_map, input_gradient, match_spatial
-
-
 
 
 # ---------------------------------------------------------------- pure functions on maps
@@ -44,14 +45,12 @@ def spatial_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a * b).sum(1) / denom).float()
 
 
-
 def mass_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Share of each map's mass (B×h×w, non-negative) on the object pixels of ``masks`` (B×H×W)."""
     mass = maps.flatten(1).double()
     mass = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
     frac = F.adaptive_avg_pool2d(masks.double().unsqueeze(1), maps.shape[-2:]).flatten(1)
     return (mass * frac).sum(1).float()
-
 
 
 def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -62,11 +61,9 @@ def dilate(masks: torch.Tensor, pixels: int) -> torch.Tensor:
     return F.max_pool2d(masks.float().unsqueeze(1), k, stride=1, padding=pixels).squeeze(1) > 0
 
 
-
 def spatial_maps(acts: torch.Tensor, p: float = 2, reduce: str = "mean") -> torch.Tensor:
     """Normalised attention maps of activations (B×C×H×W) in their spatial shape (B×H×W)."""
     return attention_map(acts, p, reduce).view(acts.shape[0], *acts.shape[-2:])  # type: ignore[arg-type]
-
 
 
 # ---------------------------------------------------------------- maps of a model
@@ -87,7 +84,6 @@ class Net:
         return (x_uint8.to(device).float() / 255 - m) / s
 
 
-
 def stage_activations(net: Net, x_uint8: torch.Tensor, y: torch.Tensor, modules: Sequence[str], gradient: bool,
                       device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-stage tensors to take maps of (activations, or the input gradient) and the logits."""
@@ -100,7 +96,6 @@ def stage_activations(net: Net, x_uint8: torch.Tensor, y: torch.Tensor, modules:
         logits = net.model(x)
         acts = taps.take(modules)
     return acts, logits
-
 
 
 # ---------------------------------------------------------------- the analysis
@@ -120,7 +115,6 @@ class StageResult:
     position_prior: float | None = None  # a map that ignores the image: where objects lie on average in training
 
 
-
 @dataclass
 class AttentionResult:
     attention: str
@@ -138,7 +132,6 @@ class AttentionResult:
         return asdict(self)
 
 
-
 def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: str, gradient: bool) -> list[tuple[str, str | None, str]]:
     """(label, teacher module, student module) per stage; the gradient mechanism has one, the input."""
     if gradient:
@@ -150,7 +143,6 @@ def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: st
     stages = find_stages(teacher.model, example)
     chosen = select_pairs([AttentionPair(s, s) for s in stages], layers)
     return [(p.teacher.module, p.teacher.module, None) for p in chosen]
-
 
 
 def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor, *, masks: torch.Tensor | None = None,
@@ -219,21 +211,16 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
                            {"name": student.name, "top1": acc[student.name]} if student else None, out)
 
 
-
 def pick_images(n_total: int, n: int) -> list[int]:
     """``n`` test indices spread evenly over the test set (sorted folders: one from each part)."""
     n = max(1, min(n, n_total))
     return sorted({int(i) for i in torch.linspace(0, n_total - 1, n).round().tolist()})
 
 
-
 def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
               result: AttentionResult, class_names: Sequence[str] = (), device: torch.device | None = None) -> None:
     """Rows of images; columns: the input, then per stage the teacher's map and the student's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     device = device or torch.device("cpu")
     gradient, reduce = result.attention == "gradient", "max" if result.attention == "max-p" else "mean"
@@ -250,7 +237,8 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
             extra = f"\nr={st.correlation:.2f}" if st.correlation is not None else ""
             cols.append((f"student\n{st.student_module} {sq.shape[-2]}×{sq.shape[-1]}{extra}", sq))
     n, ncol = len(y), 1 + len(cols)
-    fig, axes = plt.subplots(n, ncol, figsize=(1.35 * ncol, 1.35 * n + 0.6), squeeze=False)
+    fig = Figure(figsize=(1.35 * ncol, 1.35 * n + 0.6))
+    axes = fig.subplots(n, ncol, squeeze=False)
     for r in range(n):
         ax = axes[r][0]
         ax.imshow(x[r].permute(1, 2, 0).numpy())
@@ -271,36 +259,26 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
     fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-
 
 
 def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: str | Path, cfg, *, student_path: str | Path | None = None,
                      images: int = 8, test_images: int = 2000, attention: str | None = None, p: float | None = None,
                      layers: str | None = None, localization: bool = False, dilate_px: int = 0, device: str = "auto",
-                     trust: bool = False, reporter: Reporter = SILENT) -> AttentionResult:
+                     trust: bool = False, arch: str | None = None, reporter: Reporter = SILENT) -> AttentionResult:
     """``atc attention``: load the models and data, compute the per-stage numbers, write the map grid."""
-    from compressor.models.checkpoint import load_model
-    from compressor.device import pick_device
-    from compressor.pipeline import check_compatible, load_data, normalization
-
     attention = attention or cfg.distill.attention
     p = p if p is not None else (1.0 if attention == "gradient" else cfg.distill.p)
     layers = layers or cfg.distill.at_layers
-    data = load_data(data_spec, cfg, reporter=reporter)
+    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, arch=arch, trust=trust, reporter=reporter)
+    data = loaded.data
     masks = getattr(data, "test_masks", None)
     if localization and masks is None:
         raise DataError("--localization needs data with object masks; pass --data shapes (the generated shapes dataset)")
-    nets = []
-    for path, role in ((teacher_path, "teacher"), (student_path, "student")):
-        if path is None:
-            nets.append(None)
-            continue
-        model, spec, _ = load_model(path, trust=trust)
-        check_compatible(spec, data, role)
-        mean, std = normalization(spec, data)
-        nets.append(Net(spec.name if role == "teacher" else f"{spec.name}", model, mean, std))
-    teacher, student = nets
+    teacher, student = Net(loaded.spec.name, loaded.model, *loaded.mean_std), None
+    if student_path is not None:
+        model, spec, _ = load_model(student_path, trust=trust)
+        check_compatible(spec, data, "student")
+        student = Net(spec.name, model, *normalization(spec, data))
     if student is not None and student.name == teacher.name:
         teacher.name, student.name = f"{teacher.name} (teacher)", f"{student.name} (student)"
     dev = pick_device(device)

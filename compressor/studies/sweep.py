@@ -24,12 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 from compressor import fileio
+import torch
+
+from compressor.derive.candidates import choose_students
+from compressor.device import pick_device
+from compressor.distill.loop import make_batches
+from compressor.evaluate import evaluate
+from compressor.pipeline import distill_student, load_teacher_and_data
 from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
 from compressor.errors import ConfigError, OutputError
 from compressor.events import SILENT, Reporter
 from compressor.report.plots import plot_sweep
 from compressor.report.tables import sweep_markdown as markdown
-
 
 
 SHORTHAND = {"beta": "distill.beta", "p": "distill.p", "method": "distill.method", "alpha": "distill.alpha",
@@ -41,12 +47,10 @@ ATTENTION_KEYS = ("attention", "distill.attention", "distill.p", "p", "at_form",
                   "distill.at_layers", "flip_beta", "distill.flip_beta", "beta_schedule", "distill.beta_schedule")
 
 
-
 @dataclass(frozen=True)
 class Axis:
     key: str
     values: tuple[str, ...]
-
 
 
 @dataclass
@@ -57,7 +61,6 @@ class Cell:
     @property
     def top1s(self) -> list[float]:
         return [r["top1"] for r in self.runs if r.get("top1") is not None]
-
 
 
 def parse_grid(items: Sequence[str]) -> list[Axis]:
@@ -81,7 +84,6 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
     return axes
 
 
-
 def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
     """One grid setting as config overrides."""
     if key == "attention":
@@ -97,10 +99,8 @@ def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
     return parse_overrides([f"{dotted}={value}"])
 
 
-
 def expand(axes: Sequence[Axis]) -> list[Cell]:
     return [Cell(dict(zip([a.key for a in axes], combo))) for combo in itertools.product(*[a.values for a in axes])]
-
 
 
 def _merge(into: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -110,11 +110,9 @@ def _merge(into: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> 
     return out
 
 
-
 def _slug(params: dict[str, str]) -> str:
     text = "_".join(f"{k}={v}" for k, v in params.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
-
 
 
 def cell_config(preset: str | Path, base: dict[str, dict[str, Any]], cell: Cell, method: str, seed: int) -> tuple[Config, str]:
@@ -136,7 +134,6 @@ def cell_config(preset: str | Path, base: dict[str, dict[str, Any]], cell: Cell,
     return load_config(preset, merged), _slug(params)
 
 
-
 def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
     """n, mean, sample standard deviation (0 for one value) and median."""
     if not values:
@@ -145,22 +142,12 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
             "median": statistics.median(values)}
 
 
-
 def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
               *, overrides: dict[str, dict[str, Any]] | None = None, seeds: int = 1, method: str | None = None,
-              student: str | None = None, device: str = "auto", trust: bool = False, reporter: Reporter = SILENT,
+              student: str | None = None, device: str = "auto", trust: bool = False, arch: str | None = None,
+              reporter: Reporter = SILENT,
               command: str = "") -> dict[str, Any]:
     """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png."""
-    import torch
-
-    from compressor.models.checkpoint import load_model
-    from compressor.device import pick_device
-    from compressor.distill.loop import make_batches
-    from compressor.evaluate import evaluate
-    from compressor.derive.candidates import choose_students
-    from compressor.pipeline import check_compatible, distill_student, load_data, normalization
-    from dataclasses import replace
-
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     axes = parse_grid(grid)
@@ -173,11 +160,9 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
-    teacher, t_spec, _ = load_model(teacher_path, trust=trust)
-    data = load_data(data_spec, base_cfg, reporter=reporter)
-    check_compatible(t_spec, data)
-    mean, std = normalization(t_spec, data)
-    t_spec = replace(t_spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
+    loaded = load_teacher_and_data(teacher_path, data_spec, base_cfg, arch=arch, trust=trust, reporter=reporter)
+    teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
+    mean, std = loaded.mean_std
     dev = pick_device(device)
     cand = choose_students(t_spec, base_cfg, [student] if student else None)[0]
     _, test_b = make_batches(data, base_cfg, mean, std, dev)
@@ -202,9 +187,9 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
             reporter.info(f"[{i}/{len(plan)}] {desc} seed {s}")
             torch.manual_seed(s)
             res = distill_student(cand, teacher, t_spec, data, cfg, method, run_dir, dev, reporter, resume=True)
-            ckpt = res["dir"] / "student.pt"
-            done[key] = {"seed": s, "top1": float(res["metrics"]["top1"]), "dir": str(res["dir"].relative_to(out)),
-                         "train_seconds": res["metrics"].get("train_seconds"), "checkpoint": str(ckpt.relative_to(out))}
+            ckpt = res.dir / "student.pt"
+            done[key] = {"seed": s, "top1": float(res.metrics["top1"]), "dir": str(res.dir.relative_to(out)),
+                         "train_seconds": res.metrics.get("train_seconds"), "checkpoint": str(ckpt.relative_to(out))}
         cell.runs.append(done[key])
     result = {
         "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
@@ -219,7 +204,6 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     return result
 
 
-
 def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> None:
     want = {"config": cfg.to_dict(), "method": method, "student": student}
     path = run_dir / "run.json"
@@ -230,7 +214,6 @@ def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> 
                               "use another --out for this sweep or delete that folder")
     else:
         fileio.write_json(path, want)
-
 
 
 def write_outputs(out: Path, result: dict[str, Any]) -> None:

@@ -1,19 +1,15 @@
-"""``atc attention`` and ``atc sweep``: thin commands over compressor.analysis and compressor.sweep.
-
-``cli.main`` calls ``register(app)``; helpers of ``cli.main`` are imported inside the commands so
-that this module never imports ``cli.main`` while it is still being executed.
-"""
+"""Studies over trained models: ``atc attention`` (maps, agreement, localisation) and ``atc sweep``
+(a grid of distillation settings over seeds)."""
 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from cli.common import ARCH, DEVICE, EPOCHS, PRESET, SET, SUBSET, TRUST, command_line, config_from, overrides_from, stdout, table
 from cli.progress import RichReporter, stderr
 from compressor.report.tables import fmt_optional
 
@@ -30,15 +26,14 @@ def attention(
     at_layers: Optional[str] = typer.Option(None, "--at-layers", help="all, lastN or comma list of stage names."),
     localization: bool = typer.Option(False, "--localization", help="Also score the share of attention on the object (needs --data shapes)."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the object masks by N pixels for --localization (edges count)."),
-    preset: str = typer.Option("cifar", "--preset", help="Preset for data settings (image size, subsets)."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override a preset key (repeatable)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    preset: str = PRESET,
+    overrides: Optional[List[str]] = SET,
+    device: str = DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that run code when unpickled."),
+    trust_checkpoint: bool = TRUST, arch: Optional[str] = ARCH,
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON on stdout."),
 ) -> None:
     """Attention maps of a teacher (and student) per AT stage, their agreement and object localisation."""
-    from cli.main import _config, _table, stdout
     from compressor.studies.attention import attention_report
     from compressor.config import parse_attention
     from compressor.errors import OutputError
@@ -46,10 +41,10 @@ def attention(
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     name, mp = parse_attention(mechanism) if mechanism else (None, None)
-    cfg = _config(preset, overrides)
+    cfg = config_from(preset, overrides)
     result = attention_report(teacher, data, out, cfg, student_path=student, images=images, test_images=test_images,
                               attention=name, p=p if p is not None else mp, layers=at_layers, localization=localization,
-                              dilate_px=dilate, device=device, trust=trust_checkpoint, reporter=RichReporter())
+                              dilate_px=dilate, device=device, trust=trust_checkpoint, arch=arch, reporter=RichReporter())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -75,7 +70,7 @@ def attention(
              + (f"; masks grown by {dilate} px" if localization and dilate else "")
              + ("; AT distance = mean((Q_s-Q_t)^2), no β" if s else ""))
     stdout.print(title, highlight=False)
-    stdout.print(_table("", cols, rows))
+    stdout.print(table("", cols, rows))
     stderr.print(f"wrote {out}")
 
 
@@ -85,40 +80,28 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder; finished runs in it are reused."),
     grid: List[str] = typer.Option(..., "--grid", help="Axis key=v1,v2 (repeatable), e.g. beta=0,1e3 or attention=sum-p:2,gradient."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per cell (preset seed, +1, …)."),
-    preset: str = typer.Option("cifar", "--preset", help="Shipped preset name or TOML path."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override a preset key for every cell (repeatable)."),
+    preset: str = PRESET,
+    overrides: Optional[List[str]] = SET,
     method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student architecture (default: the preset's policy)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs per run (milestones scale with it)."),
-    train_subset: Optional[int] = typer.Option(None, "--train-subset", min=0, help="Use only N training images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that run code when unpickled."),
+    epochs: Optional[int] = EPOCHS,
+    train_subset: Optional[int] = SUBSET,
+    device: str = DEVICE,
+    trust_checkpoint: bool = TRUST, arch: Optional[str] = ARCH,
     as_json: bool = typer.Option(False, "--json", help="Print sweep.json to stdout."),
 ) -> None:
     """Distil a student for every grid cell and seed; write sweep.json, sweep.md and sweep.png."""
-    from cli.main import _table, stdout
-    from compressor.config import parse_overrides
     from compressor.report.tables import table_rows
     from compressor.studies.sweep import run_sweep
 
-    merged = parse_overrides(overrides or [])
-    for key, value in (("train.epochs", epochs), ("data.train_subset", train_subset)):
-        if value is not None:
-            section, name = key.split(".")
-            merged.setdefault(section, {})[name] = value
+    merged = overrides_from(overrides, train__epochs=epochs, data__train_subset=train_subset)
     result = run_sweep(teacher, data, out, preset, grid, overrides=merged, seeds=seeds, method=method, student=student,
-                       device=device, trust=trust_checkpoint, reporter=RichReporter(),
-                       command=shlex.join(["atc"] + sys.argv[1:]))
+                       device=device, trust=trust_checkpoint, arch=arch, reporter=RichReporter(), command=command_line())
     if as_json:
         print(json.dumps(result, indent=2))
         return
     head, rows = table_rows(result)
     t = result["teacher"]
-    stdout.print(_table(f"{result['data']['name']}: {t['name']} ({t['top1']:.2f}%) → {result['student']}, {result['method']}, "
+    stdout.print(table(f"{result['data']['name']}: {t['name']} ({t['top1']:.2f}%) → {result['student']}, {result['method']}, "
                         f"{result['epochs']} epochs; top-1 %", head, rows))
     stderr.print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(attention)
-    app.command()(sweep)

@@ -1,0 +1,86 @@
+"""``atc``: derive → distil → measure → report → export, one command per step.
+
+This file only builds the Typer app, registers the commands (one module per command group)
+and maps errors: anything the user can fix prints one line, ``error: …``, and exits with code 2
+(``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+
+from cli import compress, inspect, studies, train
+from compressor.errors import AtcError, Interrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="atc: compress a trained CNN teacher into a faster student with attention transfer + KD.")
+STATE = {"debug": False}
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+for command in (train.train, compress.compress, inspect.derive, inspect.profile, inspect.export, inspect.report,
+                compress.demo, studies.attention, studies.sweep, inspect.models):
+    app.command()(command)
+
+
+def run() -> None:
+    """Console entry point: one-line errors and exit code 2 for anything the user can fix."""
+    try:
+        code = app(standalone_mode=False)
+    except AtcError as exc:
+        if STATE["debug"]:
+            traceback.print_exc()
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as exc:  # SIGINT/SIGTERM during training: the state is saved, --resume continues
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as exc:
+        msg = exc.format_message().replace("\n", " ")
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"error: {msg}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code if exc.exit_code != 1 else 2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # the environment failed, not atc: a full disk, device memory; anything else is a bug
+        message = _environment_error(exc)
+        if message is None:
+            raise
+        if STATE["debug"]:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """A one-line message for failures of the machine that reach the CLI outside atc's own checks."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"no space left on the device while writing {exc.filename or 'output'}; free some space and run the command again"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}; check that you can read the inputs and write the output folder"
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "CUDA ran out of memory; pass a smaller --batch-size or use --device cpu"
+    return None
+
+
+if __name__ == "__main__":
+    run()

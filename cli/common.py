@@ -1,0 +1,139 @@
+"""What every command shares: typed options with one help text each, the flag-to-config merge,
+small parsers, tables and the report printout. Nothing here does the library's work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.progress import stderr
+from compressor.errors import AtcError
+
+stdout = Console()
+if not stdout.is_terminal:
+    stdout = Console(width=200)  # pipes and CI logs: keep tables whole instead of truncating cells
+
+
+def overrides_from(overrides: list[str] | None, **flags: Any) -> dict[str, dict[str, Any]]:
+    """``--set`` overrides, then named flags (``section__key=value``; None = not given), as preset sections."""
+    from compressor.config import parse_overrides
+
+    merged = parse_overrides(overrides or [])
+    for key, value in flags.items():
+        if value is not None:
+            section, name = key.split("__")
+            merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def config_from(preset: str, overrides: list[str] | None, **flags: Any):
+    """The preset with ``--set`` overrides and named flags applied."""
+    from compressor.config import load_config
+
+    return load_config(preset, overrides_from(overrides, **flags))
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise AtcError(f"--input-size '{text}' must look like 3x32x32 (channels x height x width)")
+    return parts  # type: ignore[return-value]
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise AtcError(f"{option} '{text}' must be a comma list of positive whole numbers, e.g. 1,64")
+    return values
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i < 2 else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def command_line() -> str:
+    import os
+    import shlex
+
+    return os.environ.get("ATC_COMMAND") or shlex.join(["atc"] + sys.argv[1:])
+
+
+def speed_from(precision: str, channels_last, compile_: bool, workers, cuda_graphs=None):
+    from compressor.device import Speed
+
+    return Speed(precision=precision, channels_last=channels_last, compile=compile_, workers=workers,
+                 **({} if cuda_graphs is None else {"cuda_graphs": cuda_graphs}))
+
+
+def join_parallel(device: str, nproc: int, nnodes, node_rank, master_addr, master_port):
+    """``--nproc N`` (or ``--nnodes``) outside torchrun: run this command again as N processes per node
+    through torch.distributed.run and exit with its code. Inside torchrun: join the process group;
+    return this rank and the device it trains on."""
+    import atexit
+
+    from compressor import distributed
+
+    if (nproc > 1 or nnodes is not None) and not distributed.launched_by_torchrun():
+        raise typer.Exit(distributed.relaunch(sys.argv[1:], nproc, nnodes=nnodes, node_rank=node_rank,
+                                              master_addr=master_addr, master_port=master_port))
+    rank, device = distributed.init(device)
+    if rank.world_size > 1:
+        atexit.register(distributed.shutdown)
+    return rank, device
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    from compressor.report.tables import COLUMNS, noisy_latency_note, rows
+
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        stdout.print(table(f"{report['data']['name']}: teacher vs students (GMACs = multiply-adds; latency: ORT CPU batch 1)",
+                           list(COLUMNS), rows(report)))
+    if note := noisy_latency_note(report):
+        stderr.print(f"note: {note}")
+
+
+# Options shared by several commands: one definition, one help text.
+PRESET = typer.Option("cifar", "--preset", help="Shipped preset name (cifar, cifar100, imagenet, finetune, demo) or a TOML path.")
+SET = typer.Option(None, "--set", help="Override a preset key, e.g. --set train.epochs=10 (repeatable).")
+EPOCHS = typer.Option(None, "--epochs", min=1, help="Epochs (milestones scale with it).")
+BATCH = typer.Option(None, "--batch-size", min=1, help="Batch size.")
+LR = typer.Option(None, "--lr", min=0.0, help="Initial learning rate.")
+SEED = typer.Option(None, "--seed", min=0, help="Random seed.")
+SUBSET = typer.Option(None, "--train-subset", min=0, help="Use only N training images (0 = all), for short runs.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
+TRUST = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that run code when unpickled (only for files you trust).")
+ARCH = typer.Option(None, "--arch", help="Architecture of a plain state_dict, e.g. wrn-40-4 (see `atc models`).")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the student and teacher (compile time is reported apart).")
+CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default: on with CUDA).")
+PRECISION = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp16 with loss scaling where bf16 is missing, "
+                         "fp32 on CPU), bf16, fp16 or fp32.")
+WORKERS = typer.Option(None, "--workers", min=0, help="DataLoader processes when the data is too large to keep on the device "
+                       "(default: one per spare core, at most 8).")
+NPROC = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this node (DDP); runs the command again through "
+                     "torch.distributed.run, like torchrun --nproc-per-node N -m cli ….")
+NNODES = typer.Option(None, "--nnodes", help="Nodes of a multi-node run (passed to torchrun).")
+NODE_RANK = typer.Option(None, "--node-rank", min=0, help="This node's rank in a multi-node run (passed to torchrun).")
+MASTER_ADDR = typer.Option(None, "--master-addr", help="Address of node 0 in a multi-node run (passed to torchrun).")
+MASTER_PORT = typer.Option(None, "--master-port", min=1, help="Port on node 0 (passed to torchrun).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing outputs.")
+RESUME = typer.Option(False, "--resume", help="Continue a killed run from its saved training state.")
+STRICT_DATA = typer.Option(False, "--strict-data", help="Stop at the first corrupt image instead of skipping it.")
+JSON = typer.Option(False, "--json", help="Machine-readable output on stdout.")

@@ -1,0 +1,146 @@
+"""``atc compress`` (and its ``--dry-run``) and ``atc demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.common import (ARCH, BATCH, CHANNELS_LAST, COMPILE, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK,
+                        NPROC, PRECISION, PRESET, SEED, SET, STRICT_DATA, SUBSET, TRUST, WORKERS, command_line,
+                        config_from, join_parallel, print_report, speed_from, table)
+from cli.progress import RichReporter, stderr
+from compressor.errors import AtcError
+
+
+def compress(
+    teacher: Path = typer.Option(..., "--teacher", help="Trained teacher: atc checkpoint or state_dict (with --arch)."),
+    data: str = typer.Option(..., "--data", help="Dataset folder or 'digits'."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (required unless --dry-run)."),
+    preset: str = PRESET, overrides: Optional[List[str]] = SET,
+    method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
+    student: Optional[List[str]] = typer.Option(None, "--student", help="Student architecture (repeatable); default: preset policy."),
+    width_ratio: Optional[str] = typer.Option(None, "--width-ratio", help="Derive the student by thinning the teacher's own layers "
+                                              "(Torch-Pruning, channels rounded to multiples of 8): e.g. 0.5, or per stage 0.75,layer4=0.5."),
+    blocks_per_stage: Optional[int] = typer.Option(None, "--blocks-per-stage", min=1, help="Derived student: keep at most N "
+                                                   "repeated blocks per stage (residual / inverted-residual stages)."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Search the width (and depth) of a derived "
+                                                   "student until it is this many times faster than the teacher (see --by)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Unit of --target-speedup: gmacs (fvcore multiply-adds; the default), "
+                                     "params, or latency (measured on the exported ONNX with onnxruntime)."),
+    runtime: str = typer.Option("ort-cpu", "--runtime", help="Runtime for --by latency: ort-cpu, ort-cuda, torch-cpu, torch-cuda."),
+    latency_batch: int = typer.Option(1, "--latency-batch-size", min=1, help="Batch size at which --by latency is measured."),
+    init: str = typer.Option("auto", "--init", help="Derived student's start: inherit (the teacher's surviving weights), scratch, "
+                             "or auto (inherit for derived students, scratch for zoo ones)."),
+    students: int = typer.Option(0, "--students", min=0, help="Distil N candidates from the derivation ladder."),
+    arch: Optional[str] = ARCH, epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, train_subset: Optional[int] = SUBSET, device: str = DEVICE,
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for latency measurement."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show students, attention pairs and initial losses; do not train."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    trust_checkpoint: bool = TRUST, strict_data: bool = STRICT_DATA,
+    int8: bool = typer.Option(False, "--int8", help="Also quantize each student to INT8 (ORT static QDQ) and report it."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="AT mechanism: sum-p[:P], max-p[:P] or gradient."),
+    at_form: Optional[str] = typer.Option(None, "--at-form", help="code (reference code's squared mean) or paper (eq. 2: β/2, L2 norm)."),
+    at_layers: Optional[str] = typer.Option(None, "--at-layers", help="AT stages: all, lastN or a comma list of stage names."),
+    beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="AT weight β."),
+    p: Optional[float] = typer.Option(None, "--p", min=0.0, help="Exponent p of the attention map |A|^p."),
+    compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
+    workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
+    master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
+) -> None:
+    """Distil a thinner, shallower student from a trained teacher; report and export it."""
+    from compressor import pipeline
+    from compressor.config import parse_attention
+    from compressor.derive.candidates import check_student_options
+    from compressor.derive.search import make_target
+
+    mech, mech_p = parse_attention(attention) if attention else (None, None)
+    cfg = config_from(preset, overrides, distill__method=method, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr,
+                      train__seed=seed, data__train_subset=train_subset, distill__attention=mech, distill__at_form=at_form,
+                      distill__at_layers=at_layers, distill__beta=beta, distill__p=p if p is not None else mech_p)
+    reporter = RichReporter()
+    derive_opts = {"width": width_ratio, "blocks_per_stage": blocks_per_stage, "init": init,
+                   "target": make_target(target_speedup, by, runtime, latency_batch, threads)}
+    check_student_options(student, **derive_opts)
+    common = {"students": student, "n_students": students, "arch": arch, "trust": trust_checkpoint, "strict_data": strict_data,
+              "reporter": reporter, **derive_opts}
+    if dry_run:
+        _print_dry_run(pipeline.dry_run(teacher, data, cfg, **common))
+        return
+    if out is None:
+        raise AtcError("--out DIR is required (only --dry-run runs without it)")
+    speed = speed_from(precision, channels_last, compile_, workers)
+    rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
+    reporter.quiet = not rank.is_main
+    report = pipeline.compress(teacher, data, cfg, out, overwrite=overwrite, resume=resume, device=device, threads=threads,
+                               int8=int8, command=command_line(), speed=speed, **common)
+    if not rank.is_main:
+        return
+    print_report(report, as_json)
+    stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, metrics.jsonl")
+
+
+def _print_dry_run(dr) -> None:
+    stderr.print(f"teacher {dr.teacher}: {dr.teacher_params:,} params, {dr.teacher_gmacs:.4f} GMACs  "
+                 f"(method {dr.method}, AT layers {dr.at_layers})")
+    for s in dr.students:
+        c = s.student
+        stderr.print(f"\nstudent {c.name}: {c.params:,} params ({c.param_ratio:.2f}x fewer), {c.gmacs:.4f} GMACs ({c.mac_ratio:.2f}x fewer)")
+        _print_derived(s, dr.init)
+        for p in s.pairs:
+            stderr.print(f"  AT pair  {p.describe()}")
+        stderr.print("  initial loss terms: " + ", ".join(f"{k} {v:.4g}" for k, v in s.initial_terms.items()))
+    stderr.print("\ndry run: nothing trained or written")
+
+
+def _print_derived(dr, init: str) -> None:
+    """Per-stage depth and width, predicted speed-ups and, after a search, target vs achieved."""
+    from compressor.derive.candidates import resolve_init
+
+    c = dr.student
+    if dr.stages:
+        rows = [[r["stage"], "" if r["blocks"] is None else f"{r['blocks']}/{r['teacher_blocks']}",
+                 f"{r['width']}/{r['teacher_width']}"] for r in dr.stages]
+        stderr.print(table("  stages (student/teacher)", ["stage", "blocks", "width (channels)"], rows))
+    search = (c.spec.plan or {}).get("search")
+    line = f"  predicted speed-up: {c.mac_ratio:.2f}x fewer GMACs, {c.param_ratio:.2f}x fewer params"
+    if search and search.get("by") == "latency":
+        lo, hi = search.get("spread", [float("nan")] * 2)
+        line += f", {search['achieved']:.2f}x latency measured ({search['runtime']}, batch {search['batch_size']}, rounds {lo:.2f}-{hi:.2f}x)"
+    stderr.print(line)
+    if search:
+        verdict = "within" if search["met"] else "outside"
+        stderr.print(f"  target {search['target']:g}x by {search['by']}: achieved {search['achieved']:.2f}x "
+                     f"({verdict} ±{100 * search['tolerance']:.0f}%; {len(search['trials'])} candidate(s) measured)")
+    if c.spec.plan is not None:
+        stderr.print(f"  init: {resolve_init(init, c.spec)} (--init)")
+
+
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+    students: int = typer.Option(3, "--students", min=1, help="Students to distil from the derivation ladder (the first is the preset's)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Threads for latency (one keeps sub-millisecond timings steady)."),
+    device: str = DEVICE,
+) -> None:
+    """The whole job on the bundled digits, on CPU in a few minutes: train a teacher, compress it."""
+    from compressor import pipeline
+    from compressor.config import load_config
+    from compressor.device import pick_device
+
+    reporter = RichReporter()
+    pipeline.prepare_output(out, overwrite)
+    cfg = load_config("demo")
+    dev = pick_device(device)
+    ds = pipeline.load_data("digits", cfg, reporter=reporter)
+    reporter.info(f"1/2 training a wrn-16-2 teacher on the bundled digits ({len(ds.train_y)} train / {len(ds.test_y)} test, 16x16) on {dev}")
+    pipeline.train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
+    reporter.info(f"2/2 deriving {students} student(s) and distilling them with AT+KD")
+    rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, n_students=students, overwrite=True, device=device, reporter=reporter,
+                            threads=threads, command=command_line())
+    print_report(rep, False)
+    stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, teacher.pt")

@@ -1,0 +1,140 @@
+"""Commands that look at one model or finished runs: ``derive``, ``profile``, ``export``, ``report``, ``models``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.common import ARCH, JSON, TRUST, parse_ints, parse_size, print_report, stdout, table
+from compressor.errors import AtcError
+
+
+def derive(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher checkpoint or architecture name (see `atc models`)."),
+    arch: Optional[str] = ARCH, trust_checkpoint: bool = TRUST,
+    input_size: str = typer.Option("3x32x32", "--input-size", help="Input size for architecture names or state_dicts."),
+    num_classes: int = typer.Option(10, "--num-classes", min=1, help="Classes, for architecture names."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ladder as JSON on stdout."),
+) -> None:
+    """List thinner/shallower student candidates with params, GMACs and ratios."""
+    from compressor.derive.candidates import teacher_ladder
+
+    spec, cands = teacher_ladder(teacher, arch=arch, trust=trust_checkpoint, input_size=parse_size(input_size), num_classes=num_classes)
+    if as_json:
+        print(json.dumps([{"name": c.name, "params": c.params, "gmacs": c.gmacs, "param_ratio": c.param_ratio,
+                           "mac_ratio": c.mac_ratio} for c in cands], indent=2))
+        return
+    rows = [[c.name, f"{c.params:,}", f"{c.gmacs:.4f}", f"{c.param_ratio:.2f}", f"{c.mac_ratio:.2f}"] for c in cands]
+    stdout.print(table(f"students of {spec.name} at {'x'.join(map(str, spec.input_size))}",
+                       ["student", "params", "GMACs", "params ×", "GMACs ×"], rows))
+
+
+def profile(
+    model: str = typer.Argument(..., help="atc checkpoint, state_dict (with --arch) or architecture name."),
+    arch: Optional[str] = ARCH, trust_checkpoint: bool = TRUST,
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C x H x W, e.g. 3x224x224 (default: the checkpoint's, or 3x32x32)."),
+    num_classes: int = typer.Option(10, "--num-classes", min=1, help="Classes, for architecture names (ImageNet ResNets default to 1000)."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma list of batch sizes."),
+    runtimes: str = typer.Option("ort-cpu,torch-cpu", "--runtimes", help="Comma list: ort-cpu, torch-cpu, ort-cuda, torch-cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for torch and onnxruntime."),
+    min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Minimum seconds of timed runs per setting."),
+    by_module: bool = typer.Option(False, "--by-module", help="Show GMACs per module."),
+    depth: int = typer.Option(2, "--depth", min=0, help="Module-tree depth for --by-module."),
+    as_json: bool = JSON,
+) -> None:
+    """Params, fvcore GMACs and latency of one model."""
+    from compressor.models.checkpoint import open_model
+    from compressor.profiling.summary import profile_model
+
+    m, spec = open_model(model, arch, trust_checkpoint, parse_size(input_size) if input_size else None, num_classes)
+    prof = profile_model(m, spec.name, spec.input_size, [rt.strip() for rt in runtimes.split(",")],
+                         parse_ints(batch_sizes, "--batch-sizes"), threads, min_time, depth if by_module else None)
+    result = prof.to_dict()
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    stdout.print(f"[bold]{spec.name}[/bold] at {'x'.join(map(str, spec.input_size))}: {prof.params['total']:,} params "
+                 f"({prof.params['trainable']:,} trainable), {prof.gmacs:.4f} GMACs = {prof.gflops:.4f} GFLOPs")
+    stdout.print(f"  {prof.mac_unit}")
+    if prof.skipped_ops:
+        stdout.print("  operators fvcore skipped (not counted): " + ", ".join(f"{k} ×{v}" for k, v in prof.skipped_ops.items()))
+    if prof.by_module_gmacs is not None:
+        stdout.print(table("GMACs by module", ["module", "GMACs"], [[k or "(total)", f"{v:.4f}"] for k, v in prof.by_module_gmacs.items()]))
+    rows = [[lat["runtime"], str(lat["batch_size"]), str(lat["threads"]), f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}",
+             f"{lat['p99_ms']:.3f}", f"{lat['cold_ms']:.2f}", f"{100 * lat['cv']:.1f}%", str(lat["runs"]), f"{lat['images_per_s']:,.0f}",
+             ",".join(lat["providers"])] for lat in result["latency"]]
+    stdout.print(table("latency", ["runtime", "batch", "threads", "median ms", "p90 ms", "p99 ms", "cold ms", "CV", "runs", "img/s",
+                                   "providers"], rows))
+    env = prof.environment
+    stdout.print(f"[dim]{env['cpu']} ({env['cores']} cores), GPU {env['gpu']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
+                 f"fvcore {env['fvcore']}[/dim]")
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="atc checkpoint (or state_dict with --arch)."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write."),
+    arch: Optional[str] = ARCH, trust_checkpoint: bool = TRUST,
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C x H x W for state_dicts."),
+    atol: float = typer.Option(1e-4, "--atol", min=0.0, help="Max allowed |onnxruntime - torch|."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUT with .int8.onnx: static QDQ quantization, U8 activations, S8 per-channel weights."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Dataset for INT8 calibration and its top-1 check (train/ and test/)."),
+    calib_images: int = typer.Option(256, "--calib-images", min=1, help="Training images used for calibration."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for the INT8 latency comparison."),
+) -> None:
+    """Export to one ONNX file (dynamic batch, metadata) and check parity with onnxruntime."""
+    from compressor.errors import OutputError
+    from compressor.export.int8 import int8_with_evaluation
+    from compressor.export.onnx import export_checked
+    from compressor.models.checkpoint import open_model
+
+    int8_out = out.with_name(out.stem + ".int8.onnx")
+    if int8 and not calib_data:
+        raise AtcError("--int8 needs --calib-data DIR (a few hundred training images calibrate the activation ranges)")
+    for path in (out, int8_out) if int8 else (out,):
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
+    m, spec = open_model(checkpoint, arch, trust_checkpoint, parse_size(input_size) if input_size else None)
+    parity = export_checked(m, spec, out, atol=atol)
+    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in parity.max_abs_diff.items())
+    stdout.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| {diffs} (atol {atol:g})")
+    if int8:
+        from compressor.data.open import open_dataset
+
+        data = open_dataset(calib_data, image_size=spec.input_size[1] if calib_data == "digits" else None)
+        r = int8_with_evaluation(out, int8_out, data, spec.mean, spec.std, spec.input_size, calib_images, threads)
+        stdout.print(f"wrote {int8_out} ({int8_out.stat().st_size / 1e6:.2f} MB), calibrated on {r.calibration_images} images; "
+                     f"top-1 FP32 {r.top1_fp32:.2f}% → INT8 {r.top1_int8:.2f}% ({r.top1_int8 - r.top1_fp32:+.2f}); "
+                     f"ORT CPU batch-1 latency {r.fp32_ms:.3f} → {r.int8_ms:.3f} ms, speed-up {r.speedup:.2f}× "
+                     f"(rounds {r.spread[0]:.2f}–{r.spread[1]:.2f}×)")
+
+
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more atc compress --out folders."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write a merged report (required for several runs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+) -> None:
+    """Rebuild report.md, report.json and tradeoff.png from finished runs and print the table."""
+    from compressor.report.build import merge_reports, read_report, write_report
+
+    reports = [read_report(d) for d in run_dirs]
+    if len(reports) > 1 and out is None:
+        raise AtcError("several runs need --out DIR for the merged report")
+    merged = merge_reports(reports)
+    write_report(out or run_dirs[0], merged)
+    print_report(merged, as_json)
+
+
+def models(as_json: bool = JSON) -> None:
+    """The model families atc knows and how to name any other model."""
+    from compressor.models.registry import list_models
+
+    entries = list_models()
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    stdout.print(table("architectures (--arch, --student, --teacher NAME)", ["family", "names", "about"],
+                       [[e["family"], e["names"], e["about"]] for e in entries]))
