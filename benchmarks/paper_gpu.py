@@ -9,8 +9,9 @@ script only plans, schedules and reads the JSON files atc writes (``report.json`
    "alone" on the same seed (mean ± std of the per-seed differences).
 2. The same architecture: WRN-16-2 ← WRN-16-2, alone vs AT+KD, the same seeds.
 3. The closest student: from a WRN-40-2 teacher (``--teacher3 wrn-40-4`` for the paper's), AT+KD
-   candidates (zoo students and students derived from the teacher with ``--init inherit``:
-   ``--width-ratio``, ``--blocks-per-stage``, ``--target-speedup 3 --by latency``); among those
+   candidates (zoo WRN-16-2 and WRN-40-1, and students derived from the teacher with ``--init
+   inherit``: ``--width-ratio 0.5``, ``--width-ratio 1.0 --blocks-per-stage 2``, ``--target-speedup
+   3.3 --by latency``; ``--candidates`` to change them); among those
    whose measured speed-up (report.json: onnxruntime CPU, batch 1, one thread) is ≥
    ``--min-speedup``, the one that ends closest to the teacher, and its gap in points.
 4. β ∈ {300, 1000, 3000} × {sum-p:2, max-p:2} on pair 1 with AT, seed 0 (β = 1000 with sum-p:2 is
@@ -29,8 +30,8 @@ current. ``--measure-jobs N`` first runs one short AT+KD cell alone and then N c
 and records images/s each way (recorded once; later invocations reuse it).
 
 On an H100/H200 with the device kit (``../shared/device/prep`` here, once), from the checkout's
-root, two identical commands, the second right after the first (the cells live in
-``runs/paper_gpu``, which must survive between them):
+root, two identical commands, the second right after the first, on the same machine (the cells live in
+``runs/paper_gpu``, which must survive between them; on a fresh machine the second starts over):
 
     bash .device-kit/run.sh python benchmarks/paper_gpu.py --data .device-kit/cifar10 \\
         --out runs/paper_gpu --jobs 6 --measure-jobs 6 --time-budget 360 --grace 90
@@ -44,17 +45,22 @@ the kit's start (~20 s) ≈ 500 s < 540 s.
 Cells with the defaults (3 seeds, 30 epochs): 2 teachers (WRN-16-2, WRN-40-2); part 1: 12 student
 cells, part 2: 6, part 3: 5, part 4: 5 new (6, one shared with part 1) — 23 student cells for parts
 1–3 (25 runs with the teachers), 28 with part 4 (30 runs).
-Feasibility: 30 epochs × 50,000 images = 1.5 M images per cell. At the target ~40,000 img/s per
-WRN-16 run that is ~40 s of training plus ~20 s of start, export and latency, ~60 s a cell; with
-6 at once, if the aggregate scales (``--measure-jobs`` says), parts 1–3 (25 runs, the WRN-40-2
-cells ~2× heavier) need ~5–6 min and part 4 fits in the second command. At what atc measured on
-an H200 at batch 128 (9–13k img/s, launch-bound; DESIGN.md), a cell is ~150 s alone: the two
-teachers (WRN-40-2 ~300 s) and parts 1–2 fit in 2 × 9 min only if 6 concurrent runs reach ~4×
-one run's throughput; part 3 is then tight and part 4 most likely does not fit (put it in a third
-command, or drop it with ``--parts 1,2,3``).
+
+Feasibility (estimates, not measurements; ``--measure-jobs`` measures the one unknown, how the
+summed throughput S of 6 concurrent runs compares with one run). A cell trains 30 × 50,000 = 1.5 M
+images. Usable wall time: 2 × (360 + up to 90) s minus ~75 s of throughput measurement ≈ 800 s.
+- At the target ~40,000 img/s per WRN-16 run: ~40 s of training + ~20 s of start, export and
+  latency ≈ 60 s per WRN-16 cell; the WRN-40-2 teacher ~2 min, part-3 cells ~100 s (the WRN-40-2
+  teacher's forward pass per step). Parts 1–3 ≈ 1,800 cell-seconds, part 4 ≈ 300 more: with S ≈ 3
+  that is ~600 s + ~100 s, so everything, part 4 included, fits in the two commands.
+- At what atc measured on an H200 at the paper's batch 128 (9–13k img/s, launch-bound; DESIGN.md),
+  a WRN-16 cell takes ~170 s, the WRN-40-2 teacher ~6 min, a part-3 cell ~5 min: parts 1–3 ≈
+  5,200 cell-seconds. Launch-bound processes should scale well (S ≈ 4–5 with 6 jobs), which gives
+  parts 1 and 2 (~3,300 cell-seconds, ~750 s) but not all of part 3, and not part 4: a third
+  identical command would finish them (or ``--parts 1,2,3`` to drop part 4).
 
 Data: CIFAR-10 re-encoded as JPEG quality 75 (the kit's copy), so errors run a little above
-those on the original PNG-lossless images. Error % = 100 − top-1 on the 10,000 test images.
+those on the original (lossless) images. Error % = 100 − top-1 on the 10,000 test images.
 """
 
 from __future__ import annotations
@@ -147,12 +153,15 @@ def parse_candidate(token: str) -> tuple[list[str], str]:
 
 
 def default_candidates(teacher: str) -> str:
-    """WRN-D-K teacher: the zoo's WRN-16-K and WRN-D-(K/2), and three students derived from it."""
+    """WRN-D-K teacher: the zoo's WRN-16-K and WRN-D-(K/2), and three students derived from it: half the width
+    (all blocks), two blocks per stage at full width (``--blocks-per-stage`` alone would also take the preset's
+    width ratio, 0.5), and a latency search. The search accepts ±10 % around its target, so it aims at 3.3× to
+    land at or above 3×."""
     zoo = []
     if m := re.fullmatch(r"wrn-(\d+)-(\d+)", teacher):
         depth, width = int(m[1]), int(m[2])
         zoo = [f"zoo:wrn-16-{width}"] + ([f"zoo:wrn-{depth}-{width // 2}"] if width >= 2 else [])
-    return ",".join(zoo + ["width:0.5", "blocks:2", "target:3"])
+    return ",".join(zoo + ["width:0.5", "width:1.0+blocks:2", "target:3.3"])
 
 
 def _add_part(cell: Cell, part: int | None) -> None:
@@ -258,7 +267,6 @@ class Scheduler:
         self.running: dict[str, tuple[subprocess.Popen, float, Cell, bool, Any]] = {}
         self.failed: set[str] = set()
         self.interrupted: set[str] = set()
-        self.launched = 0
 
     def _launch(self, cell: Cell) -> None:
         argv = cell.command()
@@ -271,7 +279,6 @@ class Scheduler:
         # Same process group as this script: whatever kills the group (a timeout) kills the cells too.
         proc = subprocess.Popen(ATC + argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
         self.running[cell.name] = (proc, time.time(), cell, resumed, log)
-        self.launched += 1
 
     def _reap(self) -> None:
         for name, (proc, began, cell, resumed, log) in list(self.running.items()):
@@ -311,7 +318,6 @@ class Scheduler:
             Scheduler.signalled = True
             print(f"received signal {signum}: stopping the running cells (their state is saved) and writing the results",
                   flush=True)
-            self._stop_all()
 
         for s in old:
             signal.signal(s, on_signal)
@@ -332,11 +338,11 @@ class Scheduler:
                 if not self.running and (not waiting or now >= self.launch_until or self.signalled
                                          or not any(all(by_name[d].done() for d in c.deps) for c in waiting)):
                     break
-                if self.running and now >= self.stop_at and term_sent is None:
-                    print(f"time budget and grace spent: stopping {len(self.running)} running cell(s)", flush=True)
+                if self.running and (now >= self.stop_at or self.signalled) and term_sent is None:
+                    print(f"stopping {len(self.running)} running cell(s) (SIGTERM: atc saves its training state)", flush=True)
                     self._stop_all()
                     term_sent = now
-                if term_sent is not None and now > term_sent + 30:
+                if term_sent is not None and now > term_sent + 30:  # one that did not stop in 30 s: --resume uses its last epoch
                     self._stop_all(signal.SIGKILL)
                 time.sleep(0.2)
         finally:
@@ -511,13 +517,19 @@ def _pm(stats: dict[str, Any], sign: bool = False) -> str:
 def markdown(result: dict[str, Any]) -> str:
     a, dev, t = result["args"], result["device"], result["tables"]
     gpu = dev.get("gpu") or dev.get("torch_gpu") or "no GPU"
-    lines = [f"Data: {DATA_NOTE}; {a['train_subset'] or 50000} training images, the 10,000 test images. "
-             f"Students {a['epochs']} epochs, teachers {a['teacher_epochs']} (seed 0): the cifar preset's schedule scaled "
-             "(SGD, lr 0.1 × 0.2 at 30/60/80 % of training, batch 128, β = 1000, α = 0.9, T = 4, AT on all three groups). "
+    data, cfg = result.get("data_counts") or {}, result.get("config") or {}
+    tr, di = cfg.get("train", {}), cfg.get("distill", {})
+    recipe = (f"SGD momentum {tr['momentum']}, lr {tr['lr']} × {tr['gamma']} at epochs {'/'.join(map(str, tr['milestones']))} "
+              f"of {tr['epochs']} (the cifar preset's 200-epoch schedule scaled), batch {tr['batch_size']}, weight decay "
+              f"{tr['weight_decay']}; β = {di['beta']:g}, α = {di['alpha']}, T = {di['temperature']:g}, AT on {di['at_layers']} "
+              "groups" if tr and di else "the cifar preset's schedule scaled to the epochs")
+    count = lambda k: f"{data[k]:,}" if isinstance(data.get(k), int) else "?"  # noqa: E731
+    lines = [f"Data: {DATA_NOTE}; {count('train')} training images, {count('test')} test images. "
+             f"Students {a['epochs']} epochs, teachers {a['teacher_epochs']} epochs (seed 0); {recipe}. "
              "Error % = 100 − top-1; mean ± sample std over seeds. "
              f"Device: {gpu} (driver {dev.get('driver', '?')}), torch {dev.get('torch', '?')}, CUDA {dev.get('cuda', '?')}; "
-             f"{a['jobs']} runs at once.", ""]
-    titles = {"1": "Does attention transfer help?", "2": "Same architecture"}
+             f"up to {a['jobs']} runs at once on it.", ""]
+    titles = {"1": "Does attention transfer help?", "2": "Same architecture:"}
     for key in ("1", "2"):
         if key not in t:
             continue
@@ -572,8 +584,11 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{_f(m['concurrent']['wall_seconds'], 0)} |", "",
                   "images/s: atc's per-epoch training rate (steps only, evaluation excluded), median over epochs; summed over "
                   "the concurrent runs.", ""]
+    lines += ["### Cells", "", "| cell | status | wall s (all attempts) | images/s (median epoch) | error % |", "|---|---|---|---|---|"]
+    for name, c in result["cells"].items():
+        lines.append(f"| `{name}` | {c['status']} | {c['wall_seconds']:.0f} | {_f(c.get('images_per_s'), 0)} | {_f(c.get('error'))} |")
     s = result["summary"]
-    lines += [f"Cells: {s['done']} of {s['cells']} finished; student cells' summed wall time {s['student_wall_seconds']:.0f} s, "
+    lines += ["", f"Cells: {s['done']} of {s['cells']} finished; student cells' summed wall time {s['student_wall_seconds']:.0f} s, "
               f"teachers' {s['teacher_wall_seconds']:.0f} s; wall time of the invocations {s['invocations_wall_seconds']:.0f} s."]
     if result["missing"]:
         lines += ["", f"**Missing ({len(result['missing'])}):** " + ", ".join(f"`{n}`" for n in result["missing"])]
@@ -584,10 +599,12 @@ def write_results(cells: list[Cell], args, invocations: list[dict[str, Any]], de
     info = collect(cells, args.out)
     measure = args.out / "measure.json"
     students = [n for n, e in info.items() if e["kind"] == "compress"]
+    first = next((e["report"] for e in info.values() if "report" in e), {})
     result = {
         "benchmark": "paper_gpu", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": DATA_NOTE, "device": device,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "invocations": invocations,
+        "data_counts": first.get("data"), "config": first.get("config"),
         "tables": tables(cells, info, args),
         "throughput": json.loads(measure.read_text()) if measure.is_file() else None,
         "missing": [n for n, e in info.items() if e["status"] != "done"],
@@ -698,7 +715,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--teacher3", default="wrn-40-2", help="part 3 teacher (wrn-40-4 for the paper's)")
     ap.add_argument("--candidates", default=None,
                     help="part 3 candidates: zoo:NAME, width:R, blocks:N, target:X (latency), joined with + "
-                         "(default for wrn-D-K: zoo:wrn-16-K,zoo:wrn-D-K/2,width:0.5,blocks:2,target:3)")
+                         "(default for wrn-D-K: zoo:wrn-16-K,zoo:wrn-D-K/2,width:0.5,width:1.0+blocks:2,target:3.3)")
     ap.add_argument("--min-speedup", type=float, default=3.0, help="part 3: measured speed-up a candidate must reach")
     ap.add_argument("--betas", default="300,1000,3000", help="part 4 β values")
     ap.add_argument("--attentions", default="sum-p:2,max-p:2", help="part 4 attention maps")
@@ -707,7 +724,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--time-budget", type=float, default=None, help="seconds after which no new cell starts")
     ap.add_argument("--grace", type=float, default=60.0, help="seconds running cells get after the budget before SIGTERM")
     ap.add_argument("--measure-jobs", type=int, default=0, help="first measure throughput: one run alone, then N at once")
-    ap.add_argument("--measure-epochs", type=int, default=3, help="epochs of each measuring run")
+    ap.add_argument("--measure-epochs", type=int, default=2, help="epochs of each measuring run")
     ap.add_argument("--measure-teacher-subset", type=int, default=2560, help="images of the throwaway measuring teacher")
     args = ap.parse_args(argv)
     args.parts = sorted({int(p) for p in _csv(args.parts)})

@@ -99,13 +99,17 @@ def join_parallel(device: str, nproc: int, nnodes, node_rank, master_addr, maste
 
 
 def print_report(report: dict, as_json: bool) -> None:
-    from compressor.report.tables import COLUMNS, noisy_latency_note, rows
+    from compressor.report.tables import COLUMNS, GPU_COLUMNS, gpu_rows, noisy_latency_note, rows
 
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         stdout.print(table(f"{report['data']['name']}: teacher vs students (GMACs = multiply-adds; latency: ORT CPU batch 1)",
                            list(COLUMNS), rows(report)))
+        if gpu := gpu_rows(report):
+            stdout.print(table(f"GPU latency ({report['latency'].get('gpu', {}).get('device', 'CUDA')}, fp32)", list(GPU_COLUMNS), gpu))
+            for note in report["latency"].get("gpu_notes", []):  # what GPU timing left out (CPU-only runs stay quiet)
+                stderr.print(f"note: {note}")
     if note := noisy_latency_note(report):
         stderr.print(f"note: {note}")
 
@@ -123,6 +127,8 @@ TRUST = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that r
 ARCH = typer.Option(None, "--arch", help="Architecture of a plain state_dict, e.g. wrn-40-4 (see `atc models`).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the student and teacher (compile time is reported apart).")
 CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default: on with CUDA).")
+CUDA_GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Record each training step once as a CUDA graph "
+                           "and replay it (default: on with CUDA where it applies; a note says when it does not).")
 PRECISION = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp16 with loss scaling where bf16 is missing, "
                          "fp32 on CPU), bf16, fp16 or fp32.")
 WORKERS = typer.Option(None, "--workers", min=0, help="DataLoader processes when the data is too large to keep on the device "

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (ARCH, BATCH, CHANNELS_LAST, COMPILE, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK,
-                        NPROC, PRECISION, PRESET, SEED, SET, STRICT_DATA, SUBSET, TRUST, WORKERS, command_line,
+from cli.common import (ARCH, BATCH, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES,
+                        NODE_RANK, NPROC, PRECISION, PRESET, SEED, SET, STRICT_DATA, SUBSET, TRUST, WORKERS, command_line,
                         config_from, join_parallel, print_report, speed_from, table)
 from cli.progress import RichReporter, stderr
 from compressor.errors import AtcError
@@ -49,6 +49,7 @@ def compress(
     beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="AT weight β."),
     p: Optional[float] = typer.Option(None, "--p", min=0.0, help="Exponent p of the attention map |A|^p."),
     compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
+    cuda_graphs: Optional[bool] = CUDA_GRAPHS,
     workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
     master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
 ) -> None:
@@ -73,7 +74,7 @@ def compress(
         return
     if out is None:
         raise AtcError("--out DIR is required (only --dry-run runs without it)")
-    speed = speed_from(precision, channels_last, compile_, workers)
+    speed = speed_from(precision, channels_last, compile_, workers, cuda_graphs)
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter.quiet = not rank.is_main
     report = pipeline.compress(teacher, data, cfg, out, overwrite=overwrite, resume=resume, device=device, threads=threads,

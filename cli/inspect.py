@@ -68,6 +68,13 @@ def profile(
              ",".join(lat["providers"])] for lat in result["latency"]]
     stdout.print(table("latency", ["runtime", "batch", "threads", "median ms", "p90 ms", "p99 ms", "cold ms", "CV", "runs", "img/s",
                                    "providers"], rows))
+    if prof.gpu_latency:
+        gpu_rows = [[lat["runtime"], str(lat["batch_size"]), f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['cold_ms']:.2f}",
+                     f"{100 * lat['cv']:.1f}%", str(lat["runs"]), f"{lat['images_per_s']:,.0f}"] for lat in result["gpu_latency"]["runs"]]
+        stdout.print(table(f"GPU latency ({prof.gpu_latency['device']}, fp32, CUDA events after warm-up)",
+                           ["runtime", "batch", "median ms", "p90 ms", "cold ms", "CV", "runs", "img/s"], gpu_rows))
+    for note in prof.gpu_notes:
+        stdout.print(f"[dim]note: {note}[/dim]")
     env = prof.environment
     stdout.print(f"[dim]{env['cpu']} ({env['cores']} cores), GPU {env['gpu']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
                  f"fvcore {env['fvcore']}[/dim]")
@@ -78,7 +85,9 @@ def export(
     out: Path = typer.Option(..., "--out", help="ONNX file to write."),
     arch: Optional[str] = ARCH, trust_checkpoint: bool = TRUST,
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C x H x W for state_dicts."),
-    atol: float = typer.Option(1e-4, "--atol", min=0.0, help="Max allowed |onnxruntime - torch|."),
+    atol: float = typer.Option(1e-4, "--atol", min=0.0, help="Parity tolerance: |onnxruntime − torch| ≤ atol + rtol·|torch| "
+                               "elementwise (rtol = atol unless --rtol)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", min=0.0, help="Relative part of the parity tolerance (default: --atol)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
     int8: bool = typer.Option(False, "--int8", help="Also write OUT with .int8.onnx: static QDQ quantization, U8 activations, S8 per-channel weights."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Dataset for INT8 calibration and its top-1 check (train/ and test/)."),
@@ -86,27 +95,15 @@ def export(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for the INT8 latency comparison."),
 ) -> None:
     """Export to one ONNX file (dynamic batch, metadata) and check parity with onnxruntime."""
-    from compressor.errors import OutputError
-    from compressor.export.int8 import int8_with_evaluation
-    from compressor.export.onnx import export_checked
-    from compressor.models.checkpoint import open_model
+    from compressor import pipeline
 
-    int8_out = out.with_name(out.stem + ".int8.onnx")
-    if int8 and not calib_data:
-        raise AtcError("--int8 needs --calib-data DIR (a few hundred training images calibrate the activation ranges)")
-    for path in (out, int8_out) if int8 else (out,):
-        if path.exists() and not overwrite:
-            raise OutputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
-    m, spec = open_model(checkpoint, arch, trust_checkpoint, parse_size(input_size) if input_size else None)
-    parity = export_checked(m, spec, out, atol=atol)
-    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in parity.max_abs_diff.items())
-    stdout.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| {diffs} (atol {atol:g})")
-    if int8:
-        from compressor.data.open import open_dataset
-
-        data = open_dataset(calib_data, image_size=spec.input_size[1] if calib_data == "digits" else None)
-        r = int8_with_evaluation(out, int8_out, data, spec.mean, spec.std, spec.input_size, calib_images, threads)
-        stdout.print(f"wrote {int8_out} ({int8_out.stat().st_size / 1e6:.2f} MB), calibrated on {r.calibration_images} images; "
+    done = pipeline.export(checkpoint, out, arch=arch, trust=trust_checkpoint, input_size=parse_size(input_size) if input_size else None,
+                           atol=atol, rtol=rtol, overwrite=overwrite, int8=int8, calib_data=calib_data, calib_images=calib_images, threads=threads)
+    p = done.parity
+    diffs = ", ".join(f"batch {b}: {d:.2e} (relative {p.max_rel_diff[b]:.2e})" for b, d in p.max_abs_diff.items())
+    stdout.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| {diffs} (atol {atol:g}, rtol {p.rtol:g})")
+    if (r := done.int8) is not None:
+        stdout.print(f"wrote {r.path} ({r.path.stat().st_size / 1e6:.2f} MB), calibrated on {r.calibration_images} images; "
                      f"top-1 FP32 {r.top1_fp32:.2f}% → INT8 {r.top1_int8:.2f}% ({r.top1_int8 - r.top1_fp32:+.2f}); "
                      f"ORT CPU batch-1 latency {r.fp32_ms:.3f} → {r.int8_ms:.3f} ms, speed-up {r.speedup:.2f}× "
                      f"(rounds {r.spread[0]:.2f}–{r.spread[1]:.2f}×)")

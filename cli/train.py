@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (BATCH, CHANNELS_LAST, COMPILE, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, NPROC,
-                        OVERWRITE, PRECISION, PRESET, RESUME, SEED, SET, STRICT_DATA, SUBSET, WORKERS, config_from, join_parallel,
-                        speed_from)
+from cli.common import (BATCH, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK,
+                        NPROC, OVERWRITE, PRECISION, PRESET, RESUME, SEED, SET, STRICT_DATA, SUBSET, WORKERS, config_from,
+                        join_parallel, speed_from)
 from cli.progress import RichReporter, stderr
 
 
@@ -21,21 +21,23 @@ def train(
     lr: Optional[float] = LR, seed: Optional[int] = SEED, train_subset: Optional[int] = SUBSET, device: str = DEVICE,
     overwrite: bool = OVERWRITE, resume: bool = RESUME, strict_data: bool = STRICT_DATA,
     compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
+    cuda_graphs: Optional[bool] = CUDA_GRAPHS,
     workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
     master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
     from compressor import pipeline
+    from compressor.report.tables import plural
     from compressor.models.registry import parse_arch
 
     parse_arch(arch)
     pipeline.check_train_output(out, overwrite, resume)
     cfg = config_from(preset, overrides, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr, train__seed=seed,
                       data__train_subset=train_subset)
-    speed = speed_from(precision, channels_last, compile_, workers)
+    speed = speed_from(precision, channels_last, compile_, workers, cuda_graphs)
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter = RichReporter(quiet=not rank.is_main)
     _, spec, metrics = pipeline.train(arch, data, cfg, out, device=device, overwrite=overwrite, resume=resume,
                                       strict_data=strict_data, reporter=reporter, speed=speed)
     if rank.is_main:
-        stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {cfg.train.epochs} epochs")
+        stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {plural(cfg.train.epochs, 'epoch')}")

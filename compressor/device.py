@@ -29,6 +29,25 @@ def example_input(model: nn.Module, input_size: tuple[int, ...], batch: int = 1)
     return torch.zeros(batch, *input_size, device=model_device(model))
 
 
+def random_input(model: nn.Module, input_size: tuple[int, ...], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A seeded normal batch on ``model``'s device (drawn on the CPU, so every device sees the same values)."""
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    return x.to(model_device(model))
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """An fp32, eval-mode copy of ``model`` on the CPU, for export and CPU timing; ``model`` keeps its
+    device, dtype and mode. A model on the ``meta`` device has no weights to copy (``ModelError``)."""
+    import copy
+
+    from compressor.errors import ModelError
+
+    if model_device(model).type == "meta":
+        raise ModelError("the model's weights are on the meta device and hold no values; load real weights before "
+                         "exporting or timing it")
+    return copy.deepcopy(model).cpu().float().eval()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +84,8 @@ class Speed:
     on the CPU. ``channels_last``: None = on CUDA only. ``compile``: ``torch.compile`` of student and
     teacher, compiled before the first epoch and timed apart. ``workers``: DataLoader processes when
     the data is streamed (None = one per spare core, at most 8). cuDNN autotuning is on for CUDA.
+    ``cuda_graphs``: record the whole training step once as a CUDA graph and replay it (None = on with
+    CUDA where it applies, see ``compressor.distill.step.graph_capture_applies``; False = eager step).
     """
 
     precision: str = "auto"
@@ -73,6 +94,7 @@ class Speed:
     compile_backend: str = "inductor"
     cudnn_benchmark: bool = True
     workers: int | None = None
+    cuda_graphs: bool | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -94,9 +116,41 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if precision == "fp16" else None
 
 
-def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-    import onnxruntime as ort
+ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu")
 
+
+def ort_builds_installed() -> list[str]:
+    """Which onnxruntime distributions pip has installed (they share one ``onnxruntime/`` folder)."""
+    from importlib import metadata
+
+    found = []
+    for name in ORT_BUILDS:
+        try:
+            metadata.version(name)
+            found.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def onnxruntime():
+    """The onnxruntime module, or a one-line error that says how to repair a missing or mixed install:
+    the CPU and GPU builds overwrite each other's files, and removing either breaks the other."""
+    builds = ort_builds_installed()
+    repair = "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'atc[cpu]' (or 'atc[gpu]' on a CUDA machine)"
+    if len(builds) > 1:
+        raise ConfigError(f"both onnxruntime and onnxruntime-gpu are installed, and they overwrite each other's files; {repair}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("onnxruntime is not installed; pip install 'atc[cpu]' (or 'atc[gpu]' on a CUDA machine)") from None
+    if not hasattr(ort, "get_available_providers"):
+        raise ConfigError(f"the onnxruntime installation is broken (a half-removed CPU or GPU build); {repair}")
+    return ort
+
+
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    ort = onnxruntime()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

@@ -85,7 +85,10 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> tuple[RankInfo, str
     else:
         device = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        # device_id binds this rank's GPU to the group (set_device above comes first): NCCL starts its
+        # communicator on it, and collectives and barriers cannot fall back to GPU 0 on every rank.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=torch.device(device) if use_cuda else None)
     return current(), device
 
 
@@ -95,8 +98,12 @@ def shutdown() -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank; on NCCL the barrier runs on this rank's own GPU (not GPU 0)."""
     if active():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:

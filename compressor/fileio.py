@@ -33,6 +33,48 @@ def output_error(exc: OSError, target: str | os.PathLike) -> OutputError | None:
     return None
 
 
+def check_writable(target: str | os.PathLike) -> None:
+    """Fail now, in one line, if ``target`` (a file or folder, existing or not) could not be written:
+    a probe file is created and removed in the nearest folder that exists. Cheaper than finding out
+    after an hour of training."""
+    folder = Path(target)
+    while not folder.is_dir():
+        if folder.exists() or folder.parent == folder:  # a file where a folder is needed: the caller says so
+            return
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".atc-probe-"):
+            pass
+    except OSError as exc:
+        raise (output_error(exc, target) or OutputError(f"cannot write {target} ({exc.strerror}); choose a folder you can write to")) from None
+
+
+LOCK_NAME = ".atc.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while a run writes into it, so two runs started on the same
+    ``--out`` cannot mix their files; the second one fails at once. The lock is the kernel's (flock),
+    so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(f"another atc run (pid {holder}) is writing into {folder}; wait for it to finish or choose "
+                              "another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """Delete temporaries of ``target`` left by processes that no longer run (killed mid-write)."""
     if os.name != "posix":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 import torch
 from torch import nn
+from compressor.device import model_device
 from compressor.errors import ConfigError, ModelError
 
 
@@ -44,7 +45,8 @@ class AttentionPair:
 
 
 def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
-    """Stage outputs of ``model``, highest resolution first (one forward on ``example``)."""
+    """Stage outputs of ``model``, highest resolution first (one forward on ``example``'s first sample,
+    moved to ``model``'s device, so a student and a teacher on different devices pair from one example)."""
     finished: list[tuple[str, tuple[int, ...]]] = []
     handles = []
     for name, module in model.named_modules():
@@ -60,7 +62,7 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
     try:
         model.eval()
         with torch.no_grad():
-            model(example[:1])
+            model(example[:1].to(model_device(model)))  # device rule: the input follows the model
     except Exception as exc:  # the user's model failed on a plain forward
         raise ModelError(f"a forward pass on input {tuple(example.shape[1:])} failed ({exc}); check --input-size") from exc
     finally:
@@ -135,3 +137,86 @@ def tapped(model: nn.Module, module_names: Sequence[str]) -> Iterator[Taps]:
         yield taps
     finally:
         taps.remove()
+
+
+# --- logits and stage outputs from one forward, for the training step ----------------------------
+
+
+class StageOutputs(nn.Module):
+    """``model`` called so that it returns ``(logits, [outputs of the named stages])``.
+
+    Built by ``stage_outputs``: either an FX graph from torchvision's ``create_feature_extractor``
+    (``traced``; no hooks, so ``torch.compile`` sees one graph) or forward hooks (``Taps``) on the
+    model itself. Either way the parameters are the model's own: optimizer, ``state_dict``,
+    checkpoints and export keep using ``model``, never this wrapper. ``caller`` runs the hooked
+    forward in place of ``model`` (e.g. ``model`` inside ``DistributedDataParallel``)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], graph: nn.Module | None = None, caller: nn.Module | None = None):
+        super().__init__()
+        self.model, self.names, self.graph, self.caller = model, list(names), graph, caller
+        self.taps = Taps(model, self.names) if graph is None and self.names else None
+
+    @property
+    def traced(self) -> bool:
+        return self.graph is not None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.graph is not None:
+            out = self.graph(x)
+            return out["logits"], [out[f"stage{i}"] for i in range(len(self.names))]
+        logits = (self.caller or self.model)(x)
+        return logits, self.taps.take(self.names) if self.taps is not None else []
+
+    def remove(self) -> None:
+        """Remove the hooks, if any (the traced graph has none)."""
+        if self.taps is not None:
+            self.taps.remove()
+
+
+def stage_outputs(model: nn.Module, names: Sequence[str], example: torch.Tensor | None = None,
+                  trace: bool = True) -> tuple[StageOutputs, str | None]:
+    """``model`` returning its logits and the outputs of the stage modules ``names`` in one forward.
+
+    With ``trace`` the forward is an FX graph (``create_feature_extractor``) that shares the model's
+    parameters; it is used only when it traces and, on ``example`` (one sample is enough), gives the
+    same logits and stage outputs as the model with hooks. Otherwise (an untraceable user model,
+    data-dependent control flow) the hooks are used. Returns the wrapper and a one-line note saying
+    why tracing was not used (None when it was, or was not asked for)."""
+    names = list(names)
+    if not trace or not names:
+        return StageOutputs(model, names), None
+    try:
+        graph = _feature_graph(model, names)
+        if example is not None and not _agrees(model, graph, names, example):
+            raise ValueError("its outputs differ from the model's")
+    except Exception as exc:  # FX cannot trace every model; hooks work on all of them
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        return StageOutputs(model, names), (f"{type(model).__name__}: attention maps taken with forward hooks "
+                                            f"(FX tracing failed: {reason})")
+    return StageOutputs(model, names, graph), None
+
+
+def _feature_graph(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    if train_nodes[-1] != eval_nodes[-1]:
+        raise ValueError("the train and eval graphs end in different nodes")
+    return create_feature_extractor(model, return_nodes={**{n: f"stage{i}" for i, n in enumerate(names)}, train_nodes[-1]: "logits"})
+
+
+def _agrees(model: nn.Module, graph: nn.Module, names: Sequence[str], example: torch.Tensor) -> bool:
+    """Traced and hooked forwards agree on ``example`` (eval mode, no gradients, state left as it was)."""
+    was_training = model.training
+    try:
+        model.eval(), graph.eval()
+        with torch.no_grad(), tapped(model, names) as taps:
+            ref_logits = model(example)
+            ref_maps = taps.take(names)
+            out = graph(example)
+    finally:
+        model.train(was_training), graph.train(was_training)
+    got = [out["logits"]] + [out[f"stage{i}"] for i in range(len(names))]
+    want = [ref_logits] + ref_maps
+    return all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+               for a, b in zip(got, want))

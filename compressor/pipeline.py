@@ -11,7 +11,9 @@ of the model it feeds, so a teacher already on CUDA meets CUDA tensors.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,11 @@ from compressor.data.open import open_dataset
 from compressor.derive.candidates import Candidate, check_student_options, choose_students, resolve_init
 from compressor.derive.search import Target
 from compressor.derive.thinning import describe_stages, inherit
-from compressor.device import Speed, autocast_dtype, example_input, model_device, pick_device
+from compressor.device import Speed, autocast_dtype, example_input, model_device, onnxruntime, pick_device
 from compressor.distill.loop import DistilledStudent, Teacher, fit, make_batches, objective_from
 from compressor.distill.state import METRICS_FILE
 from compressor.distill.losses import distillation_terms, input_gradient
-from compressor.errors import ConfigError, DataError, OutputError
+from compressor.errors import ConfigError, DataError, Interrupted, OutputError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
 from compressor.models.checkpoint import check_input_fits, load_model, save_checkpoint
@@ -53,7 +55,8 @@ def prepare_output(out_dir: str | Path, overwrite: bool = False, resume: bool = 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+    fileio.check_writable(out)
+    if out.exists() and any(p.name != fileio.LOCK_NAME for p in out.iterdir()) and not (overwrite or resume):
         raise OutputError(f"--out {out} is not empty; pass --overwrite to replace its files, --resume to continue, or another folder")
     if create:
         out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,8 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
         data = open_dataset(spec, image_size=image_size, strict=strict).subset(cfg.data.train_subset, cfg.data.test_subset, seed=0)
     if data.skipped_files:
         reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
+    for note in data.notes:
+        reporter.info(note)
     return data  # type: ignore[return-value]
 
 
@@ -118,9 +123,24 @@ def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: 
     data = load_data(data_spec, cfg, strict_data, reporter, device=device, workers=workers)
     spec = replace(spec, input_size=spec.input_size if spec.mean is not None else tuple(data.input_size))
     check_compatible(spec, data)
+    if spec.class_names and list(spec.class_names) != list(data.class_names):
+        reporter.info(f"note: the teacher's classes ({_few(spec.class_names)}) are not named like the data's "
+                      f"({_few(data.class_names)}); labels are matched by position, so check that the order is the same")
     mean, std = normalization(spec, data)
     spec = replace(spec, mean=mean, std=std, class_names=list(spec.class_names or data.class_names))
     return TeacherAndData(teacher, spec, metrics, data)
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(map(str, names[:n])) + (", …" if len(names) > n else "")
+
+
+def warn_larger_students(candidates: list[Candidate], teacher: str, reporter: Reporter) -> None:
+    """A "student" with more parameters or multiply-adds than its teacher is allowed, but never silently."""
+    for c in candidates:
+        if c.param_ratio < 1 or c.mac_ratio < 1:
+            reporter.info(f"note: student {c.name} is larger than the teacher {teacher}: {1 / c.param_ratio:.2f}x its params and "
+                          f"{1 / c.mac_ratio:.2f}x its GMACs; it will not be faster")
 
 
 # ---------------------------------------------------------------- training a model from scratch
@@ -133,12 +153,21 @@ def state_dir_for(checkpoint: Path) -> Path:
 def check_train_output(out: str | Path, overwrite: bool = False, resume: bool = False) -> None:
     """Refuse to replace a checkpoint or an unfinished run's state unless told to."""
     out = Path(out)
+    fileio.check_writable(out)
     if out.exists() and not (overwrite or resume):
         raise OutputError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or another --out")
     state = state_dir_for(out)
     if not out.exists() and state.is_dir() and any(state.iterdir()) and not (overwrite or resume):
         raise OutputError(f"{state} holds the state of an unfinished run; pass --resume to continue it, --overwrite to start again, "
                           "or another --out")
+
+
+def say_schedule(cfg: Config, reporter: Reporter) -> None:
+    """The learning-rate schedule a run uses, milestones as scaled to its epochs."""
+    t = cfg.train
+    drops = f"× {t.gamma:g} after epoch{'s' if len(t.milestones) > 1 else ''} {', '.join(map(str, t.milestones))}" if t.milestones \
+        else "no drops"
+    reporter.info(f"schedule: {t.epochs} epoch{'s' if t.epochs != 1 else ''}, lr {t.lr:g}, {drops}")
 
 
 def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, device: torch.device | None = None,
@@ -151,6 +180,7 @@ def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, d
                    input_size=tuple(data.input_size), mean=mean, std=std)
     torch.manual_seed(cfg.train.seed)
     model = spec.build()
+    say_schedule(cfg, reporter)
     result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(),
                  reporter=reporter, resume=resume, tag=spec.name, speed=speed)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
@@ -247,6 +277,7 @@ def dry_run(teacher_path: str | Path, data_spec: str | Path, cfg: Config, *, stu
     tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs
     cands = choose_students(spec, cfg, students, n_students, teacher_model=model, width=width,
                             blocks_per_stage=blocks_per_stage, target=target, reporter=reporter)
+    warn_larger_students(cands, spec.name, reporter)
     return DryRunReport(spec.name, tp, tm, cfg.distill.method, cfg.distill.at_layers, init,
                         plan(model, spec, loaded.data, cfg, cands, cfg.distill.method))
 
@@ -311,6 +342,7 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     its INT8 accuracy and latency join the report.
     """
     check_student_options(students, width, blocks_per_stage, target, init)
+    onnxruntime()  # the report needs it: a missing or mixed install fails now, not after training
     out = prepare_output(out_dir, overwrite, resume, create=False)
     speed = speed or Speed()
     method = method or cfg.distill.method
@@ -323,24 +355,42 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
                           "quantize afterwards with `atc export --int8 --calib-data` on a smaller folder")
     candidates = choose_students(t_spec, cfg, students, n_students, teacher_model=teacher, width=width,
                                  blocks_per_stage=blocks_per_stage, target=target, reporter=reporter)
+    warn_larger_students(candidates, t_spec.name, reporter)
     for c in candidates:
         resolve_init(init, c.spec)  # fail before any training
     prepare_output(out, overwrite, resume)
-    distributed.barrier()  # every rank has checked --out before any of them writes into it
+    with fileio.folder_lock(out) if distributed.is_main() else contextlib.nullcontext():
+        prepare_output(out, overwrite, resume)  # a run that finished into it while this one loaded counts too
+        distributed.barrier()  # every rank has checked --out before any of them writes into it
+        return _distil_and_report(loaded, candidates, cfg, method, out, dev, reporter, resume, init, speed, threads,
+                                  command, int8)
+
+
+def _distil_and_report(loaded: TeacherAndData, candidates: list[Candidate], cfg: Config, method: str, out: Path,
+                       dev: torch.device, reporter: Reporter, resume: bool, init: str, speed: Speed, threads: int | None,
+                       command: str, int8: bool) -> dict[str, Any]:
+    teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
     mean, std = loaded.mean_std
     _, test_b = make_batches(data, cfg, mean, std, dev, workers=speed.workers)
     teacher.to(dev)
     t_top1 = evaluate(teacher, test_b, autocast_dtype(speed.precision, dev))["top1"]
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name}")
+    say_schedule(cfg, reporter)
     results = [distill_student(c, teacher, t_spec, data, cfg, method, out, dev, reporter, resume, init, speed) for c in candidates]
     teacher.cpu()
     if not distributed.is_main():
         return {}
-    report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
-    _publish_primary(out, results[0])
-    write_report(out, report)
-    plot_curves(out / "curves.png", (t_spec.name, loaded.metrics.get("history", [])),
-                [(f"{c.name} ({method})", r.metrics.get("history", [])) for c, r in zip(candidates, results)])
+    try:
+        report = build_report(teacher, t_spec, t_top1, results, candidates, data, cfg, method, out, threads, reporter, command, int8)
+        _publish_primary(out, results[0])
+        write_report(out, report)
+        plot_curves(out / "curves.png", (t_spec.name, loaded.metrics.get("history", [])),
+                    [(f"{c.name} ({method})", r.metrics.get("history", [])) for c, r in zip(candidates, results)])
+    except KeyboardInterrupt:
+        reporter.done()
+        raise Interrupted(f"stopped while exporting and measuring; the trained students are kept in {out / 'students'}; "
+                          "run the same command with --resume to finish the report without training again",
+                          signal.SIGINT) from None
     return report.to_dict()
 
 
@@ -351,5 +401,51 @@ def _publish_primary(out: Path, primary: DistilledStudent) -> None:
             shutil.copyfile(primary.dir / name, tmp)
 
 
-__all__ = ["Report", "TeacherAndData", "DryRun", "DryRunReport", "compress", "dry_run", "train", "train_model", "load_data",
+# ---------------------------------------------------------------- export
+
+
+@dataclass
+class Exported:
+    onnx: Path
+    parity: Any  # export.onnx.Parity
+    int8: Any = None  # export.int8.Int8Result with --int8
+
+
+def export(model_path: str | Path, out: str | Path, *, arch: str | None = None, trust: bool = False,
+           input_size: tuple[int, int, int] | None = None, atol: float = 1e-4, rtol: float | None = None, overwrite: bool = False,
+           int8: bool = False, calib_data: str | Path | None = None, calib_images: int = 256,
+           threads: int | None = None) -> Exported:
+    """``atc export``: the model as one ONNX file with parity checked, and with ``int8`` its INT8 copy
+    calibrated on ``calib_data`` (resized to the model's input). Both files or neither: a failure
+    after the FP32 file was written removes it again."""
+    from compressor.export.int8 import int8_with_evaluation
+    from compressor.export.onnx import export_checked
+    from compressor.models.checkpoint import open_model
+
+    out = Path(out)
+    int8_out = out.with_name(out.stem + ".int8.onnx")
+    if int8 and not calib_data:
+        raise ConfigError("--int8 needs --calib-data DIR (a few hundred training images calibrate the activation ranges)")
+    for path in (out, int8_out) if int8 else (out,):
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
+    fileio.check_writable(out)
+    model, spec = open_model(model_path, arch, trust, input_size)
+    data = None
+    if int8:  # the calibration images are checked before anything is written
+        data = open_dataset(calib_data, image_size=spec.input_size[1])
+        check_compatible(replace(spec, input_size=tuple(spec.input_size)), data, "model")
+    parity = export_checked(model, spec, out, atol=atol, rtol=rtol)
+    if not int8:
+        return Exported(out, parity)
+    try:
+        mean, std = normalization(spec, data)
+        result = int8_with_evaluation(out, int8_out, data, mean, std, spec.input_size, calib_images, threads)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return Exported(out, parity, result)
+
+
+__all__ = ["export", "Exported", "Report", "TeacherAndData", "DryRun", "DryRunReport", "compress", "dry_run", "train", "train_model", "load_data",
            "load_teacher_and_data", "prepare_output", "check_compatible", "normalization", "choose_students", "resolve_init"]

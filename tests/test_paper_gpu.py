@@ -72,8 +72,10 @@ def test_plan_shares_cells_orders_teachers_first_and_resumes(tmp_path):
     assert [c.kind for c in cells[:2]] == ["train", "train"] and all(c.kind == "compress" for c in cells[2:])
     shared = next(c for c in cells if c.meta.get("method") == "at" and c.meta.get("seed") == 0 and c.meta["student"] == "wrn-16-1")
     assert shared.parts == [1, 4] and "--beta" not in shared.argv
-    derived = next(c for c in cells if c.meta.get("student") == "target:3")
-    assert derived.argv[derived.argv.index("--target-speedup"):][:4] == ["--target-speedup", "3", "--by", "latency"]
+    derived = next(c for c in cells if c.meta.get("student") == "target:3.3")
+    assert derived.argv[derived.argv.index("--target-speedup"):][:4] == ["--target-speedup", "3.3", "--by", "latency"]
+    shallow = next(c for c in cells if c.meta.get("student") == "width:1.0+blocks:2")
+    assert shallow.argv[shallow.argv.index("--width-ratio"):][:4] == ["--width-ratio", "1.0", "--blocks-per-stage", "2"]
     assert "--init" in derived.argv and derived.argv[derived.argv.index("--init") + 1] == "inherit"
     assert all("--epochs" in c.argv and c.argv[c.argv.index("--epochs") + 1] == "30" for c in cells)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from torch import nn
+from compressor.models.plan import ThinningPlan
 from compressor.models.spec import ModelSpec
 from compressor.models.registry import Arch
 from compressor.profiling.counts import count_macs, count_params
@@ -58,10 +59,10 @@ def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candi
     return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
 
 
-def thinned(teacher: ModelSpec, plan: dict[str, Any], student: nn.Module, teacher_params: int, teacher_gmacs: float) -> Candidate:
+def thinned(teacher: ModelSpec, plan: ThinningPlan, student: nn.Module, teacher_params: int, teacher_gmacs: float) -> Candidate:
     """A derived student as a candidate: the teacher's spec plus the plan that thins it."""
     if teacher.plan is not None:  # the teacher is itself derived: its plan is replayed first
-        plan = {**plan, "base": teacher.plan}
+        plan = replace(plan, base=teacher.plan)
     spec = replace(teacher, plan=plan)
     params = count_params(student)["total"]
     gmacs = count_macs(student, teacher.input_size).gmacs
@@ -96,7 +97,7 @@ def derived_ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[C
         thinner = first if cap is None else Thinner(model, teacher.input_size, cap, teacher_arch=arch_ref(teacher), check=False)
         for width in ([1.0] if cap is not None else []) + [0.75, 0.5, 0.25]:
             student, plan = thinner.student(width, describe=False)
-            key = tuple(sorted(plan["channels"].items())) + tuple(plan["removed_blocks"])
+            key = tuple(sorted(plan.channels.items())) + tuple(plan.removed_blocks)
             if key not in seen:
                 seen.add(key)
                 cands.append(thinned(teacher, plan, student, tp, tm))

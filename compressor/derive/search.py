@@ -27,6 +27,7 @@ from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
 from compressor.profiling.counts import count_macs, count_params
 from compressor.profiling.latency import RUNTIMES, SpeedUp, compare_latency
+from compressor.models.plan import ThinningPlan
 from compressor.derive.thinning import ROUND_TO, Thinner
 
 
@@ -111,7 +112,7 @@ class SearchResult:
     target: Target
     best: Trial
     student: nn.Module           # the chosen student, holding the teacher's surviving weights
-    plan: dict[str, Any]
+    plan: ThinningPlan
     trials: list[Trial]
     teacher_params: int
     teacher_gmacs: float
@@ -292,5 +293,5 @@ def search(teacher: nn.Module, input_size: tuple[int, int, int], target: Target,
         student, plan = thinner.student(best.width, name)
         final = evaluate.latency(student, target.final_rounds) if by == "latency" else None
         result = SearchResult(target, best, student, plan, evaluate.trials, evaluate.t_params, evaluate.t_gmacs, final)
-    plan["search"] = result.to_dict()
+    plan.search = result.to_dict()
     return result

@@ -19,6 +19,10 @@ it kept (per dimension, relative to the teacher). ``apply_plan`` replays it on a
 teacher architecture, deterministically and without tracing, so a derived student's checkpoint
 (spec + plan + state_dict) loads with ``torch.load(weights_only=True)``. Replayed on the trained
 teacher itself, the plan yields the student with the teacher's surviving weights (``inherit``).
+
+Device rule: every traced forward runs on an input made on the traced model's own device
+(``_example``), so a teacher on CUDA is traced on CUDA. Ranking and surgery work on a CPU copy
+(``cpu_copy``): the teacher stays where it is and students come back on the CPU.
 """
 
 from __future__ import annotations
@@ -32,16 +36,18 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 import torch
 from torch import nn
+from compressor.device import cpu_copy, random_input
 from compressor.errors import ConfigError, ModelError
 from compressor.quiet import quiet
-from compressor.models.plan import PLAN_VERSION, _CONV, _out_channels, _replace, apply_plan
+from compressor.models.plan import ThinningPlan, _CONV, _out_channels, _replace, apply_plan
 
 
 ROUND_TO = 8
 
 
-def _example(input_size: tuple[int, int, int]) -> torch.Tensor:
-    return torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+def _example(input_size: tuple[int, int, int], model: nn.Module) -> torch.Tensor:
+    """The seeded trace input, on ``model``'s device (device rule: see ``compressor.device``)."""
+    return random_input(model, input_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +88,7 @@ def check_traceable(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     model.eval()
     try:
         with quiet(TRACE_LOGGERS, logging.CRITICAL, stderr=True):
-            torch.export.export(model, (_example(input_size),), strict=False)
+            torch.export.export(model, (_example(input_size, model),), strict=False)
         return
     except Exception as exc:
         where = _failing_module(model, exc) or _failing_module(model, first) or type(model).__name__
@@ -149,7 +155,7 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
 
 def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> str:
     """The last convolution or linear layer to run: the classifier whose outputs stay."""
-    calls = calls if calls is not None else _record_calls(model, _example(input_size))
+    calls = calls if calls is not None else _record_calls(model, _example(input_size, model))
     order = [n for n in calls if n and isinstance(model.get_submodule(n), (_CONV, nn.Linear))]  # hooks ran in forward order
     if not order:
         raise ModelError(f"{type(model).__name__} has no convolution or linear layer to thin; pass --student NAME")
@@ -190,7 +196,7 @@ def _runs_in_order(container: nn.Module) -> bool:
 
 def block_stages(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> list[BlockStage]:
     """The stages whose trailing blocks can be removed, in forward order."""
-    calls = calls if calls is not None else _record_calls(model, _example(input_size))
+    calls = calls if calls is not None else _record_calls(model, _example(input_size, model))
     stages: list[BlockStage] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -302,8 +308,8 @@ class Thinner:
             check_traceable(teacher, input_size)
         self.teacher, self.input_size, self.max_blocks, self.round_to = teacher, tuple(input_size), max_blocks, round_to
         self.teacher_arch = dict(teacher_arch or {})
-        base = copy.deepcopy(teacher).cpu().float().eval()  # eval: tracing must not touch batch-norm statistics
-        calls = _record_calls(base, _example(input_size))
+        base = cpu_copy(teacher)  # eval: tracing must not touch batch-norm statistics; the teacher stays where it is
+        calls = _record_calls(base, _example(input_size, base))
         self.stages = block_stages(base, input_size, calls)
         self.removed = [b for s in self.stages for b in s.removed(max_blocks, min_blocks)]
         self.classifier = classifier_name(base, input_size, calls)
@@ -316,7 +322,7 @@ class Thinner:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.graph = pruning.dependency_graph(base, _example(input_size))
+                self.graph = pruning.dependency_graph(base, _example(input_size, base))
         except Exception as exc:
             raise ModelError(f"Torch-Pruning could not trace {type(teacher).__name__} ({str(exc).splitlines()[0][:120]}); "
                              "pass --student NAME with a zoo architecture") from exc
@@ -380,27 +386,19 @@ class Thinner:
             kept.setdefault(name, {})[dim] = [i for i in range(sizes[(name, dim)]) if i not in removed]
         return kept
 
-    def plan(self, width: float | str | Mapping[str, float], name: str | None = None) -> dict[str, Any]:
+    def plan(self, width: float | str | Mapping[str, float], name: str | None = None) -> ThinningPlan:
         widths = parse_widths(width)
         label = f"w{widths.get('', 1.0):.3g}" + ("s" if any(widths) else "")
         if self.removed:
             label += f"-b{self.max_blocks}"
-        return {
-            "version": PLAN_VERSION,
-            "name": name or f"{self.teacher_arch.get('name') or type(self.teacher).__name__}-{label}",
-            "teacher_arch": dict(self.teacher_arch),
-            "width": widths,
-            "max_blocks": self.max_blocks,
-            "round_to": self.round_to,
-            "classifier": self.classifier,
-            "removed_blocks": list(self.removed),
-            "kept": self.kept(widths),
-        }
+        return ThinningPlan(name=name or f"{self.teacher_arch.get('name') or type(self.teacher).__name__}-{label}",
+                            kept=self.kept(widths), removed_blocks=list(self.removed), teacher_arch=dict(self.teacher_arch),
+                            width=widths, max_blocks=self.max_blocks, round_to=self.round_to, classifier=self.classifier)
 
     def _check_runs(self, model: nn.Module) -> None:
         try:
             with torch.no_grad():
-                model.eval()(_example(self.input_size))
+                model.eval()(_example(self.input_size, model))
         except Exception as exc:
             where = _failing_module(model, exc) or "a layer"
             raise ModelError(f"Torch-Pruning could not follow the channel dependencies of {type(self.teacher).__name__} "
@@ -408,21 +406,21 @@ class Thinner:
                              "(--width-ratio 1) or pass --student NAME") from None
 
     def student(self, width: float | str | Mapping[str, float], name: str | None = None,
-                describe: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+                describe: bool = True) -> tuple[nn.Module, ThinningPlan]:
         """The thinned student with the teacher's surviving weights, and its plan."""
         plan = self.plan(width, name)
         model = apply_plan(copy.deepcopy(self.base), plan)
         self._check_runs(model)
-        plan["channels"] = {n: c for n, m in model.named_modules() if (c := _out_channels(m)) is not None}
+        plan.channels = {n: c for n, m in model.named_modules() if (c := _out_channels(m)) is not None}
         if describe:
-            plan["stages"] = describe_stages(self.teacher, model, self.input_size, self.stages)
+            plan.stages = describe_stages(self.teacher, model, self.input_size, self.stages)
         return model, plan
 
 
 def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | str | Mapping[str, float] = 0.5,
            max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
            teacher_arch: Mapping[str, Any] | None = None, name: str | None = None,
-           check: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+           check: bool = True) -> tuple[nn.Module, ThinningPlan]:
     """Thin (and shorten) a copy of ``teacher``; return the student, holding the teacher's surviving
     weights, and the plan that rebuilds it. ``teacher`` itself is not changed."""
     thinner = Thinner(teacher, input_size, max_blocks, min_blocks=min_blocks, round_to=round_to,
@@ -430,15 +428,14 @@ def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | 
     return thinner.student(width, name)
 
 
-def inherit(teacher: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+def inherit(teacher: nn.Module, plan: ThinningPlan | Mapping[str, Any]) -> nn.Module:
     """The student of ``plan`` with ``teacher``'s surviving weights (``teacher`` is not changed). ``teacher``
     is the model the plan was derived from: a derived teacher's own plan (``base``) is already in it."""
-    own = {k: v for k, v in plan.items() if k != "base"}
-    return apply_plan(copy.deepcopy(teacher).cpu().float(), own)
+    return apply_plan(cpu_copy(teacher), ThinningPlan.from_dict(plan).own())
 
 
 def _channels_of(model: nn.Module, input_size: tuple[int, int, int], names: list[str]) -> dict[str, int]:
-    calls = _record_calls(model, _example(input_size))
+    calls = _record_calls(model, _example(input_size, model))
     return {n: int(calls[n].out.shape[1]) for n in names if n in calls and calls[n].out is not None and calls[n].out.dim() >= 2}
 
 
@@ -458,8 +455,7 @@ def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[in
         return rows
     from compressor.pair import find_stages
 
-    example = _example(input_size)
-    s_st, t_st = find_stages(student, example), find_stages(teacher, example)
+    s_st, t_st = find_stages(student, _example(input_size, student)), find_stages(teacher, _example(input_size, teacher))
     by_name = {s.module: s for s in s_st}
     return [{"stage": t.module, "blocks": None, "teacher_blocks": None,
              "width": by_name[t.module].shape[0] if t.module in by_name else None, "teacher_width": t.shape[0]} for t in t_st]

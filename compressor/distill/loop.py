@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 import torch
 from torch import nn
-from compressor.pair import AttentionPair, Taps
+from compressor.pair import AttentionPair, StageOutputs, stage_outputs
 from compressor.config import Config
 from compressor.data.images import Augment, DeviceBatches, ImageData
 from compressor import distributed
@@ -23,10 +23,11 @@ from compressor.distributed import unwrap
 from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
 from compressor.models.spec import ModelSpec
-from compressor.distill.losses import Objective, distillation_terms, input_gradient
-from compressor.device import Speed, autocast, autocast_dtype, pick_device
+from compressor.distill.losses import Objective
+from compressor.distill.step import EagerStep, EpochStats, GraphedStep, amp_context, graph_capture_applies, make_step
+from compressor.device import Speed, autocast_dtype, pick_device
 from compressor.evaluate import evaluate
-from compressor.distill.failures import StopFlag, StopRequested, diverged, stopped, training_failures
+from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
 from compressor.distill.state import TrainingState, run_identity
 
 
@@ -45,85 +46,113 @@ class Teacher:
     pairs: Sequence[AttentionPair] = ()
 
 
+LOG_EVERY = 50  # steps between reads of the device-side totals (progress fields, non-finite check)
+
+
 @dataclass
-class EpochStats:
-    sums: dict[str, float] = field(default_factory=dict)
-    correct: int = 0
-    seen: int = 0
-    steps: int = 0
-    seconds: float = 0.0
+class Runtime:
+    """What the loop runs, built once per run by ``make_runtime``: the step (sync-free eager, or CUDA graph
+    captured), and the modules it calls (``StageOutputs``: logits and AT stage outputs in one forward)."""
 
-    def add(self, terms: dict[str, torch.Tensor], correct: int, n: int) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
-        self.correct, self.seen, self.steps = self.correct + correct, self.seen + n, self.steps + 1
+    step: EagerStep | GraphedStep
+    student: nn.Module
+    teacher: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
 
-    def means(self) -> dict[str, float]:
-        return {f"train_{k}": v / max(self.seen, 1) for k, v in self.sums.items()}
+    def close(self) -> None:
+        for m in (self.student, self.teacher):
+            if m is not None and hasattr(unwrap(m), "remove"):
+                unwrap(m).remove()
 
 
-def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    bad = [name for name, value in terms.items() if name != "loss" and not torch.isfinite(value)]
-    if bad or not torch.isfinite(terms["loss"]):
-        name = bad[0] if bad else "loss"
-        raise diverged(name, float(terms[name].detach()), epoch, step, step)
+def make_runtime(student: nn.Module, teacher: Teacher | None, objective: Objective, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: bool | torch.dtype | None, scaler: torch.amp.GradScaler | None = None,
+                 speed: Speed | None = None, example: torch.Tensor | None = None, device_resident: bool = True,
+                 compile_: bool = False) -> Runtime:
+    """The step for ``student`` (plain, DDP- or compile-wrapped) and ``teacher``: stage outputs through an FX
+    feature extractor where it traces (hooks otherwise, and always under DDP), captured as a CUDA graph
+    where ``graph_capture_applies``. ``example``: an input batch to check the traced forward against."""
+    speed = speed or Speed()
+    notes: list[str] = []
+    grad_at = teacher is not None and objective.uses_at and objective.gradient
+    pairs = list(teacher.pairs) if teacher is not None and objective.uses_at and not grad_at else []
+    ddp = isinstance(student, nn.parallel.DistributedDataParallel) or distributed.active()
+    plain = unwrap(student)
+    if ddp:  # DDP runs the forward (compiled as a whole with --compile); hooks on the module inside it take the maps
+        s_run = StageOutputs(plain, [p.student.module for p in pairs],
+                             caller=torch.compile(student, backend=speed.compile_backend) if compile_ else student)
+    else:
+        s_run, note = stage_outputs(plain, [p.student.module for p in pairs], example)
+        notes += [note] if note else []
+    t_run = None
+    if teacher is not None and not grad_at:
+        t_plain = unwrap(teacher.model)
+        t_run, note = stage_outputs(t_plain, [p.teacher.module for p in pairs], example)
+        notes += [note] if note else []
+    if compile_:
+        backend = speed.compile_backend
+        s_run = s_run if ddp else torch.compile(s_run, backend=backend)
+        t_run = torch.compile(t_run, backend=backend) if t_run is not None else None
+    eager = EagerStep(s_run, t_run, optimizer, objective, device, amp, scaler, plain_student=student,
+                      plain_teacher=teacher.model if teacher is not None else None)
+    applies, why = graph_capture_applies(device, speed.cuda_graphs, objective, scaler, distributed.current().world_size,
+                                         device_resident, compile_)
+    notes += [why] if why else []
+    return Runtime(make_step(eager, applies), s_run, t_run, notes)
 
 
 def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, objective: Objective,
                     epoch: int, teacher: Teacher | None = None, beta: float | None = None, bf16: bool = True,
                     stats: EpochStats | None = None, reporter: Reporter = SILENT, stop: StopFlag | None = None,
-                    on_stop=None, scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+                    on_stop=None, scaler: torch.amp.GradScaler | None = None, runtime: Runtime | None = None,
+                    log_every: int = LOG_EVERY) -> EpochStats:
     """One epoch. ``student`` (and ``teacher.model``) may be wrapped in DDP or ``torch.compile``; ``bf16``
-    may be an autocast dtype (see ``autocast``); ``scaler`` does fp16 loss scaling."""
+    may be an autocast dtype (see ``autocast``); ``scaler`` does fp16 loss scaling. ``runtime`` (from
+    ``make_runtime``) is the step to run; without one, a sync-free eager step is built for this epoch.
+
+    Nothing waits for the device per step: the loss terms, accuracy and non-finite checks accumulate
+    on the device and are read every ``log_every`` steps, at a stop and at the end of the epoch. A
+    non-finite term stops training there, naming the first step it was non-finite at."""
     student.train()
     stats = stats or EpochStats()
-    grad_at = teacher is not None and objective.uses_at and objective.gradient
-    pairs = list(teacher.pairs) if teacher and objective.uses_at and not grad_at else []
-    s_taps = Taps(unwrap(student), [p.student.module for p in pairs])
-    t_taps = Taps(unwrap(teacher.model), [p.teacher.module for p in pairs]) if pairs else None
-    device = batches.device
+    own = runtime is None
+    if own:
+        runtime = make_runtime(student, teacher, objective, optimizer, batches.device, bf16, scaler,
+                               Speed(cuda_graphs=False))
+    step_fn = runtime.step
+    runtime.student.train()
+    meter = step_fn.meter
     step = batches.start_step
+    meter.start(stats, step)
+    fields: dict[str, float] = {}
+    last_read = time.perf_counter()
+
+    def read() -> None:
+        nonlocal last_read, fields
+        meter.read(stats, epoch, step - 1)  # synchronises: the time below covers the queued work too
+        now = time.perf_counter()
+        stats.seconds += now - last_read
+        last_read = now
+        loss = stats.sums.get("loss")
+        fields = ({"loss": loss / max(stats.seen, 1)} if loss is not None else {}) | {"img_s": stats.seen / max(stats.seconds, 1e-9)}
+
     try:
         for x, y in batches:
-            t0 = time.perf_counter()
-            grads = None
-            with autocast(device, bf16):
-                t_logits = None
-                if grad_at:  # J = dL/dx: a plain gradient for the teacher, double backprop for the student
-                    x = x.detach().requires_grad_(True)
-                    jt, t_logits = input_gradient(teacher.model, x, y)
-                    js, logits = input_gradient(student, x, y, create_graph=True)
-                    grads, t_logits = (js, jt.detach()), t_logits.detach()
-                else:
-                    if teacher is not None and objective.needs_teacher:
-                        with torch.no_grad():
-                            t_logits = teacher.model(x)
-                    logits = student(x)
-            s_maps = s_taps.take([p.student.module for p in pairs])
-            t_maps = t_taps.take([p.teacher.module for p in pairs]) if t_taps else []
-            terms = distillation_terms(objective, logits, y, t_logits, list(zip(s_maps, t_maps)), beta, grads)
-            _check_finite(terms, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                terms["loss"].backward()
-                optimizer.step()
-            else:  # fp16: scaled loss; a step whose gradients overflowed is skipped and the scale lowered
-                scaler.scale(terms["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            n = len(y)
-            stats.add({k: v.detach() for k, v in terms.items()}, int((logits.argmax(1) == y).sum()), n)
-            stats.seconds += time.perf_counter() - t0
+            step_fn(x, y, beta)
+            stats.seen, stats.steps = stats.seen + len(y), stats.steps + 1
             step += 1
-            reporter.advance(1, loss=float(terms["loss"].detach()), img_s=stats.seen / max(stats.seconds, 1e-9))
+            if stats.steps % log_every == 0:
+                read()
+            reporter.advance(1, **fields)  # the count moves every step; its fields change at reads
             if stop is not None and stop.raised is not None:
+                read()  # a non-finite term found here stops as divergence, not as a stop with a bad state
                 if on_stop is not None:
                     on_stop(epoch, step, stats)
                 raise StopRequested(signum=stop.raised)
+        read()
     finally:
-        s_taps.remove()
-        if t_taps:
-            t_taps.remove()
+        if own:
+            runtime.close()
     return stats
 
 
@@ -205,23 +234,28 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
     state = TrainingState(out_dir, student, opt, sched, scaler, run_identity(cfg, data), writes=rank.is_main)
     at = state.start(resume, reporter, tag)
     stats = EpochStats(**at.stats) if at.stats else None
-    model, run_teacher, compile_s = _runtime_models(student, teacher, objective, speed, device, train_b, amp, reporter)
+    example = torch.randn(2, *data.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    model, runtime, compile_s = _runtime_models(student, teacher, objective, speed, device, train_b, amp, reporter, opt, scaler,
+                                                example.contiguous(memory_format=torch.channels_last) if channels_last else example)
     # The epochs: train, evaluate, save.
-    with StopFlag() as stop:
-        for epoch in range(at.epoch, cfg.train.epochs):
-            began = time.perf_counter()
-            train_b.set_epoch(epoch, at.step if epoch == at.epoch else 0)
-            reporter.task(f"{tag} epoch {epoch + 1}/{cfg.train.epochs}".strip(), len(train_b))
-            with training_failures(epoch + 1, cfg.train.batch_size, device, state.kept, state.path, reporter):
-                stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, run_teacher, _beta_at(cfg, epoch), amp,
-                                        stats, reporter, stop, on_stop=lambda e, s, st: state.save(e - 1, s, asdict(st)),
-                                        scaler=scaler)
-                record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
-            state.epoch_done(record, time.perf_counter() - began)
-            reporter.done(f"{tag} epoch {epoch + 1}: test top-1 {record['test_top1']:.2f}%  loss {record['train_loss']:.3f}".strip())
-            stats = None
-            if stop.raised is not None and epoch + 1 < cfg.train.epochs:  # arrived during evaluation: stop at the boundary
-                raise stopped(stop.raised, f"after epoch {epoch + 1}", state.path)
+    try:
+        with StopFlag() as stop:
+            for epoch in range(at.epoch, cfg.train.epochs):
+                began = time.perf_counter()
+                train_b.set_epoch(epoch, at.step if epoch == at.epoch else 0)
+                reporter.task(f"{tag} epoch {epoch + 1}/{cfg.train.epochs}".strip(), len(train_b))
+                with training_failures(epoch + 1, cfg.train.batch_size, device, state.kept, state.path, reporter):
+                    stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, teacher, _beta_at(cfg, epoch), amp,
+                                            stats, reporter, stop, on_stop=lambda e, s, st: state.save(e - 1, s, asdict(st)),
+                                            scaler=scaler, runtime=runtime)
+                    record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
+                state.epoch_done(record, time.perf_counter() - began)
+                reporter.done(f"{tag} epoch {epoch + 1}: test top-1 {record['test_top1']:.2f}%  loss {record['train_loss']:.3f}".strip())
+                stats = None
+                if stop.raised is not None and epoch + 1 < cfg.train.epochs:  # arrived during evaluation: stop at the boundary
+                    raise stopped(stop.raised, f"after epoch {epoch + 1}", state.path)
+    finally:
+        runtime.close()  # the hooks, where stage outputs were taken with them
     distributed.check_same_weights(student, device)
     _place(student, teacher, None, speed)
     return FitResult(state.history, state.history[-1] if state.history else {}, state.train_seconds, compile_s)
@@ -267,50 +301,44 @@ def _global_stats(stats: EpochStats, device: torch.device) -> EpochStats:
 
 
 def _runtime_models(student: nn.Module, teacher: Teacher | None, objective: Objective, speed: Speed, device: torch.device,
-                    batches, amp: torch.dtype | None, reporter: Reporter) -> tuple[nn.Module, Teacher | None, float]:
-    """The modules the loop runs: the student in DDP when several ranks train (the frozen teacher never),
-    both through ``torch.compile`` with ``speed.compile``; and the seconds compilation took."""
+                    batches, amp: torch.dtype | None, reporter: Reporter, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None = None, example: torch.Tensor | None = None
+                    ) -> tuple[nn.Module, Runtime, float]:
+    """What the loop runs: the student in DDP when several ranks train (the frozen teacher never), the
+    step built by ``make_runtime`` (its notes reported), compiled with ``speed.compile``; and the seconds
+    compilation took."""
     model = distributed.wrap_student(student, device)
-    if not speed.compile:
-        return model, teacher, 0.0
-    if objective.uses_at and objective.gradient:
+    compile_ = speed.compile
+    if compile_ and objective.uses_at and objective.gradient:
         reporter.info("--compile skipped: gradient attention needs a double backward, which torch.compile does not support")
-        return model, teacher, 0.0
-    model = torch.compile(model, backend=speed.compile_backend)
-    if teacher is not None:
-        teacher = Teacher(torch.compile(teacher.model, backend=speed.compile_backend), teacher.pairs)
-    seconds = _warm_up(model, teacher, objective, batches, amp)
+        compile_ = False
+    runtime = make_runtime(model, teacher, objective, optimizer, device, amp, scaler, speed, example,
+                           isinstance(batches, DeviceBatches), compile_)
+    for note in runtime.notes:
+        reporter.info(note)
+    if not compile_:
+        return model, runtime, 0.0
+    seconds = _warm_up(runtime, student, objective, batches, amp)
     reporter.info(f"compiled the student{' and teacher' if teacher else ''} in {seconds:.1f} s (torch.compile, "
                   f"{speed.compile_backend}); not counted in training time or images/s")
-    return model, teacher, seconds
+    return model, runtime, seconds
 
 
-def _warm_up(model: nn.Module, teacher: Teacher | None, objective: Objective, batches, amp: torch.dtype | None) -> float:
-    """One forward and backward on a training batch with the attention taps in place, so that torch.compile
-    compiles now (hooks present at the first call are traced in). Weights, gradients, BN statistics and
-    the RNG are left as they were; returns the seconds it took."""
-    student = unwrap(model)
-    pairs = list(teacher.pairs) if teacher is not None and objective.uses_at else []
+def _warm_up(runtime: Runtime, student: nn.Module, objective: Objective, batches, amp: torch.dtype | None) -> float:
+    """One forward and backward on a training batch through the runtime's modules, so that torch.compile
+    compiles now. Weights, gradients, BN statistics and the RNG are left as they were; returns the seconds."""
     buffers = [b.detach().clone() for b in student.buffers()]
     rng = torch.get_rng_state()
     x, _ = next(iter(batches))
     began = time.perf_counter()
-    s_taps = Taps(student, [p.student.module for p in pairs])
-    t_taps = Taps(unwrap(teacher.model), [p.teacher.module for p in pairs]) if pairs else None
-    try:
-        with autocast(x.device, amp):
-            if teacher is not None and objective.needs_teacher:
-                with torch.no_grad():
-                    teacher.model(x)
-            logits = model(x)
-        maps = s_taps.take([p.student.module for p in pairs])
-        (logits.float().mean() + sum((m.float().mean() for m in maps), torch.zeros((), device=x.device))).backward()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-    finally:
-        s_taps.remove()
-        if t_taps is not None:
-            t_taps.remove()
+    with amp_context(x.device, amp):
+        if runtime.teacher is not None and objective.needs_teacher:
+            with torch.inference_mode():
+                runtime.teacher(x)
+        logits, maps = runtime.student(x)
+    (logits.float().mean() + sum((m.float().mean() for m in maps), torch.zeros((), device=x.device))).backward()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - began
     student.zero_grad(set_to_none=True)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """ONNX export with a parity check, metadata for deployment without atc, and INT8 quantization.
 
 The export uses torch's default (dynamo) exporter in eval mode with a named dynamic batch axis
-and ``external_data=False``, so the result is one self-contained file. Parity compares
+and ``external_data=False``, so the result is one self-contained file. Export and the parity check
+work on an fp32 eval-mode CPU copy of the model (``device.cpu_copy``): the caller's model keeps its
+device, dtype and train/eval mode. Parity compares
 onnxruntime's CPU output with PyTorch's at two batch sizes, elementwise as ``numpy.allclose``
 does: ``|ort − torch| ≤ atol + rtol·|torch|``. The relative part matters for large logits: float32
 holds about 7 significant digits, so logits near 400 differ by a few 1e-5 between two correct
@@ -20,7 +22,7 @@ from compressor import fileio
 from compressor.models.spec import ModelSpec
 from compressor.errors import ExportError
 from compressor.quiet import quiet
-from compressor.device import ort_session
+from compressor.device import cpu_copy, ort_session
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path,
     """Export ``model`` to one ONNX file with a dynamic batch axis; written atomically."""
     import onnx
 
-    model = model.eval().float().to("cpu")
+    model = cpu_copy(model)  # device rule: export from a CPU copy; the caller's model stays where it is
     example = torch.randn(2, *input_size)
     out = Path(out)
     with fileio.atomic_path(out, suffix=".onnx") as tmp:
@@ -115,14 +117,14 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path,
     return out
 
 
-RTOL = 1e-4  # default relative tolerance of the parity check, with the absolute ``atol`` 1e-4
-
-
-
 def check_parity(model: nn.Module, onnx_path: str | Path, input_size: tuple[int, int, int], batch_sizes=(1, 8),
-                 atol: float = 1e-4, seed: int = 0, rtol: float = RTOL) -> Parity:
-    """Compare onnxruntime with torch on random inputs: passes when ``|ort − torch| ≤ atol + rtol·|torch|``."""
-    model = model.eval().float().to("cpu")
+                 atol: float = 1e-4, seed: int = 0, rtol: float | None = None) -> Parity:
+    """Compare onnxruntime with torch on random inputs: passes when ``|ort − torch| ≤ atol + rtol·|torch|``.
+
+    ``rtol`` defaults to ``atol`` (1e-4 each): one number, ``--atol``, relaxes or tightens both, and
+    ``--atol 0`` still asks for identical outputs."""
+    rtol = atol if rtol is None else rtol
+    model = cpu_copy(model)  # device rule: torch's reference runs on a CPU copy; the caller's model stays where it is
     sess = ort_session(onnx_path)
     g = torch.Generator().manual_seed(seed)
     diffs, rels, within = {}, {}, {}
@@ -142,7 +144,7 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
 
 
 def export_checked(model: nn.Module, spec: ModelSpec, out: str | Path, atol: float = 1e-4,
-                   batch_sizes=(1, 8), rtol: float = RTOL) -> Parity:
+                   batch_sizes=(1, 8), rtol: float | None = None) -> Parity:
     """Export with metadata and verify parity before the file takes its place; a miss leaves nothing behind."""
     with fileio.atomic_path(out, suffix=".onnx") as tmp:
         to_onnx(model, spec.input_size, tmp, metadata_for(spec))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from compressor import fileio
+from compressor.device import example_input
 from compressor.errors import CheckpointError, ModelError
 from compressor.models.registry import parse_arch
 from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
@@ -155,7 +156,7 @@ def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *size))
+            model(example_input(model, size))  # on the model's device
     except Exception as exc:  # noqa: BLE001 - any failure of a plain forward means the input does not fit
         return False, f"forward pass fails: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
     finally:
@@ -205,8 +206,10 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         except RuntimeError as exc:
             raise CheckpointError(f"{path} is damaged: its weights do not fit its own architecture ({str(exc).splitlines()[0][:100]})") from exc
         return model, spec, dict(obj.get("metrics", {}))
-    if isinstance(obj, nn.Module):
-        return obj.float().eval(), ModelSpec("module", {}, num_classes or 0, input_size=input_size or (3, 32, 32)), {}
+    if isinstance(obj, nn.Module):  # a whole pickled module (trusted): it runs as it is, but cannot be rebuilt by name
+        linears = [m for m in obj.modules() if isinstance(m, nn.Linear)]
+        classes = num_classes or (linears[-1].out_features if linears else 0)
+        return obj.float().eval(), ModelSpec("module", {}, classes, input_size=input_size or (3, 32, 32)), {}
     state_dict = _state_dict_of(obj)
     if state_dict is None:
         raise CheckpointError(f"{path} is not an atc checkpoint or a state_dict; pass a file saved by atc or torch.save(model.state_dict())")

@@ -230,15 +230,11 @@ def parse_arch(name: str) -> Arch:
                    "(tv:NAME for torchvision's, timm:NAME for timm's, path/to/file.py:ClassName for your own)")
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """One row of ``list_models()``: a name (or name pattern) as ``--arch`` takes it."""
-
-    name: str         # e.g. "wrn-D-K", "mobilenet_v2", "tv:NAME", "tv:convnext_tiny"
-    family: str       # the registry family a checkpoint stores
-    source: str       # "atc", "torchvision", "timm" or "your file"
-    derive: str       # how `atc compress` derives a student: "family rule" or "thinning"
-    description: str
+def _row(names: str, family: str, derive: str, about: str = "") -> dict[str, str]:
+    """One row of ``list_models()``: ``names`` as ``--arch`` takes them (a name, names or a pattern),
+    the registry ``family`` a checkpoint stores, how ``atc compress`` derives a student from it
+    (``"family rule"`` or ``"thinning"``), and what it is."""
+    return {"names": names, "family": family, "derive": derive, "about": about}
 
 
 def _timm_names(pattern: str) -> list[str] | None:
@@ -249,45 +245,41 @@ def _timm_names(pattern: str) -> list[str] | None:
     return timm.list_models(pattern)
 
 
-def list_models(pattern: str | None = None) -> list[ModelInfo]:
-    """The architectures atc builds, as rows: the zoo's name patterns (with examples), the torchvision
-    models known by bare name, and how to name any other torchvision or timm model or your own class.
+def list_models(pattern: str | None = None) -> list[dict[str, str]]:
+    """The architectures atc builds, as rows of plain data (``names``, ``family``, ``derive``,
+    ``about``; see ``_row``): the zoo's name patterns with examples, the torchvision models known by
+    bare name, and how to name any other torchvision or timm model or your own class.
 
-    With ``pattern`` (a glob such as ``"*mobilenet*"``; a bare word matches anywhere) the rows are the
-    matching names themselves, zoo, torchvision and (when installed) timm. Nothing is built or downloaded.
+    With ``pattern`` (a glob such as ``"*mobilenet*"``; a bare word matches anywhere) there is one
+    row per matching name: zoo, torchvision and (when installed) timm. Nothing is built or downloaded.
     """
     import fnmatch
 
     tv = torchvision_names()
     if pattern is not None:
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        rows = [ModelInfo(n, parse_arch(n).family, "atc", "family rule", "")
+        rows = [_row(n, parse_arch(n).family, "family rule")
                 for n in known_names() if n not in TORCHVISION_GENERIC and fnmatch.fnmatch(n, glob)]
-        rows += [ModelInfo(n, "torchvision", "torchvision", "thinning", "") for n in TORCHVISION_GENERIC if fnmatch.fnmatch(n, glob)]
-        rows += [ModelInfo(f"tv:{n}", "torchvision", "torchvision", "thinning", "") for n in tv
+        rows += [_row(n, "torchvision", "thinning") for n in TORCHVISION_GENERIC if fnmatch.fnmatch(n, glob)]
+        rows += [_row(f"tv:{n}", "torchvision", "thinning") for n in tv
                  if n not in TORCHVISION_GENERIC and fnmatch.fnmatch(n, glob)]
-        rows += [ModelInfo(f"timm:{n}", "timm", "timm", "thinning", "") for n in _timm_names(glob) or []]
+        rows += [_row(f"timm:{n}", "timm", "thinning") for n in _timm_names(glob) or []]
         return rows
     timm_names = _timm_names("*")
-    timm_note = (f"any of timm's {len(timm_names)} models, e.g. timm:resnet18, timm:mobilenetv3_small_100"
-                 if timm_names is not None else "timm models (not installed: pip install 'atc[timm]')")
-    rows = [
-        ModelInfo("wrn-D-K", "wrn", "atc", "family rule", "Wide ResNet, depth D = 6n+4, width K: wrn-40-4, wrn-16-2, wrn-16-1"),
-        ModelInfo("resnetD[-wW]", "cifar_resnet", "atc", "family rule",
-                  "CIFAR ResNet, D in 20/32/44/56/110 (cifar-resnetD for any 6n+2), stem width W (16): resnet56, resnet20-w8"),
-        ModelInfo("resnet18/34/50/101/152[-cifar]", "resnet", "atc", "family rule",
-                  "torchvision-layout ResNet; -cifar: 3x3 stem, no max-pool: resnet18, resnet50-cifar"),
+    timm_about = (f"any of timm's {len(timm_names)} models, no weights, e.g. timm:resnet10t, timm:mobilenetv3_small_100"
+                  if timm_names is not None else "timm models: not installed, pip install 'atc[timm]'")
+    return [
+        _row("wrn-D-K", "wrn", "family rule", "Wide ResNet, depth D = 6n+4, width K, e.g. wrn-40-4, wrn-16-2"),
+        _row("resnetD, resnetD-wW", "cifar_resnet", "family rule",
+             "CIFAR ResNet, D = 20/32/44/56/110 (cifar-resnetD: any 6n+2), stem width W (16), e.g. resnet56, resnet20-w8"),
+        _row("resnet18/34/50/101/152[-cifar]", "resnet", "family rule",
+             "torchvision-layout ResNet; -cifar: 3x3 stem, no max-pool, e.g. resnet18, resnet50-cifar"),
+        _row(", ".join(TORCHVISION_GENERIC), "torchvision", "thinning", "torchvision models by bare name (same as tv:NAME), no weights"),
+        _row("tv:NAME", "torchvision", "thinning",
+             f"any of torchvision's {len(tv)} classification models, no weights, e.g. tv:resnet18, tv:convnext_tiny"),
+        _row("timm:NAME", "timm", "thinning", timm_about),
+        _row("path/to/file.py:ClassName", "file", "thinning", "your nn.Module, built with num_classes=N when it takes it"),
     ]
-    rows += [ModelInfo(n, "torchvision", "torchvision", "thinning", f"torchvision {n}, no weights (same as tv:{n})")
-             for n in TORCHVISION_GENERIC]
-    rows += [
-        ModelInfo("tv:NAME", "torchvision", "torchvision", "thinning",
-                  f"any of torchvision's {len(tv)} classification models, no weights, e.g. tv:resnet18, tv:convnext_tiny"),
-        ModelInfo("timm:NAME", "timm", "timm", "thinning", f"{timm_note}; no weights"),
-        ModelInfo("path/to/file.py:ClassName", "file", "your file", "thinning",
-                  "your nn.Module; built with num_classes=N when it takes it"),
-    ]
-    return rows
 
 
 def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:

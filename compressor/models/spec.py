@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 from torch import nn
-from compressor.models.plan import apply_plan
+from compressor.models.plan import ThinningPlan, apply_plan
 from compressor.models.registry import Arch, parse_arch
 
 
@@ -23,7 +23,11 @@ class ModelSpec:
     input_size: tuple[int, int, int] = (3, 32, 32)
     mean: list[float] | None = None  # None: not known (plain state_dict); taken from the data
     std: list[float] | None = None
-    plan: dict[str, Any] | None = None  # thinning plan of a derived student, when there is one
+    plan: ThinningPlan | None = None  # thinning plan of a derived student, when there is one
+
+    def __post_init__(self):
+        if self.plan is not None and not isinstance(self.plan, ThinningPlan):  # read from a checkpoint
+            self.plan = ThinningPlan.from_dict(self.plan)
 
     @property
     def arch(self) -> Arch:
@@ -31,7 +35,7 @@ class ModelSpec:
 
     @property
     def name(self) -> str:
-        return self.arch.name if self.plan is None else self.plan.get("name", self.arch.name)
+        return self.arch.name if self.plan is None else self.plan.name
 
     def build(self) -> nn.Module:
         model = self.arch.build(self.num_classes)

@@ -3,14 +3,19 @@
 FLOP convention: fvcore counts one fused multiply-add as one flop, so its "flops" are MACs; atc
 reports GMACs and shows GFLOPs = 2 x GMACs beside them. fvcore also counts BatchNorm and pooling,
 which torchvision's published operation counts leave out (+0.2-0.55 % on ResNets, +4 % on
-MobileNetV2/EfficientNet-B0)."""
+MobileNetV2/EfficientNet-B0).
+
+Counting traces one zero image on the model's own device (a model on ``meta``, which fvcore
+cannot trace, is counted on an uninitialised CPU copy: the counts depend on shapes only)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
+from compressor.device import example_input, model_device
 from compressor.errors import ModelError
 
 
@@ -43,12 +48,14 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> MacCount:
         warnings.simplefilter("ignore")  # fvcore's import trips torch.jit deprecation warnings
         from fvcore.nn import FlopCountAnalysis
 
+    if model_device(model).type == "meta":  # fvcore cannot trace meta tensors; counts depend on shapes only
+        model = copy.deepcopy(model).to_empty(device="cpu")
     was_training = model.training
     model.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(model, torch.zeros(1, *input_size, device=next(model.parameters()).device))
+            analysis = FlopCountAnalysis(model, example_input(model, input_size))  # on the model's device
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = analysis.total()
             by_module = {k: v / 1e9 for k, v in analysis.by_module().items()}

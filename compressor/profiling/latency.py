@@ -6,11 +6,20 @@ atc reports them as GMACs and shows GFLOPs = 2 × GMACs beside them where FLOPs 
 Latency: after warm-up, timed runs continue until both a minimum count and a minimum time are
 reached; the first (cold) run is kept apart. Teacher/student speed-ups come from interleaved
 rounds in one process (same runtime, batch and threads) as the median of per-round ratios, so
-machine noise hits both models alike.
+machine noise hits both models alike. On CUDA (``torch-cuda``) each run is timed with CUDA events
+recorded on the model's device around the forward, after the queue is drained, so the time is
+the GPU's and not the launch's.
+
+Device rule: timing never moves the caller's model. The PyTorch runtimes time an eval-mode copy
+on the runtime's device (``cpu_copy`` for the CPU); the input is made on that device. The ORT
+runtimes time an ONNX file (exported from a CPU copy). ``gpu_latency`` adds the GPU figures that
+reports carry when CUDA is present (torch-CUDA at batch 1 and a throughput batch; ORT's CUDA
+provider when onnxruntime-gpu is installed) and a one-line note saying what is missing otherwise.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -79,8 +88,8 @@ class Runner:
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
         self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
-        x = torch.randn(batch_size, *input_size)
         if runtime.startswith("ort"):
+            x = torch.randn(batch_size, *input_size)  # fed to onnxruntime as numpy: a CPU tensor
             from compressor.device import ort_session
 
             if runtime == "ort-cuda":
@@ -93,11 +102,15 @@ class Runner:
                 raise ConfigError("ort-cuda asked for but onnxruntime has no CUDA provider here; install atc[gpu] or use ort-cpu")
             self._setup_ort(x)
         else:
-            device = torch.device("cuda" if runtime == "torch-cuda" else "cpu")
-            if device.type == "cuda" and not torch.cuda.is_available():
+            from compressor.device import cpu_copy
+
+            if runtime == "torch-cuda" and not torch.cuda.is_available():
                 raise ConfigError("torch-cuda asked for but no CUDA device is available; use torch-cpu")
-            self.model, self.x, self.device = model.eval().to(device), x.to(device), device
-            self.providers = [device.type]
+            device = torch.device("cuda", torch.cuda.current_device()) if runtime == "torch-cuda" else torch.device("cpu")
+            # a copy on the runtime's device: the caller's model keeps its device and mode
+            self.model = cpu_copy(model) if device.type == "cpu" else copy.deepcopy(model).eval().to(device)
+            self.x, self.device = torch.randn(batch_size, *input_size, device=device), device
+            self.providers = [str(device)]
 
     def _setup_ort(self, x: torch.Tensor) -> None:
         if self.runtime == "ort-cuda":
@@ -114,13 +127,13 @@ class Runner:
     def __call__(self) -> float:
         """Run once; return seconds (CUDA: measured with events after synchronising)."""
         if self.runtime.startswith("torch") and self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.inference_mode():
-                torch.cuda.synchronize()
+            with torch.cuda.device(self.device), torch.inference_mode():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(self.device)  # nothing queued before the run is timed with it
                 start.record()
                 self.model(self.x)
                 end.record()
-                torch.cuda.synchronize()
+                end.synchronize()
             return start.elapsed_time(end) / 1e3
         t = time.perf_counter()
         if self.runtime == "ort-cpu":
@@ -211,6 +224,67 @@ def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[in
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return SpeedUp(runtime, batch_size, threads, statistics.median(ratios), (min(ratios), max(ratios)),
                    statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds, (q[0], q[2]))
+
+
+GPU_BATCH_SIZES = (1, 256)  # latency at batch 1 and a throughput batch
+
+
+def ort_cuda_available() -> bool:
+    """True when onnxruntime can run on CUDA (the onnxruntime-gpu package is installed)."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@dataclass
+class GpuLatency:
+    """GPU timings of one model: ``runs`` holds one ``Latency`` per runtime and batch size."""
+
+    device: str
+    runs: list[Latency]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "runs": [r.to_dict() for r in self.runs], "notes": list(self.notes)}
+
+
+def gpu_status(cuda: bool | None = None, ort_cuda: bool | None = None) -> tuple[list[str], list[str]]:
+    """The GPU runtimes to time here and one-line notes for those that cannot be: ``(runtimes, notes)``.
+    ``cuda``/``ort_cuda`` override what is detected (tests inject them)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return [], ["no GPU latency: PyTorch sees no CUDA device (CPU figures only)"]
+    ort_cuda = ort_cuda_available() if ort_cuda is None else ort_cuda
+    if ort_cuda:
+        return ["torch-cuda", "ort-cuda"], []
+    return ["torch-cuda"], ["no onnxruntime CUDA latency: onnxruntime has no CUDAExecutionProvider here "
+                            "(pip install onnxruntime-gpu, or atc[gpu])"]
+
+
+def gpu_latency(model: nn.Module, input_size: tuple[int, int, int], onnx_path: Path | None = None,
+                batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES, timing: Timing = Timing(min_time_s=0.5), *,
+                runtimes: list[str] | None = None, threads: int | None = None,
+                measure: Callable[..., Latency] | None = None, device_name: str | None = None) -> GpuLatency:
+    """Time ``model`` on each GPU runtime (``gpu_status``'s, unless ``runtimes`` is given) at each batch size.
+
+    A batch that does not fit in GPU memory is left out with a note. ``measure`` replaces
+    ``measure_latency`` (tests pass a fake timer; ``device_name`` then names the fake device)."""
+    notes: list[str] = []
+    if runtimes is None:
+        runtimes, notes = gpu_status()
+    measure = measure or measure_latency
+    runs: list[Latency] = []
+    for rt in runtimes:
+        for bs in batch_sizes:
+            try:
+                runs.append(measure(model, input_size, rt, bs, threads, timing, onnx_path if rt.startswith("ort") else None))
+            except torch.cuda.OutOfMemoryError:
+                notes.append(f"{rt} at batch {bs}: out of GPU memory, not timed")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    if device_name is None:
+        device_name = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cuda"
+    return GpuLatency(device_name, runs, notes)
 
 
 def environment() -> dict[str, str | int | None]:

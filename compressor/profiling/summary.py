@@ -1,15 +1,20 @@
 """One model's profile: parameters, fvcore GMACs (and GFLOPs = 2 x GMACs) and latency on each
-runtime and batch size asked for — the data behind ``atc profile``."""
+runtime and batch size asked for — the data behind ``atc profile``.
+
+With CUDA present (and no CUDA runtime asked for explicitly) the profile also holds
+``gpu_latency``: torch-CUDA latency at batch 1 and a throughput batch, and onnxruntime's CUDA
+provider when onnxruntime-gpu is installed (``latency.gpu_latency``); ``gpu_notes`` says what is
+missing and why. Counting and timing leave the caller's model where it is."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from compressor.profiling.counts import MAC_UNIT, count_macs, count_params
-from compressor.profiling.latency import Latency, Timing, environment, measure_latency
+from compressor.profiling.latency import GPU_BATCH_SIZES, Latency, Timing, environment, gpu_latency, gpu_status, measure_latency
 
 
 @dataclass
@@ -24,20 +29,36 @@ class Profile:
     mac_unit: str = MAC_UNIT
     environment: dict[str, Any] = field(default_factory=environment)
     by_module_gmacs: dict[str, float] | None = None
+    gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict() without its notes; with CUDA only
+    gpu_notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if self.by_module_gmacs is None:
-            del d["by_module_gmacs"]
+        for key in ("by_module_gmacs", "gpu_latency"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
 def profile_model(model: nn.Module, name: str, input_size: tuple[int, int, int], runtimes: Sequence[str] = ("ort-cpu", "torch-cpu"),
                   batch_sizes: Sequence[int] = (1,), threads: int | None = None, min_time_s: float = 1.0,
-                  module_depth: int | None = None) -> Profile:
-    """Count and time ``model``; ``module_depth`` also keeps GMACs per module down to that depth."""
+                  module_depth: int | None = None, *, gpu: bool | None = None, ort_cuda: bool | None = None,
+                  gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, measure: Callable[..., Latency] | None = None,
+                  device_name: str | None = None) -> Profile:
+    """Count and time ``model``; ``module_depth`` also keeps GMACs per module down to that depth.
+
+    ``gpu`` (None: detect CUDA) adds the GPU timings; ``ort_cuda``, ``measure`` and ``device_name``
+    stand in for the machine in tests."""
     macs = count_macs(model, input_size)
-    lat = [measure_latency(model, input_size, rt, bs, threads, Timing(min_time_s=min_time_s)) for rt in runtimes for bs in batch_sizes]
+    measure = measure or measure_latency
+    lat = [measure(model, input_size, rt, bs, threads, Timing(min_time_s=min_time_s)) for rt in runtimes for bs in batch_sizes]
     by_module = None if module_depth is None else {k: v for k, v in macs.by_module.items() if k.count(".") < module_depth}
+    gpu_entry, notes = None, []
+    if not any(rt.endswith("cuda") for rt in runtimes):  # CUDA runtimes asked for by name are in ``latency`` already
+        gpu_runtimes, notes = gpu_status(gpu, ort_cuda)
+        if gpu_runtimes:
+            g = gpu_latency(model, input_size, None, tuple(gpu_batch_sizes), Timing(min_time_s=min_time_s), runtimes=gpu_runtimes,
+                            threads=threads, measure=measure, device_name=device_name)
+            gpu_entry, notes = {"device": g.device, "runs": [r.to_dict() for r in g.runs]}, notes + g.notes
     return Profile(name, list(input_size), count_params(model), macs.gmacs, macs.gflops, macs.skipped_ops, lat,
-                   by_module_gmacs=by_module)
+                   by_module_gmacs=by_module, gpu_latency=gpu_entry, gpu_notes=notes)

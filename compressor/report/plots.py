@@ -8,6 +8,8 @@ teacher's plain cross-entropy; the test loss is plain cross-entropy for every mo
 
 from __future__ import annotations
 
+from compressor.report.tables import plural
+
 import json
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,7 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> None:
         ax.set_xlabel(xkey)
     ax.set_ylabel(f"student top-1 (%), mean ± std over {len(result['seeds'])} seed(s)")
     ax.set_title(f"{result['data']['name']}: {t['name']} (top-1 {t['top1']:.2f}%) → {result['student']} "
-                 f"({result['method']}, {result['epochs']} epochs)", fontsize=9)
+                 f"({result['method']}, {plural(result['epochs'], 'epoch')})", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

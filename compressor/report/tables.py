@@ -60,11 +60,38 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+GPU_COLUMNS = ("model", "role", "runtime", "batch", "median ms", "img/s")
+
+
+def gpu_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per model, runtime and batch size of the GPU timings (none without CUDA)."""
+    out = []
+    models = [(report["teacher"], "teacher")] + [(s, s.get("role", "student")) for s in report["students"]]
+    for m, role in models:
+        for run in (m.get("gpu_latency") or {}).get("runs", []):
+            out.append([m["name"], role, run["runtime"], str(run["batch_size"]), f"{run['median_ms']:.3f}",
+                        f"{run['images_per_s']:,.0f}"])
+    return out
+
+
+def gpu_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's GPU section: the table when there are GPU timings, and the notes of what is missing."""
+    lat = report.get("latency", {})
+    notes = [f"Note: {n}." if not n.endswith(".") else f"Note: {n}" for n in lat.get("gpu_notes", [])]
+    if not (table := gpu_rows(report)):
+        return [*notes, ""] if notes else []
+    gpu = lat.get("gpu", {})
+    return ["## GPU latency", "", f"{gpu.get('device', 'CUDA')}, fp32 (PyTorch's default TF32 convolutions); "
+            f"{gpu.get('timing', 'CUDA events after warm-up')}.", "",
+            "| " + " | ".join(GPU_COLUMNS) + " |", "|" + "---|" * len(GPU_COLUMNS),
+            *("| " + " | ".join(r) + " |" for r in table), "", *notes, *([""] if notes else [])]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lat = report.get("latency", {})
     lines = [f"# atc report: {report['teacher']['name']} → {', '.join(s['name'] for s in report['students'])}", "",
              f"Data: {report['data']['name']} ({report['data']['train']} train / {report['data']['test']} test images, "
-             f"{report['data']['classes']} classes). Preset `{report['preset']}`, {report['epochs']} epochs, method `{report['method']}`.", "",
+             f"{report['data']['classes']} classes). Preset `{report['preset']}`, {plural(report['epochs'], 'epoch')}, method `{report['method']}`.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     env = report.get("environment", {})
@@ -73,11 +100,16 @@ def markdown(report: dict[str, Any]) -> str:
               f"latency × is the median per-round ratio, (min–max) over rounds.", "",
               *([noisy_latency_note(report), ""] if noisy_latency(report) else []),
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
-              f"onnxruntime {env.get('onnxruntime', '?')}.", ""]
+              f"onnxruntime {env.get('onnxruntime', '?')}.", "", *gpu_lines(report)]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- views of sweep.json
+
+
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``3 epochs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def fmt_optional(v: float | None, spec: str = ".2f") -> str:
@@ -101,7 +133,7 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     t = result["teacher"]
     lines = [f"# atc sweep: {t['name']} → {result['student']} ({result['method']})", "",
              f"Data: {result['data']['name']} ({result['data']['train']} train / {result['data']['test']} test images). "
-             f"Preset `{result['preset']}`, {result['epochs']} epochs, seeds {', '.join(map(str, result['seeds']))}. "
+             f"Preset `{result['preset']}`, {plural(result['epochs'], 'epoch')}, seeds {', '.join(map(str, result['seeds']))}. "
              f"Teacher top-1 {t['top1']:.2f}%.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

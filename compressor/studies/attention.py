@@ -14,6 +14,9 @@ For every AT stage (the teacher/student pairs ``attention.find_pairs`` chooses) 
 
 Maps are those of the mechanism in use: ``sum-p`` (channel mean of ``|A|^p``), ``max-p`` (channel
 max) or ``gradient`` (the same channel mean of ``|∂L/∂x|^p``, one map at input resolution).
+
+Device rule: images, masks and the example that pairing runs on are moved to the device the
+models run on: the ``device`` passed, or else the teacher's (``model_device``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from compressor import fileio
 from compressor.pair import AttentionPair, find_pairs, find_stages, select_pairs, tapped
-from compressor.device import pick_device
+from compressor.device import model_device, pick_device
 from compressor.models.checkpoint import load_model
 from compressor.pipeline import check_compatible, load_teacher_and_data, normalization
 from compressor.errors import DataError
@@ -85,8 +88,10 @@ class Net:
 
 
 def stage_activations(net: Net, x_uint8: torch.Tensor, y: torch.Tensor, modules: Sequence[str], gradient: bool,
-                      device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-stage tensors to take maps of (activations, or the input gradient) and the logits."""
+                      device: torch.device | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-stage tensors to take maps of (activations, or the input gradient) and the logits; the
+    images go to ``device`` (default: the model's)."""
+    device = device if device is not None else model_device(net.model)
     x = net.prepare(x_uint8, device)
     if gradient:
         x.requires_grad_(True)
@@ -151,8 +156,9 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
     """Per-stage AT distance, spatial correlation and (with ``masks``) localisation over ``x`` (uint8 N×C×H×W).
 
     ``prior`` (H×W, e.g. the mean training mask) is scored like an attention map that never looks
-    at the image: a network localises only where it beats that."""
-    device = device or torch.device("cpu")
+    at the image: a network localises only where it beats that. The models run on ``device`` (moved
+    there when given; default: the teacher's device, where the student joins it)."""
+    device = device if device is not None else model_device(teacher.model)
     gradient, reduce = attention == "gradient", "max" if attention == "max-p" else "mean"
     nets = [n for n in (teacher, student) if n is not None]
     for n in nets:
@@ -219,10 +225,10 @@ def pick_images(n_total: int, n: int) -> list[int]:
 
 def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
               result: AttentionResult, class_names: Sequence[str] = (), device: torch.device | None = None) -> None:
-    """Rows of images; columns: the input, then per stage the teacher's map and the student's."""
+    """Rows of images; columns: the input, then per stage the teacher's map and the student's. Each model
+    runs on ``device``, or on its own device when none is given."""
     from matplotlib.figure import Figure
 
-    device = device or torch.device("cpu")
     gradient, reduce = result.attention == "gradient", "max" if result.attention == "max-p" else "mean"
     t_mods = [s.teacher_module for s in result.stages]
     s_mods = [s.student_module for s in result.stages if s.student_module]

@@ -145,9 +145,14 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
 def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
               *, overrides: dict[str, dict[str, Any]] | None = None, seeds: int = 1, method: str | None = None,
               student: str | None = None, device: str = "auto", trust: bool = False, arch: str | None = None,
-              reporter: Reporter = SILENT,
-              command: str = "") -> dict[str, Any]:
-    """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png."""
+              jobs: int = 1, reporter: Reporter = SILENT, command: str = "") -> dict[str, Any]:
+    """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png.
+
+    ``jobs`` > 1 trains that many runs at once, each in its own process with its own copy of the
+    teacher and the data: small students leave a GPU (or a many-core CPU) mostly idle, and
+    several of them side by side raise the total throughput."""
+    if jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     axes = parse_grid(grid)
@@ -178,19 +183,25 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     unique = {str(d) for *_, d in plan}
     reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(plan)} runs, {len(unique)} distinct (β = 0 cells share theirs); "
                   f"student {cand.name}, method {method}")
-    done: dict[str, dict[str, Any]] = {}
+    todo = {}
     for i, (cell, s, cfg, run_dir) in enumerate(plan, 1):
-        key = str(run_dir)
-        if key not in done:
-            desc = " ".join(f"{k}={v}" for k, v in cell.params.items())
+        if str(run_dir) not in todo:
             _check_run_config(run_dir, cfg, method, cand.name)
-            reporter.info(f"[{i}/{len(plan)}] {desc} seed {s}")
+            todo[str(run_dir)] = (i, cell, s, cfg, run_dir)
+    runs = RunSpec(teacher_path, data_spec, base_cfg, arch, trust, device, cand, method)
+    if jobs > 1 and len(todo) > 1:
+        done = _train_in_processes(runs, list(todo.values()), jobs, len(plan), reporter)
+    else:
+        done = {}
+        for key, (i, cell, s, cfg, run_dir) in todo.items():
+            reporter.info(f"[{i}/{len(plan)}] {_describe(cell)} seed {s}")
             torch.manual_seed(s)
             res = distill_student(cand, teacher, t_spec, data, cfg, method, run_dir, dev, reporter, resume=True)
-            ckpt = res.dir / "student.pt"
-            done[key] = {"seed": s, "top1": float(res.metrics["top1"]), "dir": str(res.dir.relative_to(out)),
-                         "train_seconds": res.metrics.get("train_seconds"), "checkpoint": str(ckpt.relative_to(out))}
-        cell.runs.append(done[key])
+            done[key] = _run_entry(res, s)
+    for cell, s, cfg, run_dir in plan:
+        entry = dict(done[str(run_dir)])
+        entry["dir"], entry["checkpoint"] = str(Path(entry["dir"]).relative_to(out)), str(Path(entry["checkpoint"]).relative_to(out))
+        cell.runs.append(entry)
     result = {
         "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
         "teacher": {"name": t_spec.name, "top1": t_top1, "path": str(teacher_path)}, "student": cand.name, "method": method,
@@ -202,6 +213,60 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     }
     write_outputs(out, result)
     return result
+
+
+def _describe(cell: Cell) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.params.items())
+
+
+def _run_entry(res, seed: int) -> dict[str, Any]:
+    """One finished run as sweep.json lists it (absolute paths; made relative by the caller)."""
+    return {"seed": seed, "top1": float(res.metrics["top1"]), "dir": str(res.dir),
+            "train_seconds": res.metrics.get("train_seconds"), "checkpoint": str(res.dir / "student.pt")}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a worker process needs to train runs of a sweep on its own: where the teacher and data
+    are and how to load them, the student and the method."""
+
+    teacher_path: str | Path
+    data_spec: str | Path
+    base_cfg: Config
+    arch: str | None
+    trust: bool
+    device: str
+    student: Any  # a derive.candidates.Candidate
+    method: str
+
+
+_WORKER: dict[str, Any] = {}  # per worker process: the teacher and data it loaded once
+
+
+def _train_one(runs: RunSpec, cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
+    if "loaded" not in _WORKER:
+        _WORKER["loaded"] = load_teacher_and_data(runs.teacher_path, runs.data_spec, runs.base_cfg, arch=runs.arch, trust=runs.trust)
+    loaded = _WORKER["loaded"]
+    torch.manual_seed(seed)
+    res = distill_student(runs.student, loaded.model, loaded.spec, loaded.data, cfg, runs.method, run_dir,
+                          pick_device(runs.device), SILENT, resume=True)
+    return _run_entry(res, seed)
+
+
+def _train_in_processes(runs: RunSpec, todo: list, jobs: int, total: int, reporter: Reporter) -> dict[str, dict[str, Any]]:
+    """Train ``todo`` on ``jobs`` worker processes (spawned: CUDA cannot be forked); report each run as it ends."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    reporter.info(f"training {len(todo)} runs, {min(jobs, len(todo))} at a time in separate processes")
+    done: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, runs, cfg, s, run_dir): (i, cell, s, run_dir) for i, cell, s, cfg, run_dir in todo}
+        for fut in as_completed(futures):
+            i, cell, s, run_dir = futures[fut]
+            done[str(run_dir)] = entry = fut.result()
+            reporter.info(f"[{i}/{total}] {_describe(cell)} seed {s}: top-1 {entry['top1']:.2f}%")
+    return done
 
 
 def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> None:
