@@ -244,11 +244,16 @@ def _attempts(root: Path, name: str) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a killed invocation leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
 
 
 def _child_env() -> dict[str, str]:
@@ -619,7 +624,7 @@ def write_results(cells: list[Cell], args, invocations: list[dict[str, Any]], de
             for n, e in info.items()},
     }
     _write_json(args.results, result)
-    args.results.with_suffix(".md").write_text(markdown(result))
+    _write_text(args.results.with_suffix(".md"), markdown(result))
     return result
 
 

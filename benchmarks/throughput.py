@@ -63,16 +63,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import fileio  # noqa: E402
-from compressor.pair import Taps, find_pairs
 from compressor.config import load_config  # noqa: E402
 from compressor.data.images import Augment, DeviceBatches, ImageData
 from compressor.data.open import open_dataset
 from compressor.device import Speed, autocast, autocast_dtype, pick_device
 from compressor.distill.loop import Teacher, _runtime_models, fit, make_optimizer, objective_from, train_one_epoch
+from compressor.distill.losses import distillation_terms
 from compressor.distill.step import GraphedStep
 from compressor.events import Reporter
-from compressor.distill.losses import distillation_terms
 from compressor.models import create_model  # noqa: E402
+from compressor.pair import Taps, find_pairs
 from compressor.profiling.counts import count_macs
 from compressor.profiling.latency import environment
 
@@ -384,7 +384,6 @@ def main() -> None:
     if not args.no_parts:
         loops["teacher_forward"] = PartLoop("teacher", *fresh(), atc_eager, cfg, device)
         loops["student_ce_step"] = PartLoop("student", *fresh(), atc_eager, cfg, device)
-    del teacher, student
 
     def timed(loop, n: int) -> tuple[float, float]:
         if gpu:

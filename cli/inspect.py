@@ -125,13 +125,19 @@ def report(
     print_report(merged, as_json)
 
 
-def models(as_json: bool = JSON) -> None:
+def models(
+    pattern: Optional[str] = typer.Argument(None, help="Only names matching this (a word or a glob like 'mobilenet*')."),
+    as_json: bool = JSON,
+) -> None:
     """The model families atc knows and how to name any other model."""
     from compressor.models.registry import list_models
 
-    entries = list_models()
+    entries = list_models(pattern)
     if as_json:
         print(json.dumps(entries, indent=2))
         return
-    stdout.print(table("architectures (--arch, --student, --teacher NAME)", ["family", "names", "about"],
-                       [[e["family"], e["names"], e["about"]] for e in entries]))
+    t = table("architectures (--arch, --student, --teacher NAME)", ["family", "names", "about"],
+              [[e["family"], e["names"], e["about"]] for e in entries])
+    for column in t.columns:
+        column.justify = "left"
+    stdout.print(t)

@@ -14,6 +14,11 @@ with the number of processes.
 BatchNorm statistics are per rank during a step (as in DDP's default); its running averages
 are taken from rank 0 at every step and, so that every rank ends with the same student, once
 more at the end of each epoch.
+
+On CUDA, rank r of a node uses ``cuda:LOCAL_RANK`` for everything: ``init`` calls
+``torch.cuda.set_device`` before ``init_process_group`` and binds the group to that GPU
+(``device_id``); the teacher, the student (DDP ``device_ids=[LOCAL_RANK]``), the batches and every
+all-reduce live there, and NCCL barriers name it (``device_ids``), so no rank falls back to GPU 0.
 """
 
 from __future__ import annotations

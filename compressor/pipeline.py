@@ -12,6 +12,7 @@ of the model it feeds, so a teacher already on CUDA meets CUDA tensors.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 from dataclasses import dataclass, field, replace
@@ -286,7 +287,8 @@ def dry_run(teacher_path: str | Path, data_spec: str | Path, cfg: Config, *, stu
 
 
 def _student_dir(out: Path, cand: Candidate, method: str) -> Path:
-    return out / "students" / f"{cand.name}-{method.replace('+', '_')}"
+    """``students/NAME-METHOD``, with characters that some file systems refuse (``timm:…``) replaced."""
+    return out / "students" / re.sub(r"[^A-Za-z0-9._-]", "_", f"{cand.name}-{method}")
 
 
 def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, method: str,

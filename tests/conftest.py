@@ -84,3 +84,15 @@ def run_atc(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd or ROOT,
                           env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def atc():
+    """The ``atc`` entry point, forked per call from a process that imported torch once (tests/forked_cli.py)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("the forked CLI runner needs os.fork")
+    from tests.forked_cli import ForkedCli
+
+    cli = ForkedCli({**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    yield cli
+    cli.close()

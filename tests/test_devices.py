@@ -12,7 +12,6 @@ refuse a meta model with atc's one-line ``AtcError``, never a device-mismatch tr
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
@@ -183,7 +182,7 @@ def test_initial_terms_batch_follows_the_teacher():
 
 
 def test_attention_maps_follow_the_model():
-    from compressor.studies.attention import Net, analyze, stage_activations, _stages
+    from compressor.studies.attention import Net, _stages, analyze, stage_activations
 
     t, s = Net("t", meta("wrn-16-2"), [0.5] * 3, [0.25] * 3), Net("s", meta("wrn-10-1"), [0.5] * 3, [0.25] * 3)
     x, y = _data().test_x[:2], _data().test_y[:2]
@@ -218,7 +217,7 @@ class _Watched(nn.Module):
 
 def test_export_and_timing_work_on_copies(tmp_path):
     from compressor.export.onnx import check_parity, to_onnx
-    from compressor.profiling.latency import measure_latency, Timing
+    from compressor.profiling.latency import Timing, measure_latency
 
     model = _Watched().train()
     _Watched.moves.clear()
@@ -286,8 +285,11 @@ def _report(gpu_entries, gpu_meta):
     from compressor.report.build import Report, StudentEntry, TeacherEntry
 
     t_gpu, s_gpu = (gpu_entries or [None, None])
-    student = StudentEntry("s", "at+kd", 10, 0.001, 0.002, 90.0, -1.0, 2.0, 2.0, 0.1, 2.0, [1.9, 2.1], [1.95, 2.05], "s.pt", "s.onnx",
-                           {"1": 0.0}, 1.0, 1, [], None, gpu_latency=s_gpu)
+    student = StudentEntry(name="s", method="at+kd", params=10, gmacs=0.001, gflops=0.002, top1=90.0, top1_delta=-1.0,
+                           param_ratio=2.0, mac_ratio=2.0, latency_ms=0.1, latency_speedup=2.0, latency_speedup_spread=[1.9, 2.1],
+                           latency_speedup_quartiles=[1.95, 2.05], checkpoint="s.pt", onnx="s.onnx",
+                           onnx_parity_max_abs_diff={"1": 0.0}, onnx_parity_max_rel_diff={"1": 0.0}, train_seconds=1.0, epochs=1,
+                           attention_pairs=[], init=None, gpu_latency=s_gpu)
     return Report("atc compress", "demo", "at+kd", 1, {}, {"name": "toy", "train": 8, "test": 8, "classes": 3},
                   {"runtime": "ort-cpu", "batch_size": 1, "threads": 1, "rounds": 15, "teacher_median_ms": 0.2,
                    "teacher_cv": 0.01, **gpu_meta}, TeacherEntry("t", 20, 0.002, 0.004, 91.0, 0.2, t_gpu), [student],

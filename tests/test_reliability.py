@@ -10,7 +10,6 @@ interpreter per row costs seconds of CPU on a small machine.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -21,21 +20,11 @@ import torch
 from compressor.models.checkpoint import save_checkpoint
 from compressor.models.spec import ModelSpec
 from tests.conftest import make_image_folder, run_atc
-from tests.forked_cli import ForkedCli
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU is shared; one thread is also the fastest for these models
-
-
-@pytest.fixture(scope="module")
-def atc():
-    if not hasattr(os, "fork"):
-        pytest.skip("the forked CLI runner needs os.fork")
-    cli = ForkedCli({**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
-    yield cli
-    cli.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from compressor.data.open import open_dataset
 from compressor.models.checkpoint import save_checkpoint
 from compressor.models.spec import ModelSpec
 from tests.conftest import Messages, make_image_folder
-from tests.test_reliability import assert_error, atc, files  # noqa: F401  (fixtures)
+from tests.test_reliability import assert_error, files  # noqa: F401  (a fixture)
 
 
 def _grey_folder(root, size=28, classes=3, per_class=4):

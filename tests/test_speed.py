@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.pair import find_pairs
 from compressor.config import load_config
 from compressor.data.open import open_dataset
 from compressor.device import Speed, autocast_dtype
@@ -14,6 +13,7 @@ from compressor.distill.state import STATE_FILE
 from compressor.errors import ConfigError
 from compressor.events import Reporter
 from compressor.models import create_model
+from compressor.pair import find_pairs
 from tests.conftest import Messages, make_image_folder
 
 CPU = torch.device("cpu")
@@ -63,3 +63,48 @@ def test_fp16_with_loss_scaling_trains(tmp_path):
     assert not torch.equal(before["fc.weight"], student.state_dict()["fc.weight"])  # later steps were taken
     saved = torch.load(tmp_path / "fp16" / STATE_FILE, weights_only=True)
     assert 0 < saved["scaler"]["scale"] < 2.0 ** 16  # the loss scale it settled on is kept for --resume
+
+
+def test_cuda_graphs_option_reaches_speed():
+    from cli.common import speed_from
+
+    assert speed_from("auto", None, False, None).cuda_graphs is None  # auto: on with CUDA where it applies
+    assert speed_from("auto", None, False, None, False).cuda_graphs is False  # --no-cuda-graphs
+
+
+def _bench(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_throughput_benchmark_runs_every_part_on_the_cpu(tmp_path):
+    import json
+
+    r = _bench("benchmarks/throughput.py", "--teacher", "wrn-10-1", "--student", "wrn-10-0.5", "--batch-size", "8", "--steps", "2",
+               "--warmup", "1", "--rounds", "1", "--images", "32", "--product-images", "32", "--product-batch-size", "16",
+               "--product-epochs", "1", "--workers", "0", "--out", str(tmp_path / "t.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert set(out["images_per_s"]) == {"reference", "atc_before", "atc", "teacher_forward", "student_ce_step"}
+    assert all(v > 0 for v in out["images_per_s"].values()) and out["product_images_per_s"] > 0
+    assert out["batch_size"] == 8 and out["device"] and out["cuda_graphs"] is False
+    assert "CPU: sync-free loop" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("throughput: atc ")
+
+
+def test_speed_parity_benchmark_runs_on_the_cpu(tmp_path):
+    import json
+
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=6, size=16)
+    r = _bench("benchmarks/speed_parity.py", "--data", str(data), "--preset", "demo", "--teacher-arch", "wrn-10-1", "--student",
+               "wrn-10-0.5", "--teacher-epochs", "1", "--epochs", "1", "--seeds", "2", "--batch-size", "6", "--out", str(tmp_path / "p"))
+    assert r.returncode in (0, 1), r.stderr[-2000:]  # 1 = outside the seed spread, which two 1-epoch seeds may well be
+    out = json.loads((tmp_path / "p" / "parity.json").read_text())
+    assert [len(out["runs"][k]) for k in ("plain", "fast")] == [2, 2]
+    assert out["stats"]["plain"]["min"] <= out["stats"]["plain"]["mean"] <= out["stats"]["plain"]["max"]
+    assert "parity: plain " in r.stdout.strip().splitlines()[-1]

@@ -11,6 +11,7 @@ candidates with their measured params and GMACs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from compressor.models.spec import ModelSpec
 from compressor.models.registry import Arch
 from compressor.profiling.counts import count_macs, count_params
 from functools import partial
-import torch
 from compressor.config import Config
 from compressor.derive.rules import has_family_rule, student_arch
 from compressor.errors import ConfigError, ModelError
@@ -146,7 +146,7 @@ def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = N
     if count <= 1:
         return [policy]
     others = [c for c in rungs() if c.name != policy.name]
-    others.sort(key=lambda c: abs(torch.tensor(c.gmacs / policy.gmacs).log().item()))
+    others.sort(key=lambda c: abs(math.log(c.gmacs / policy.gmacs)))
     return [policy] + others[: count - 1]
 
 

@@ -13,22 +13,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
 import torch
 from torch import nn
-from compressor.pair import AttentionPair, StageOutputs, stage_outputs
+
+from compressor import distributed
 from compressor.config import Config
 from compressor.data.images import Augment, DeviceBatches, ImageData
-from compressor import distributed
+from compressor.device import Speed, autocast_dtype, pick_device
+from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
+from compressor.distill.losses import Objective
+from compressor.distill.state import TrainingState, run_identity
+from compressor.distill.step import EagerStep, EpochStats, GraphedStep, amp_context, graph_capture_applies, make_step
 from compressor.distributed import unwrap
 from compressor.errors import ConfigError
+from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
 from compressor.models.spec import ModelSpec
-from compressor.distill.losses import Objective
-from compressor.distill.step import EagerStep, EpochStats, GraphedStep, amp_context, graph_capture_applies, make_step
-from compressor.device import Speed, autocast_dtype, pick_device
-from compressor.evaluate import evaluate
-from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
-from compressor.distill.state import TrainingState, run_identity
+from compressor.pair import AttentionPair, StageOutputs, stage_outputs
 
 
 def objective_from(cfg: Config, method: str | None = None) -> Objective:

@@ -1,5 +1,8 @@
 """INT8 export: static QDQ quantization in onnxruntime (U8 activations, S8 per-channel weights,
-calibrated on training images), then top-1 and latency against the FP32 file."""
+calibrated on training images), then top-1 and latency against the FP32 file.
+
+Device rule: everything here runs in onnxruntime on CPU arrays made from the uint8 images; no torch
+model is touched, so none is moved."""
 
 from __future__ import annotations
 
