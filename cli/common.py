@@ -139,6 +139,8 @@ NNODES = typer.Option(None, "--nnodes", help="Nodes of a multi-node run (passed 
 NODE_RANK = typer.Option(None, "--node-rank", min=0, help="This node's rank in a multi-node run (passed to torchrun).")
 MASTER_ADDR = typer.Option(None, "--master-addr", help="Address of node 0 in a multi-node run (passed to torchrun).")
 MASTER_PORT = typer.Option(None, "--master-port", min=1, help="Port on node 0 (passed to torchrun).")
+TENSORBOARD = typer.Option(None, "--tensorboard", help="Write per-epoch scalars (loss terms, top-1, lr, images/s) for TensorBoard "
+                           "into this folder, one run per trained model (needs pip install 'atc[tensorboard]').")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing outputs.")
 RESUME = typer.Option(False, "--resume", help="Continue a killed run from its saved training state.")
 STRICT_DATA = typer.Option(False, "--strict-data", help="Stop at the first corrupt image instead of skipping it.")

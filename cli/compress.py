@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from cli.common import (ARCH, BATCH, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES,
-                        NODE_RANK, NPROC, PRECISION, PRESET, SEED, SET, STRICT_DATA, SUBSET, TRUST, WORKERS, command_line,
+                        NODE_RANK, NPROC, PRECISION, PRESET, SEED, SET, STRICT_DATA, SUBSET, TENSORBOARD, TRUST, WORKERS, command_line,
                         config_from, join_parallel, print_report, speed_from, table)
 from cli.progress import RichReporter, stderr
 from compressor.errors import AtcError
@@ -52,6 +52,7 @@ def compress(
     cuda_graphs: Optional[bool] = CUDA_GRAPHS,
     workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
     master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
+    tensorboard: Optional[Path] = TENSORBOARD,
 ) -> None:
     """Distil a thinner, shallower student from a trained teacher; report and export it."""
     from compressor import pipeline
@@ -78,7 +79,7 @@ def compress(
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter.quiet = not rank.is_main
     report = pipeline.compress(teacher, data, cfg, out, overwrite=overwrite, resume=resume, device=device, threads=threads,
-                               int8=int8, command=command_line(), speed=speed, **common)
+                               int8=int8, command=command_line(), speed=speed, tensorboard=tensorboard, **common)
     if not rank.is_main:
         return
     print_report(report, as_json)

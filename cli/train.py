@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from cli.common import (BATCH, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK,
-                        NPROC, OVERWRITE, PRECISION, PRESET, RESUME, SEED, SET, STRICT_DATA, SUBSET, WORKERS, config_from,
+                        NPROC, OVERWRITE, PRECISION, PRESET, RESUME, SEED, SET, STRICT_DATA, SUBSET, TENSORBOARD, WORKERS, config_from,
                         join_parallel, speed_from)
 from cli.progress import RichReporter, stderr
 
@@ -24,6 +24,7 @@ def train(
     cuda_graphs: Optional[bool] = CUDA_GRAPHS,
     workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
     master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
+    tensorboard: Optional[Path] = TENSORBOARD,
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
     from compressor import pipeline
@@ -38,6 +39,6 @@ def train(
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter = RichReporter(quiet=not rank.is_main)
     _, spec, metrics = pipeline.train(arch, data, cfg, out, device=device, overwrite=overwrite, resume=resume,
-                                      strict_data=strict_data, reporter=reporter, speed=speed)
+                                      strict_data=strict_data, reporter=reporter, speed=speed, tensorboard=tensorboard)
     if rank.is_main:
         stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {plural(cfg.train.epochs, 'epoch')}")

@@ -43,6 +43,7 @@ from compressor.pair import AttentionPair, Taps, find_pairs
 from compressor.profiling.counts import count_macs, count_params
 from compressor.report.build import Report, build_report, write_report
 from compressor.report.plots import plot_curves
+from compressor.report.tensorboard import check_tensorboard, epoch_logger
 
 
 # ---------------------------------------------------------------- outputs and inputs
@@ -172,9 +173,10 @@ def say_schedule(cfg: Config, reporter: Reporter) -> None:
 
 
 def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, device: torch.device | None = None,
-                reporter: Reporter = SILENT, resume: bool = False, speed: Speed | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+                reporter: Reporter = SILENT, resume: bool = False, speed: Speed | None = None,
+                tensorboard: str | Path | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     """Train ``arch`` from scratch on ``data`` with the preset recipe; save an atc checkpoint (rank 0 of a
-    data-parallel run alone writes it)."""
+    data-parallel run alone writes it). ``tensorboard``: a folder for per-epoch scalars."""
     out_path = Path(out_path)
     mean, std = data.channel_stats()
     spec = replace(ModelSpec.for_arch(arch, data.num_classes), class_names=list(data.class_names),
@@ -183,7 +185,7 @@ def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, d
     model = spec.build()
     say_schedule(cfg, reporter)
     result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(),
-                 reporter=reporter, resume=resume, tag=spec.name, speed=speed)
+                 reporter=reporter, resume=resume, tag=spec.name, speed=speed, on_epoch=epoch_logger(tensorboard, spec.name))
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
                "data": data.name, "preset": cfg.preset, "epochs": cfg.train.epochs}
     if result.compile_seconds:
@@ -195,10 +197,12 @@ def train_model(arch: str, data: ImageData, cfg: Config, out_path: str | Path, d
 
 def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, *, device: str = "auto", overwrite: bool = False,
           resume: bool = False, strict_data: bool = False, reporter: Reporter = SILENT,
-          speed: Speed | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+          speed: Speed | None = None, tensorboard: str | Path | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     """``atc train``: check the name and the output, load the data, check the model takes its images, train."""
     parse_arch(arch)
     check_train_output(out, overwrite, resume)
+    if tensorboard is not None:
+        check_tensorboard()
     speed = speed or Speed()
     dev = pick_device(device)
     data = load_data(data_spec, cfg, strict_data, reporter, device=dev, workers=speed.workers)
@@ -206,7 +210,7 @@ def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, *, dev
     rank = distributed.current()
     where = f"{dev}" if rank.world_size == 1 else f"{rank.world_size} processes ({rank.backend}, {dev} on rank 0)"
     reporter.info(f"training {arch} on {data.name} ({len(data.train_y)} train / {len(data.test_y)} test) on {where}")
-    return train_model(arch, data, cfg, out, dev, reporter, resume, speed)
+    return train_model(arch, data, cfg, out, dev, reporter, resume, speed, tensorboard)
 
 
 # ---------------------------------------------------------------- the dry run
@@ -293,7 +297,7 @@ def _student_dir(out: Path, cand: Candidate, method: str) -> Path:
 
 def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data: ImageData, cfg: Config, method: str,
                     out: Path, device: torch.device, reporter: Reporter = SILENT, resume: bool = False,
-                    init: str = "auto", speed: Speed | None = None) -> DistilledStudent:
+                    init: str = "auto", speed: Speed | None = None, tensorboard: str | Path | None = None) -> DistilledStudent:
     """Train one student (skipped when a finished checkpoint is already there and ``resume``). A derived
     student starts from the teacher's surviving weights (``init="inherit"``) or from a fresh initialisation."""
     mean, std = normalization(t_spec, data)
@@ -312,7 +316,7 @@ def distill_student(cand: Candidate, teacher: nn.Module, t_spec: ModelSpec, data
     model.to(model_device(teacher))
     pairs = find_pairs(model, teacher, example_input(teacher, spec.input_size), cfg.distill.at_layers)
     result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
-                 resume=resume, tag=f"{cand.name} ({method})", speed=speed)
+                 resume=resume, tag=f"{cand.name} ({method})", speed=speed, on_epoch=epoch_logger(tensorboard, sdir.name))
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
                "method": method, "teacher": t_spec.name, "epochs": cfg.train.epochs, "init": init,
                "pairs": ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in pairs]}
@@ -328,7 +332,8 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
              overwrite: bool = False, resume: bool = False, strict_data: bool = False, device: str = "auto",
              threads: int | None = None, int8: bool = False, width: float | str | None = None,
              blocks_per_stage: int | None = None, target: Target | None = None, init: str = "auto",
-             reporter: Reporter = SILENT, command: str = "", speed: Speed | None = None) -> dict[str, Any]:
+             reporter: Reporter = SILENT, command: str = "", speed: Speed | None = None,
+             tensorboard: str | Path | None = None) -> dict[str, Any]:
     """Distil one or more students from a trained teacher and write the full output set; return report.json's content.
 
     ``speed`` sets precision, channels_last, torch.compile and DataLoader workers. Run under torchrun
@@ -341,10 +346,13 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     starts fresh (``scratch``). Naming students and deriving one are exclusive.
 
     With ``int8`` each student is also quantized (static QDQ, calibrated on training images) and
-    its INT8 accuracy and latency join the report.
+    its INT8 accuracy and latency join the report. ``tensorboard``: a folder for every student's
+    per-epoch scalars (one run each).
     """
     check_student_options(students, width, blocks_per_stage, target, init)
     onnxruntime()  # the report needs it: a missing or mixed install fails now, not after training
+    if tensorboard is not None:
+        check_tensorboard()
     out = prepare_output(out_dir, overwrite, resume, create=False)
     speed = speed or Speed()
     method = method or cfg.distill.method
@@ -365,12 +373,12 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
         prepare_output(out, overwrite, resume)  # a run that finished into it while this one loaded counts too
         distributed.barrier()  # every rank has checked --out before any of them writes into it
         return _distil_and_report(loaded, candidates, cfg, method, out, dev, reporter, resume, init, speed, threads,
-                                  command, int8)
+                                  command, int8, tensorboard)
 
 
 def _distil_and_report(loaded: TeacherAndData, candidates: list[Candidate], cfg: Config, method: str, out: Path,
                        dev: torch.device, reporter: Reporter, resume: bool, init: str, speed: Speed, threads: int | None,
-                       command: str, int8: bool) -> dict[str, Any]:
+                       command: str, int8: bool, tensorboard: str | Path | None = None) -> dict[str, Any]:
     teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
     mean, std = loaded.mean_std
     _, test_b = make_batches(data, cfg, mean, std, dev, workers=speed.workers)
@@ -378,7 +386,8 @@ def _distil_and_report(loaded: TeacherAndData, candidates: list[Candidate], cfg:
     t_top1 = evaluate(teacher, test_b, autocast_dtype(speed.precision, dev))["top1"]
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name}")
     say_schedule(cfg, reporter)
-    results = [distill_student(c, teacher, t_spec, data, cfg, method, out, dev, reporter, resume, init, speed) for c in candidates]
+    results = [distill_student(c, teacher, t_spec, data, cfg, method, out, dev, reporter, resume, init, speed, tensorboard)
+               for c in candidates]
     teacher.cpu()
     if not distributed.is_main():
         return {}

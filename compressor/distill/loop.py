@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -213,8 +213,10 @@ def _beta_at(cfg: Config, epoch: int) -> float:
 
 def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
         objective: Objective | None = None, device: torch.device | None = None, reporter: Reporter = SILENT,
-        resume: bool = False, bf16: bool = True, tag: str = "", speed: Speed | None = None) -> FitResult:
+        resume: bool = False, bf16: bool = True, tag: str = "", speed: Speed | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Train ``student`` for ``cfg.train.epochs``; distil from ``teacher`` when the objective uses one.
+    ``on_epoch`` receives each epoch's metrics record (as written to metrics.jsonl) on rank 0.
 
     ``speed`` picks precision, memory format, compilation and DataLoader workers (``bf16=False``
     forces fp32). Inside a process group (``compressor.distributed``) the student trains under DDP
@@ -252,6 +254,8 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
                                             scaler=scaler, runtime=runtime)
                     record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
                 state.epoch_done(record, time.perf_counter() - began)
+                if on_epoch is not None and rank.is_main:
+                    on_epoch(record)
                 reporter.done(f"{tag} epoch {epoch + 1}: test top-1 {record['test_top1']:.2f}%  loss {record['train_loss']:.3f}".strip())
                 stats = None
                 if stop.raised is not None and epoch + 1 < cfg.train.epochs:  # arrived during evaluation: stop at the boundary
