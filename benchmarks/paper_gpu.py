@@ -441,6 +441,17 @@ def _reports_for(cells: list[Cell], info: dict[str, dict[str, Any]], part: int) 
     return [(c, info[c.name]["report"]) for c in cells if part in c.parts and c.kind == "compress" and "report" in info[c.name]]
 
 
+def gpu_speedups(report: dict[str, Any]) -> dict[str, float]:
+    """Teacher ÷ student median GPU latency per runtime and batch size (``"torch-cuda b1"``), where the report
+    has GPU timings (atc adds ``gpu_latency`` entries when it runs with CUDA)."""
+    def runs(entry: dict[str, Any] | None) -> dict[str, float]:
+        return {f"{r['runtime']} b{r['batch_size']}": r["median_ms"] for r in ((entry or {}).get("gpu_latency") or {}).get("runs", [])
+                if r.get("median_ms")}
+
+    teacher, student = runs(report.get("teacher")), runs(report["students"][0])
+    return {k: teacher[k] / student[k] for k in student if k in teacher}
+
+
 def part3_table(rows: list[dict[str, Any]], min_speedup: float) -> dict[str, Any]:
     """``rows``: candidate, student, error, teacher_error, latency_speedup …; picks the one closest to the teacher
     among those at least ``min_speedup`` times faster."""
@@ -470,8 +481,7 @@ def tables(cells: list[Cell], info: dict[str, dict[str, Any]], args) -> dict[str
             rows.append({"candidate": c.meta["student"], "student": s["name"], "init": s.get("init"), "params": s["params"],
                          "gmacs": s["gmacs"], "mac_ratio": s["mac_ratio"], "latency_speedup": s.get("latency_speedup"),
                          "latency_speedup_spread": s.get("latency_speedup_spread"), "error": error_of(r),
-                         "teacher_error": teacher_error_of(r), "derived": s.get("derived"),
-                         **{k: v for k, v in s.items() if "cuda" in k}})
+                         "teacher_error": teacher_error_of(r), "derived": s.get("derived"), "gpu_speedups": gpu_speedups(r)})
         out["3"] = {"teacher": args.teacher3, "method": "at+kd", "seed": 0, **part3_table(rows, args.min_speedup),
                     "missing_candidates": [t.removeprefix("zoo:") for t in args.candidates
                                            if t.removeprefix("zoo:") not in {r["candidate"] for r in rows}]}
@@ -555,19 +565,25 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"### 3. The closest student to {p['teacher'].upper()} at ≥ {ms:g}× measured speed-up (AT+KD, seed 0)", "",
                   "| candidate | student | init | params | GMACs × fewer | ORT CPU b1 speed-up [min–max] | error % | "
                   f"gap to teacher (points) | ≥ {ms:g}× |", "|---|---|---|---|---|---|---|---|---|"]
+        gpu_keys = sorted({k for r in p["candidates"] for k in (r.get("gpu_speedups") or {})})
+        if gpu_keys:  # GPU timings, when atc made them: one more column per runtime and batch size
+            lines[-2] += "".join(f" {k} speed-up |" for k in gpu_keys)
+            lines[-1] += "---|" * len(gpu_keys)
         for r in p["candidates"]:
             spread = r.get("latency_speedup_spread") or [None, None]
             best = r["candidate"] == p["closest"]
             err = f"**{_f(r['error'])}**" if best else _f(r["error"])
             lines.append(f"| {r['candidate']} | {r['student']} | {r.get('init') or '–'} | {r['params']:,} | "
                          f"{_f(r['mac_ratio'])} | {_f(r['latency_speedup'])}× [{_f(spread[0])}–{_f(spread[1])}] | {err} | "
-                         f"{_f(r['gap_points'], sign=True)} | {'yes' if r['meets_speedup'] else 'no'} |")
+                         f"{_f(r['gap_points'], sign=True)} | {'yes' if r['meets_speedup'] else 'no'} |"
+                         + "".join(f" {_f((r.get('gpu_speedups') or {}).get(k))}× |" for k in gpu_keys))
         teacher_err = next((r["teacher_error"] for r in p["candidates"] if r.get("teacher_error") is not None), None)
         lines += ["", f"Teacher error {_f(teacher_err)} %. " + (
             f"Closest at ≥ {ms:g}×: **{p['closest']}**, {p['closest_gap_points']:+.2f} points from the teacher."
             if p["closest"] else f"No finished candidate reached {ms:g}×.")
             + " Speed-up: onnxruntime CPU, batch 1, one thread, teacher and student interleaved (median per-round ratio), "
-              "measured while other cells trained on the GPU.", ""]
+              "measured while other cells trained on the GPU" + ("; GPU columns: atc's CUDA timings, teacher ÷ student median, "
+                                                                 "also taken beside the other cells" if gpu_keys else "") + ".", ""]
         if p["missing_candidates"]:
             lines += [f"Not finished: {', '.join(p['missing_candidates'])}.", ""]
     if "4" in t:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from compressor.models.spec import ModelSpec
 from compressor.derive.candidates import derived_candidate
-from compressor.export.onnx import check_parity, to_onnx
-from compressor.profiling.counts import count_macs, count_params
 from compressor.derive.thinning import inherit
+from compressor.export.onnx import check_parity, to_onnx
+from compressor.models.spec import ModelSpec
+from compressor.profiling.counts import count_macs, count_params
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "vgg11_bn", "regnet_x_400mf",
           "regnet_y_400mf", "resnet18", "resnet50")

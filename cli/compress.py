@@ -7,9 +7,36 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (ARCH, BATCH, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES,
-                        NODE_RANK, NPROC, PRECISION, PRESET, SEED, SET, STRICT_DATA, SUBSET, TENSORBOARD, TRUST, WORKERS, command_line,
-                        config_from, join_parallel, print_report, speed_from, table)
+from cli.common import (
+    ARCH,
+    BATCH,
+    CHANNELS_LAST,
+    COMPILE,
+    CUDA_GRAPHS,
+    DEVICE,
+    EPOCHS,
+    LR,
+    MASTER_ADDR,
+    MASTER_PORT,
+    NNODES,
+    NODE_RANK,
+    NPROC,
+    PRECISION,
+    PRESET,
+    SEED,
+    SET,
+    STRICT_DATA,
+    SUBSET,
+    TENSORBOARD,
+    TRUST,
+    WORKERS,
+    command_line,
+    config_from,
+    join_parallel,
+    print_report,
+    speed_from,
+    table,
+)
 from cli.progress import RichReporter, stderr
 from compressor.errors import AtcError
 
@@ -24,7 +51,8 @@ def compress(
     width_ratio: Optional[str] = typer.Option(None, "--width-ratio", help="Derive the student by thinning the teacher's own layers "
                                               "(Torch-Pruning, channels rounded to multiples of 8): e.g. 0.5, or per stage 0.75,layer4=0.5."),
     blocks_per_stage: Optional[int] = typer.Option(None, "--blocks-per-stage", min=1, help="Derived student: keep at most N "
-                                                   "repeated blocks per stage (residual / inverted-residual stages)."),
+                                                   "repeated blocks per stage (residual / inverted-residual stages); "
+                                                   "alone, it keeps the full width."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Search the width (and depth) of a derived "
                                                    "student until it is this many times faster than the teacher (see --by)."),
     by: Optional[str] = typer.Option(None, "--by", help="Unit of --target-speedup: gmacs (fvcore multiply-adds; the default), "

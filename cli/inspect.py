@@ -58,7 +58,8 @@ def profile(
         return
     stdout.print(f"[bold]{spec.name}[/bold] at {'x'.join(map(str, spec.input_size))}: {prof.params['total']:,} params "
                  f"({prof.params['trainable']:,} trainable), {prof.gmacs:.4f} GMACs = {prof.gflops:.4f} GFLOPs")
-    stdout.print(f"  {prof.mac_unit}")
+    stdout.print(f"  {prof.mac_unit}; convolutions and matrix products alone (torchvision's convention): "
+                 f"{prof.gmacs_conv_linear:.4f} GMACs")
     if prof.skipped_ops:
         stdout.print("  operators fvcore skipped (not counted): " + ", ".join(f"{k} ×{v}" for k, v in prof.skipped_ops.items()))
     if prof.by_module_gmacs is not None:

@@ -34,9 +34,9 @@ def attention(
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON on stdout."),
 ) -> None:
     """Attention maps of a teacher (and student) per AT stage, their agreement and object localisation."""
-    from compressor.studies.attention import attention_report
     from compressor.config import parse_attention
     from compressor.errors import OutputError
+    from compressor.studies.attention import attention_report
 
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists; pass --overwrite to replace it or choose another --out")

@@ -7,9 +7,33 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (BATCH, CHANNELS_LAST, COMPILE, CUDA_GRAPHS, DEVICE, EPOCHS, LR, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK,
-                        NPROC, OVERWRITE, PRECISION, PRESET, RESUME, SEED, SET, STRICT_DATA, SUBSET, TENSORBOARD, WORKERS, config_from,
-                        join_parallel, speed_from)
+from cli.common import (
+    BATCH,
+    CHANNELS_LAST,
+    COMPILE,
+    CUDA_GRAPHS,
+    DEVICE,
+    EPOCHS,
+    LR,
+    MASTER_ADDR,
+    MASTER_PORT,
+    NNODES,
+    NODE_RANK,
+    NPROC,
+    OVERWRITE,
+    PRECISION,
+    PRESET,
+    RESUME,
+    SEED,
+    SET,
+    STRICT_DATA,
+    SUBSET,
+    TENSORBOARD,
+    WORKERS,
+    config_from,
+    join_parallel,
+    speed_from,
+)
 from cli.progress import RichReporter, stderr
 
 
@@ -28,8 +52,8 @@ def train(
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
     from compressor import pipeline
-    from compressor.report.tables import plural
     from compressor.models.registry import parse_arch
+    from compressor.report.tables import plural
 
     parse_arch(arch)
     pipeline.check_train_output(out, overwrite, resume)

@@ -8,11 +8,12 @@ one names the valid choices.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 from compressor.errors import ConfigError
 

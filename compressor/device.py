@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
+
 from compressor.errors import ConfigError
 
 

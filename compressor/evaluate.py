@@ -4,11 +4,13 @@ and of an ONNX file in onnxruntime over normalised images."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
-from compressor.data.images import DeviceBatches
+
 from compressor import distributed
-import numpy as np
+from compressor.data.images import DeviceBatches
 from compressor.device import autocast, ort_session
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
+
 import torch
 from torch import nn
+
 from compressor.device import model_device
 from compressor.errors import ConfigError, ModelError
-
 
 _NOT_A_STAGE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
                 nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.Identity, nn.Dropout, nn.Dropout2d,

@@ -31,8 +31,8 @@ from compressor.derive.search import Target
 from compressor.derive.thinning import describe_stages, inherit
 from compressor.device import Speed, autocast_dtype, example_input, model_device, onnxruntime, pick_device
 from compressor.distill.loop import DistilledStudent, Teacher, fit, make_batches, objective_from
-from compressor.distill.state import METRICS_FILE
 from compressor.distill.losses import distillation_terms, input_gradient
+from compressor.distill.state import METRICS_FILE
 from compressor.errors import ConfigError, DataError, Interrupted, OutputError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
@@ -44,7 +44,6 @@ from compressor.profiling.counts import count_macs, count_params
 from compressor.report.build import Report, build_report, write_report
 from compressor.report.plots import plot_curves
 from compressor.report.tensorboard import check_tensorboard, epoch_logger
-
 
 # ---------------------------------------------------------------- outputs and inputs
 
@@ -117,12 +116,15 @@ class TeacherAndData:
 
 def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: Config, *, arch: str | None = None,
                           trust: bool = False, strict_data: bool = False, reporter: Reporter = SILENT,
-                          device: torch.device | None = None, workers: int | None = None) -> TeacherAndData:
-    """The one "load teacher and data" step of compress, the dry run, sweep and attention."""
+                          device: torch.device | None = None, workers: int | None = None,
+                          data: ImageData | None = None) -> TeacherAndData:
+    """The one "load teacher and data" step of compress, the dry run, sweep and attention (``data``:
+    already loaded by a caller that had to look at it first)."""
     teacher, spec, metrics = load_model(teacher_path, arch=arch, trust=trust)
     if spec.family == "module":
         raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
-    data = load_data(data_spec, cfg, strict_data, reporter, device=device, workers=workers)
+    if data is None:
+        data = load_data(data_spec, cfg, strict_data, reporter, device=device, workers=workers)
     spec = replace(spec, input_size=spec.input_size if spec.mean is not None else tuple(data.input_size))
     check_compatible(spec, data)
     if spec.class_names and list(spec.class_names) != list(data.class_names):

@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor import distributed  # noqa: E402
-from compressor.pair import find_pairs
 from compressor.config import load_config  # noqa: E402
 from compressor.data.images import DeviceBatches
 from compressor.data.open import open_dataset
@@ -27,6 +26,7 @@ from compressor.distill.loop import Teacher, fit, objective_from
 from compressor.evaluate import evaluate
 from compressor.events import Reporter  # noqa: E402
 from compressor.models import create_model  # noqa: E402
+from compressor.pair import find_pairs
 
 
 def state_hash(model: torch.nn.Module) -> str:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.studies.attention import Net, analyze, mass_inside, pick_images, spatial_correlation
 from compressor.data.shapes import CLASSES, load_shapes, render
+from compressor.studies.attention import Net, analyze, mass_inside, pick_images, spatial_correlation
 from tests.conftest import run_atc
 
 
@@ -162,9 +162,9 @@ def test_attention_refusals(shape_checkpoints, tmp_path):
     from typer.testing import CliRunner
 
     from cli.app import app
-    from compressor.studies.attention import attention_report
     from compressor.config import load_config
     from compressor.errors import DataError, OutputError
+    from compressor.studies.attention import attention_report
 
     with pytest.raises(DataError, match="--data shapes"):
         attention_report(shape_checkpoints[0], "digits", tmp_path / "d.png", load_config("demo"), localization=True)

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from compressor.models.checkpoint import load_model, save_checkpoint
-from compressor.models.spec import ModelSpec
 from compressor.errors import CheckpointError
 from compressor.models import create_model
+from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.spec import ModelSpec
 
 
 def test_round_trip_restores_weights_and_metadata(tmp_path):

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
+from compressor.distributed import launch_command, strip_launch_flags
 from compressor.models.checkpoint import save_checkpoint
 from compressor.models.spec import ModelSpec
-from compressor.distributed import launch_command, strip_launch_flags
 from tests.conftest import ROOT, make_image_folder
 
 

@@ -1,9 +1,9 @@
 """Family rules: thinner and shallower students, ladder ordering and ratios."""
 
-from compressor.models.spec import ModelSpec
 from compressor.derive.candidates import ladder
 from compressor.derive.rules import student_arch
 from compressor.models import parse_arch
+from compressor.models.spec import ModelSpec
 
 
 def test_paper_pairs_from_policy():

@@ -100,7 +100,8 @@ def test_a_failed_step_keeps_its_stderr_and_skips_the_steps_that_need_it(tmp_pat
     # A stand-in for `python -m cli`: 20 numbered lines on stderr, then exit code 3 (atc itself is not needed here).
     monkeypatch.setattr(smoke, "ATC", [sys.executable, "-c", "import sys; [print('line', i, file=sys.stderr) for i in range(20)]; sys.exit(3)"])
     failed: set[str] = set()
-    never = lambda proc: pytest.fail("a failed command's output must not be checked")
+    def never(proc):
+        return pytest.fail("a failed command's output must not be checked")
     bad = smoke.Step("train", ["train"], 60, never)
     after = smoke.Step("derive", ["derive"], 60, never, needs=("train",))
     other = smoke.Step("other", ["other"], 60, never)

@@ -9,8 +9,8 @@ from compressor.config import load_config
 from compressor.data.folders import _content_key, _list_images, cache_dir
 from compressor.data.images import ImageData
 from compressor.data.open import open_dataset
-from compressor.distill.loop import fit, make_batches
 from compressor.data.streaming import LoaderBatches, StreamingData, memory_budget, open_for_device, random_resized_crop_box
+from compressor.distill.loop import fit, make_batches
 from compressor.models import create_model
 from tests.conftest import Messages, make_image_folder, run_atc
 

@@ -10,8 +10,17 @@ from torch import nn
 
 from compressor.config import load_config, parse_attention
 from compressor.distill.loop import Teacher, _beta_at, objective_from, train_one_epoch
+from compressor.distill.losses import (
+    Objective,
+    at_distance,
+    at_loss,
+    attention_map,
+    distillation_terms,
+    flip_symmetry_loss,
+    gradient_at_loss,
+    input_gradient,
+)
 from compressor.errors import ConfigError
-from compressor.distill.losses import Objective, at_distance, at_loss, attention_map, distillation_terms, flip_symmetry_loss, gradient_at_loss, input_gradient
 
 # One sample, two channels, a 1×2 map: channel 0 = [1, -2], channel 1 = [3, 0].
 A = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.pair import find_pairs, find_stages, select_pairs
 from compressor.errors import ConfigError
 from compressor.models import create_model
+from compressor.pair import find_pairs, find_stages, select_pairs
 
 
 def test_wrn_pairs_are_group_outputs_before_final_bn():

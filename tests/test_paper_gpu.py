@@ -62,6 +62,12 @@ def test_closest_student_needs_the_speedup():
     assert [r["meets_speedup"] for r in p3["candidates"]] == [False, True, True, False]
     assert pg.part3_table(rows[:1], 3.0)["closest"] is None
 
+    gpu = lambda *ms: {"gpu_latency": {"runs": [{"runtime": "torch-cuda", "batch_size": b, "median_ms": m}  # noqa: E731
+                                                for b, m in zip((1, 256), ms)]}}
+    report = {"teacher": {"top1": 90.0, **gpu(2.0, 9.0)}, "students": [{"top1": 80.0, **gpu(0.5)}]}
+    assert pg.gpu_speedups(report) == {"torch-cuda b1": 4.0}  # only what both were timed at
+    assert pg.gpu_speedups(_report(80.0)) == {}
+
 
 def test_plan_shares_cells_orders_teachers_first_and_resumes(tmp_path):
     pg = _module()

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from compressor.export.onnx import check_parity, export_checked, read_metadata
 from compressor.models.checkpoint import save_checkpoint
 from compressor.models.spec import ModelSpec
-from compressor.export.onnx import check_parity, export_checked, read_metadata
 from compressor.report.build import merge_reports
 from compressor.report.plots import pareto_front
 from compressor.report.tables import markdown, noisy_latency, rows

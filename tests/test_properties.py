@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressor.config import ATTENTIONS, METHODS, SECTIONS, Config, load_config, parse_overrides
-from compressor.errors import ConfigError
 from compressor.distill.losses import at_loss, attention_map, kd_loss, match_spatial
+from compressor.errors import ConfigError
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

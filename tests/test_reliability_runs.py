@@ -179,3 +179,32 @@ def test_the_schedule_says_which_milestones_a_short_run_uses():
     msgs = Messages()
     pipeline.say_schedule(load_config("cifar", {"train": {"epochs": 1}}), msgs)
     assert msgs.lines == ["schedule: 1 epoch, lr 0.1, no drops"]
+
+
+def test_blocks_per_stage_alone_keeps_the_full_width():
+    from compressor.derive.candidates import choose_students
+
+    spec = ModelSpec.for_arch("resnet18-cifar", 3, input_size=(3, 16, 16))
+    cfg = load_config("cifar")  # its policy would halve the width
+    deep, = choose_students(spec, cfg, blocks_per_stage=1)
+    assert deep.spec.plan.width == {"": 1.0} and deep.spec.plan.removed_blocks
+    thin, = choose_students(spec, cfg, width=0.5, blocks_per_stage=1)
+    assert thin.spec.plan.width == {"": 0.5} and thin.gmacs < deep.gmacs
+
+
+def test_a_mixed_onnxruntime_install_is_named_with_its_repair(monkeypatch):
+    import sys
+    from importlib import metadata
+
+    from compressor import device
+    from compressor.errors import ConfigError
+
+    assert device.onnxruntime().get_available_providers()  # this environment: one build, working
+    monkeypatch.setattr(metadata, "version", lambda name: "1.0")  # as if both builds were installed
+    with pytest.raises(ConfigError, match="both onnxruntime and onnxruntime-gpu are installed.*pip uninstall -y onnxruntime "
+                                          "onnxruntime-gpu, then pip install 'atc\\[cpu\\]'"):
+        device.onnxruntime()
+    monkeypatch.setattr(device, "ort_builds_installed", lambda: [])
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ConfigError, match="onnxruntime is not installed; pip install 'atc\\[cpu\\]'"):
+        device.onnxruntime()

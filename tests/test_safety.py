@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from compressor import fileio
-from compressor.models.checkpoint import load_model, read_file
 from compressor.errors import CheckpointError, OutputError
 from compressor.models import create_model
+from compressor.models.checkpoint import load_model, read_file
 from tests.conftest import ROOT, run_atc
 
 
@@ -117,8 +117,8 @@ def test_every_torch_load_is_weights_only_but_the_trusted_one():
             kw = {k.arg: k.value for k in call.keywords}
             if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                 unsafe.append(f"{path.relative_to(ROOT)}:{call.lineno}")
-    assert len(unsafe) == 1 and unsafe[0].startswith("compressor/checkpoint.py:"), unsafe
-    source = (ROOT / "compressor" / "checkpoint.py").read_text().splitlines()
+    assert len(unsafe) == 1 and unsafe[0].startswith("compressor/models/checkpoint.py:"), unsafe
+    source = (ROOT / "compressor" / "models" / "checkpoint.py").read_text().splitlines()
     line = int(unsafe[0].split(":")[1])
     before = "\n".join(source[line - 20:line])
     assert "if not trust:" in before and "raise CheckpointError" in before

@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import make_image_folder, run_atc
 
-from compressor.models.checkpoint import save_checkpoint
-from compressor.models.spec import ModelSpec
+from compressor.derive.search import Target, _Evaluator, _search_width, search
 from compressor.errors import ConfigError
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.plan import apply_plan
+from compressor.models.spec import ModelSpec
 from compressor.profiling.counts import count_macs, count_params
 from compressor.profiling.latency import SpeedUp
-from compressor.derive.search import Target, _Evaluator, _search_width, search
-from compressor.models.plan import apply_plan
-from conftest import make_image_folder, run_atc
 
 SIZE = (3, 32, 32)
 

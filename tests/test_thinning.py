@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.pair import find_pairs
-from compressor.models.checkpoint import load_model, save_checkpoint
-from compressor.models.spec import ModelSpec
 from compressor.derive.candidates import derived_candidate, ladder
-from compressor.models.plan import apply_plan
+from compressor.derive.thinning import Thinner, block_stages, check_traceable, derive, inherit, keep_count, parse_widths
 from compressor.errors import ConfigError, ModelError
 from compressor.export.onnx import check_parity, to_onnx
+from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.plan import apply_plan
 from compressor.models.registry import parse_arch
+from compressor.models.spec import ModelSpec
+from compressor.pair import find_pairs
 from compressor.profiling.counts import count_macs, count_params
-from compressor.derive.thinning import Thinner, block_stages, check_traceable, derive, inherit, keep_count, parse_widths
 
 SIZE = (3, 32, 32)
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+
 import numpy as np
 import torch
-from compressor import fileio
-from compressor.errors import DataError, OutputError
-from compressor.data.images import ImageData, with_source
 
+from compressor import fileio
+from compressor.data.images import ImageData, with_source
+from compressor.errors import DataError, OutputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 

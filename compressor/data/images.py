@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 

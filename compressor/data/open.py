@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
-from compressor.errors import DataError
+
 from compressor.data.folders import find_layout, load_image_folder
 from compressor.data.images import ImageData, with_source
+from compressor.errors import DataError
 
 
 def load_digits(image_size: int = 16) -> ImageData:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from compressor.data.images import ImageData, subset_indices
 
+from compressor.data.images import ImageData, subset_indices
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 

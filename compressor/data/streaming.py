@@ -28,15 +28,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from compressor.data.folders import _new_info, _record, find_layout, list_splits, to_rgb
 from compressor.data.images import Augment, Batches, ImageData, channel_stats, source_notes, subset_indices
 from compressor.data.open import open_dataset
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
-
 
 DEFAULT_FRACTION = 0.5
 

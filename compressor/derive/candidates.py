@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
 from torch import nn
-from compressor.models.plan import ThinningPlan
-from compressor.models.spec import ModelSpec
-from compressor.models.registry import Arch
-from compressor.profiling.counts import count_macs, count_params
-from functools import partial
+
 from compressor.config import Config
-from compressor.derive.rules import has_family_rule, student_arch
-from compressor.errors import ConfigError, ModelError
-from compressor.events import SILENT, Reporter
-from compressor.models.registry import parse_arch
+from compressor.derive.rules import has_family_rule, ladder_archs, student_arch
 from compressor.derive.search import Target
 from compressor.derive.thinning import parse_widths
-from compressor.derive.rules import ladder_archs
-
+from compressor.errors import ConfigError, ModelError
+from compressor.events import SILENT, Reporter
+from compressor.models.plan import ThinningPlan
+from compressor.models.registry import Arch, parse_arch
+from compressor.models.spec import ModelSpec
+from compressor.profiling.counts import count_macs, count_params
 
 INITS = ("auto", "inherit", "scratch")
 
@@ -137,7 +136,7 @@ def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = N
     explicit = width is not None or blocks_per_stage is not None
     if explicit or not has_family_rule(teacher.arch):
         # Given one of width/depth, the other is left alone (None keeps every block); given neither, the preset's policy.
-        policy = derived_candidate(teacher, t_model, width if width is not None else cfg.student.width_ratio,
+        policy = derived_candidate(teacher, t_model, width if width is not None else (1.0 if explicit else cfg.student.width_ratio),
                                    blocks_per_stage if explicit else cfg.student.blocks_per_stage)
         rungs = partial(derived_ladder, teacher, t_model)  # built only when more than one student is wanted
     else:

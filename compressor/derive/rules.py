@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
 from compressor.errors import ModelError
 from compressor.models.registry import Arch
-
 
 FAMILY_RULES = ("wrn", "cifar_resnet", "resnet")
 

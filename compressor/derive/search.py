@@ -22,14 +22,15 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
 from torch import nn
+
+from compressor.derive.thinning import ROUND_TO, Thinner
 from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
+from compressor.models.plan import ThinningPlan
 from compressor.profiling.counts import count_macs, count_params
 from compressor.profiling.latency import RUNTIMES, SpeedUp, compare_latency
-from compressor.models.plan import ThinningPlan
-from compressor.derive.thinning import ROUND_TO, Thinner
-
 
 BY = ("gmacs", "params", "latency")
 

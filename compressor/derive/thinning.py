@@ -34,13 +34,14 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
+
 import torch
 from torch import nn
+
 from compressor.device import cpu_copy, random_input
 from compressor.errors import ConfigError, ModelError
+from compressor.models.plan import _CONV, ThinningPlan, _out_channels, _replace, apply_plan
 from compressor.quiet import quiet
-from compressor.models.plan import ThinningPlan, _CONV, _out_channels, _replace, apply_plan
-
 
 ROUND_TO = 8
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Sequence
+
 import torch
 import torch.nn.functional as F
-
 
 AtForm = Literal["code", "paper"]
 

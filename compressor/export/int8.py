@@ -9,12 +9,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from compressor import fileio
-from compressor.quiet import quiet
 from compressor.evaluate import normalized_images, onnx_top1
 from compressor.export.onnx import EXPORT_LOGGERS, INPUT_NAME
+from compressor.quiet import quiet
 
 
 def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarray, per_channel: bool = True) -> Path:

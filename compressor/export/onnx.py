@@ -15,14 +15,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
+
 from compressor import fileio
-from compressor.models.spec import ModelSpec
-from compressor.errors import ExportError
-from compressor.quiet import quiet
 from compressor.device import cpu_copy, ort_session
+from compressor.errors import ExportError
+from compressor.models.spec import ModelSpec
+from compressor.quiet import quiet
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,16 @@ import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import nn
+
 from compressor import fileio
 from compressor.device import example_input
 from compressor.errors import CheckpointError, ModelError
 from compressor.models.registry import parse_arch
-from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
 from compressor.models.spec import ModelSpec
-
+from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
 
 FORMAT = "atc-checkpoint/1"
 

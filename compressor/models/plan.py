@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
-from torch import nn
-from compressor.errors import ModelError
 
+from torch import nn
+
+from compressor.errors import ModelError
 
 PLAN_VERSION = 1
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
 from torch import nn
+
 from compressor.models.plan import ThinningPlan, apply_plan
 from compressor.models.registry import Arch, parse_arch
 

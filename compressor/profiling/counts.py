@@ -13,13 +13,16 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+
 import torch
 from torch import nn
+
 from compressor.device import example_input, model_device
 from compressor.errors import ModelError
 
-
-MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs)"
+MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs; BatchNorm and pooling included)"
+# The operators torchvision's published "_ops" figures count (BatchNorm, pooling and activations left out).
+CONV_LINEAR_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -32,6 +35,7 @@ class MacCount:
     gmacs: float
     by_module: dict[str, float]  # module name → GMACs (fvcore's module tree)
     skipped_ops: dict[str, int]  # operator → times fvcore skipped it
+    conv_linear_gmacs: float = 0.0  # convolutions and matrix products only: how torchvision's published counts are made
 
     @property
     def gflops(self) -> float:
@@ -60,6 +64,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> MacCount:
             total = analysis.total()
             by_module = {k: v / 1e9 for k, v in analysis.by_module().items()}
             skipped = dict(analysis.unsupported_ops())
+            conv_linear = sum(v for op, v in analysis.by_operator().items() if op in CONV_LINEAR_OPS)
     finally:
         model.train(was_training)
-    return MacCount(total / 1e9, by_module, skipped)
+    return MacCount(total / 1e9, by_module, skipped, conv_linear / 1e9)

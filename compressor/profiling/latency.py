@@ -29,11 +29,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
-from compressor.errors import ConfigError
 
+from compressor.errors import ConfigError
 
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
 

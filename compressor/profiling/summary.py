@@ -31,6 +31,7 @@ class Profile:
     by_module_gmacs: dict[str, float] | None = None
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict() without its notes; with CUDA only
     gpu_notes: list[str] = field(default_factory=list)
+    gmacs_conv_linear: float = 0.0  # convolutions and matrix products alone, as torchvision counts
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,4 +62,4 @@ def profile_model(model: nn.Module, name: str, input_size: tuple[int, int, int],
                             threads=threads, measure=measure, device_name=device_name)
             gpu_entry, notes = {"device": g.device, "runs": [r.to_dict() for r in g.runs]}, notes + g.notes
     return Profile(name, list(input_size), count_params(model), macs.gmacs, macs.gflops, macs.skipped_ops, lat,
-                   by_module_gmacs=by_module, gpu_latency=gpu_entry, gpu_notes=notes)
+                   by_module_gmacs=by_module, gpu_latency=gpu_entry, gpu_notes=notes, gmacs_conv_linear=macs.conv_linear_gmacs)

@@ -36,8 +36,16 @@ from compressor.export.int8 import int8_with_evaluation
 from compressor.export.onnx import export_checked, to_onnx
 from compressor.models.spec import ModelSpec
 from compressor.profiling.counts import count_macs, count_params
-from compressor.profiling.latency import (GPU_BATCH_SIZES, Latency, Timing, compare_latency, environment, gpu_latency,
-                                          gpu_status, measure_latency)
+from compressor.profiling.latency import (
+    GPU_BATCH_SIZES,
+    Latency,
+    Timing,
+    compare_latency,
+    environment,
+    gpu_latency,
+    gpu_status,
+    measure_latency,
+)
 from compressor.report.plots import plot_tradeoff
 from compressor.report.tables import markdown
 
@@ -92,6 +100,7 @@ class StudentEntry:
     derived: dict[str, Any] | None = None  # width, removed blocks, stages and the search of a derived student
     int8: Int8Entry | None = None
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict(), with CUDA only
+    gmacs_conv_linear: float | None = None  # convolutions and matrix products alone (torchvision's convention)
 
     def to_dict(self) -> dict[str, Any]:
         return _without_none(asdict(self), ("derived", "int8", "gpu_latency"))
@@ -106,6 +115,7 @@ class TeacherEntry:
     top1: float
     latency_ms: float
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict(), with CUDA only
+    gmacs_conv_linear: float | None = None  # convolutions and matrix products alone (torchvision's convention)
 
     def to_dict(self) -> dict[str, Any]:
         return _without_none(asdict(self), ("gpu_latency",))
@@ -143,7 +153,8 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
     CUDA (``gpu``: None = detect) also time every model on the GPU."""
     with tempfile.TemporaryDirectory() as tmp:
         t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
-        t_params, t_macs = count_params(teacher)["total"], count_macs(teacher, t_spec.input_size).gmacs
+        t_count = count_macs(teacher, t_spec.input_size)
+        t_params, t_macs = count_params(teacher)["total"], t_count.gmacs
         reporter.info("measuring teacher latency (onnxruntime CPU, batch 1)")
         t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5), onnx_path=t_onnx)
         students, rounds, t_ms = [], 0, t_lat.median_ms
@@ -165,7 +176,7 @@ def build_report(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, results: 
               "resized_from": list(data.resized_from) if data.resized_from else None, "notes": list(data.notes)},
         latency={"runtime": "ort-cpu", "batch_size": 1, "threads": t_lat.threads, "rounds": rounds,
                  "teacher_median_ms": t_lat.median_ms, "teacher_cv": t_lat.cv, **gpu_meta},
-        teacher=TeacherEntry(t_spec.name, t_params, t_macs, 2 * t_macs, t_top1, t_ms, t_gpu),
+        teacher=TeacherEntry(t_spec.name, t_params, t_macs, 2 * t_macs, t_top1, t_ms, t_gpu, t_count.conv_linear_gmacs),
         students=students)
 
 
@@ -214,7 +225,8 @@ def _student_entry(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: 
         onnx=str(onnx_path.relative_to(out)), onnx_parity_max_abs_diff={str(k): v for k, v in parity.max_abs_diff.items()},
         onnx_parity_max_rel_diff={str(k): v for k, v in parity.max_rel_diff.items()},
         train_seconds=res.metrics.get("train_seconds"), epochs=cfg.train.epochs,
-        attention_pairs=res.metrics.get("pairs", []), init=res.metrics.get("init"))
+        attention_pairs=res.metrics.get("pairs", []), init=res.metrics.get("init"),
+        gmacs_conv_linear=count_macs(res.model, t_spec.input_size).conv_linear_gmacs)
     if res.spec.plan is not None:  # a derived student: its shape and, after a search, target vs achieved
         plan = res.spec.plan
         entry.derived = {"width": plan.width, "removed_blocks": plan.removed_blocks, "stages": plan.stages,

@@ -8,13 +8,12 @@ teacher's plain cross-entropy; the test loss is plain cross-entropy for every mo
 
 from __future__ import annotations
 
-from compressor.report.tables import plural
-
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
 from compressor import fileio
-from typing import Sequence
+from compressor.report.tables import plural
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

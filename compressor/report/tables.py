@@ -4,8 +4,8 @@ sweep.md. Plain data in, strings out."""
 from __future__ import annotations
 
 from typing import Any
-from compressor.profiling.counts import MAC_UNIT
 
+from compressor.profiling.counts import MAC_UNIT
 
 COLUMNS = ("model", "role", "top-1 %", "Δ top-1", "params", "GMACs", "latency ms", "params ×", "GMACs ×", "latency ×")
 

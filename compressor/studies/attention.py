@@ -24,18 +24,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from compressor import fileio
-from compressor.pair import AttentionPair, find_pairs, find_stages, select_pairs, tapped
 from compressor.device import model_device, pick_device
-from compressor.models.checkpoint import load_model
-from compressor.pipeline import check_compatible, load_teacher_and_data, normalization
+from compressor.distill.losses import at_distance, attention_map, input_gradient, match_spatial
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
-from compressor.distill.losses import at_distance, attention_map, input_gradient, match_spatial
-
+from compressor.models.checkpoint import load_model
+from compressor.pair import AttentionPair, find_pairs, find_stages, select_pairs, tapped
+from compressor.pipeline import check_compatible, load_data, load_teacher_and_data, normalization
 
 # ---------------------------------------------------------------- pure functions on maps
 
@@ -275,11 +276,11 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
     attention = attention or cfg.distill.attention
     p = p if p is not None else (1.0 if attention == "gradient" else cfg.distill.p)
     layers = layers or cfg.distill.at_layers
-    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, arch=arch, trust=trust, reporter=reporter)
-    data = loaded.data
+    data = load_data(data_spec, cfg, reporter=reporter)
     masks = getattr(data, "test_masks", None)
     if localization and masks is None:
         raise DataError("--localization needs data with object masks; pass --data shapes (the generated shapes dataset)")
+    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, arch=arch, trust=trust, reporter=reporter, data=data)
     teacher, student = Net(loaded.spec.name, loaded.model, *loaded.mean_std), None
     if student_path is not None:
         model, spec, _ = load_model(student_path, trust=trust)

@@ -23,20 +23,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-from compressor import fileio
+
 import torch
 
+from compressor import fileio
+from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
 from compressor.derive.candidates import choose_students
 from compressor.device import pick_device
 from compressor.distill.loop import make_batches
-from compressor.evaluate import evaluate
-from compressor.pipeline import distill_student, load_teacher_and_data
-from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
 from compressor.errors import ConfigError, OutputError
+from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
+from compressor.pipeline import distill_student, load_teacher_and_data
 from compressor.report.plots import plot_sweep
 from compressor.report.tables import sweep_markdown as markdown
-
 
 SHORTHAND = {"beta": "distill.beta", "p": "distill.p", "method": "distill.method", "alpha": "distill.alpha",
              "at_form": "distill.at_form", "at_layers": "distill.at_layers", "beta_schedule": "distill.beta_schedule",
