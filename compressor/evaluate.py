@@ -15,14 +15,14 @@ from compressor.device import autocast, ort_session
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: DeviceBatches, bf16: bool = True) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: DeviceBatches, amp: torch.dtype | bool | None = True) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over ``batches``; with sharded batches (several
     data-parallel ranks) the sums are added over the ranks, so every rank gets the whole test set's numbers."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss, correct, total; one sync at the end
     for x, y in batches:
-        with autocast(batches.device, bf16):
+        with autocast(batches.device, amp):
             logits = model(x)
         sums[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()

@@ -149,7 +149,7 @@ def test_train_one_epoch_with_gradient_at():
     before = [p.detach().clone() for p in student.parameters()]
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
     obj = Objective("at", beta=1000.0, gradient=True, flip_beta=10.0)
-    stats = train_one_epoch(student, batches, opt, obj, 1, Teacher(teacher), bf16=False)
+    stats = train_one_epoch(student, batches, opt, obj, 1, Teacher(teacher), amp=None)
     means = stats.means()
     assert stats.seen == 32 and means["train_at"] > 0 and means["train_flip"] > 0
     assert means["train_loss"] == pytest.approx(means["train_ce"] + means["train_at"] + means["train_flip"], rel=1e-5)

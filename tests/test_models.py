@@ -39,3 +39,14 @@ def test_wrn_forward_shape():
 def test_unknown_arch_suggests_close_names():
     with pytest.raises(ModelError, match="wrn-40-4"):
         parse_arch("wrn-41-4")
+
+
+def test_one_registration_per_family_agrees_with_the_derivation_rules():
+    from compressor.derive.rules import FAMILY_RULES
+    from compressor.models.registry import FAMILIES, list_models, parse_arch
+
+    assert tuple(sorted(n for n, f in FAMILIES.items() if f.derive == "family rule")) == tuple(sorted(FAMILY_RULES))
+    for family in FAMILIES.values():  # every family's listed names parse back to that family
+        for name in family.names("*")[:5]:
+            assert parse_arch(name).family == family.name, name
+    assert {row["family"] for row in list_models()} == set(FAMILIES)

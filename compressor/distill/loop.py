@@ -104,13 +104,15 @@ def make_runtime(student: nn.Module, teacher: Teacher | None, objective: Objecti
 
 
 def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, objective: Objective,
-                    epoch: int, teacher: Teacher | None = None, beta: float | None = None, bf16: bool = True,
+                    epoch: int, teacher: Teacher | None = None, beta: float | None = None,
+                    amp: torch.dtype | bool | None = True,
                     stats: EpochStats | None = None, reporter: Reporter = SILENT, stop: StopFlag | None = None,
                     on_stop=None, scaler: torch.amp.GradScaler | None = None, runtime: Runtime | None = None,
                     log_every: int = LOG_EVERY) -> EpochStats:
-    """One epoch. ``student`` (and ``teacher.model``) may be wrapped in DDP or ``torch.compile``; ``bf16``
-    may be an autocast dtype (see ``autocast``); ``scaler`` does fp16 loss scaling. ``runtime`` (from
-    ``make_runtime``) is the step to run; without one, a sync-free eager step is built for this epoch.
+    """One epoch. ``student`` (and ``teacher.model``) may be wrapped in DDP or ``torch.compile``; ``amp``
+    is the autocast dtype (True: bf16 on CUDA only, as ``autocast`` reads it; None/False: fp32);
+    ``scaler`` does fp16 loss scaling. ``runtime`` (from ``make_runtime``) is the step to run;
+    without one, a sync-free eager step is built for this epoch.
 
     Nothing waits for the device per step: the loss terms, accuracy and non-finite checks accumulate
     on the device and are read every ``log_every`` steps, at a stop and at the end of the epoch. A
@@ -119,7 +121,7 @@ def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch
     stats = stats or EpochStats()
     own = runtime is None
     if own:
-        runtime = make_runtime(student, teacher, objective, optimizer, batches.device, bf16, scaler,
+        runtime = make_runtime(student, teacher, objective, optimizer, batches.device, amp, scaler,
                                Speed(cuda_graphs=False))
     step_fn = runtime.step
     runtime.student.train()
@@ -213,13 +215,13 @@ def _beta_at(cfg: Config, epoch: int) -> float:
 
 def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
         objective: Objective | None = None, device: torch.device | None = None, reporter: Reporter = SILENT,
-        resume: bool = False, bf16: bool = True, tag: str = "", speed: Speed | None = None,
+        resume: bool = False, tag: str = "", speed: Speed | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Train ``student`` for ``cfg.train.epochs``; distil from ``teacher`` when the objective uses one.
     ``on_epoch`` receives each epoch's metrics record (as written to metrics.jsonl) on rank 0.
 
-    ``speed`` picks precision, memory format, compilation and DataLoader workers (``bf16=False``
-    forces fp32). Inside a process group (``compressor.distributed``) the student trains under DDP
+    ``speed`` picks precision (``Speed(precision="fp32")`` for plain fp32), memory format,
+    compilation and DataLoader workers. Inside a process group (``compressor.distributed``) the student trains under DDP
     on this rank's shard, evaluation covers the whole test set across ranks, and rank 0 alone
     reports and writes metrics and state."""
     # Setup: device, precision, memory format, batches, optimizer.
@@ -229,7 +231,7 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
     objective = objective or objective_from(cfg, "none")
     speed, rank = speed or Speed(), distributed.current()
     reporter = reporter if rank.is_main else SILENT  # rank 0 alone reports and writes
-    amp = autocast_dtype(speed.precision, device) if bf16 else None
+    amp = autocast_dtype(speed.precision, device)
     channels_last = _place(student, teacher, device, speed)
     train_b, test_b = make_batches(data, cfg, mean, std, device, rank.rank, rank.world_size, channels_last, speed.workers)
     opt, sched = make_optimizer(student, cfg, device)

@@ -53,7 +53,9 @@ class Arch:
         return display_name(self.family, self.kwargs)
 
     def build(self, num_classes: int) -> nn.Module:
-        return FAMILIES[self.family](num_classes=num_classes, **self.kwargs)
+        if self.family not in FAMILIES:
+            raise ModelError(f"this checkpoint's model family '{self.family}' is unknown to this atc; upgrade atc")
+        return FAMILIES[self.family].build(num_classes=num_classes, **self.kwargs)
 
 
 TIMM_MISSING = "timm is not installed; pip install 'atc[timm]' to use timm:NAME models"
@@ -118,47 +120,207 @@ def _file_model(num_classes: int, path: str, class_name: str, **kwargs: Any) -> 
                          "arguments or with num_classes=N") from exc
 
 
-FAMILIES: dict[str, Callable[..., nn.Module]] = {
-    "wrn": WideResNet,
-    "cifar_resnet": CifarResNet,
-    "resnet": ScalableResNet,
-    "torchvision": _torchvision_model,
-    "timm": _timm_model,
-    "file": _file_model,
-}
+@dataclass(frozen=True)
+class Family:
+    """One kind of architecture, registered once: how to build it, which names it owns, how it
+    names its models, and how ``atc models`` lists it.
+
+    ``parse(name)`` returns the builder's keyword arguments for a name the family owns (raising a
+    one-line ``ModelError`` for an owned name that is wrong), or None for a name it does not own.
+    ``prefix`` families own ``PREFIX:REST`` names and see only REST. ``names(glob)`` lists the
+    names matching a pattern (for ``list_models(pattern)`` and "did you mean" suggestions).
+    ``derive``: how ``atc compress`` derives a student (``"family rule"``, in ``derive/rules.py``,
+    or ``"thinning"``)."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    parse: Callable[[str], dict[str, Any] | None]
+    display: Callable[[dict[str, Any]], str]
+    rows: Callable[[], list[dict[str, str]]]
+    names: Callable[[str], list[str]] = lambda glob: []
+    prefixes: tuple[str, ...] = ()
+    derive: str = "thinning"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
 
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _row(names: str, family: str, derive: str, about: str = "") -> dict[str, str]:
+    """One row of ``list_models()``: ``names`` as ``--arch`` takes them (a name, names or a pattern),
+    the registry ``family`` a checkpoint stores, how ``atc compress`` derives a student from it
+    (``"family rule"`` or ``"thinning"``), and what it is."""
+    return {"names": names, "family": family, "derive": derive, "about": about}
+
+
+def _matching(names: list[str], glob: str) -> list[str]:
+    import fnmatch
+
+    return [n for n in names if fnmatch.fnmatch(n, glob)]
+
+
+# ---------------------------------------------------------------- the zoo (registration order is parse order:
+# torchvision-layout resnet50 before the CIFAR family's 6n+2 depths, which 50 also is)
+
+
+def _parse_wrn(key: str) -> dict[str, Any] | None:
+    if m := re.fullmatch(r"wrn-(\d+)-(\d+(?:\.\d+)?)", key):
+        depth, width = int(m.group(1)), float(m.group(2))
+        if (depth - 4) % 6 == 0 and depth >= 10:
+            return {"depth": depth, "width": int(width) if width.is_integer() else width}
+    return None
+
+
+WRN_NAMES = [f"wrn-{d}-{k}" for d in (10, 16, 22, 28, 40) for k in (1, 2, 4, 8, 10)]
+register(Family(
+    "wrn", WideResNet, _parse_wrn, lambda kw: f"wrn-{kw['depth']}-{_fmt(kw['width'])}",
+    lambda: [_row("wrn-D-K", "wrn", "family rule", "Wide ResNet, depth D = 6n+4, width K, e.g. wrn-40-4, wrn-16-2")],
+    lambda glob: _matching(WRN_NAMES, glob), derive="family rule"))
+
+
+def _parse_resnet(key: str) -> dict[str, Any] | None:
+    base, cifar_stem = (key[: -len("-cifar")], True) if key.endswith("-cifar") else (key, False)
+    if base not in IMAGENET_RESNETS:
+        return None
+    block, layers = IMAGENET_RESNETS[base]
+    return {"block": block, "layers": layers, "width": 1.0, **({"cifar_stem": True} if cifar_stem else {})}
+
+
+def _resnet_name(kw: dict[str, Any]) -> str:
+    layers = list(kw.get("layers", []))
+    std = next((n for n, (b, lay) in IMAGENET_RESNETS.items() if lay == layers and b == kw.get("block")), None)
+    name = std or f"resnet-{kw.get('block')}-{'.'.join(map(str, layers))}"
+    if kw.get("width", 1.0) != 1.0:
+        name += f"-x{_fmt(kw['width'])}"
+    return name + ("-cifar" if kw.get("cifar_stem") else "")
+
+
+register(Family(
+    "resnet", ScalableResNet, _parse_resnet, _resnet_name,
+    lambda: [_row("resnet18/34/50/101/152[-cifar]", "resnet", "family rule",
+                  "torchvision-layout ResNet; -cifar: 3x3 stem, no max-pool, e.g. resnet18, resnet50-cifar")],
+    lambda glob: _matching(list(IMAGENET_RESNETS) + [f"{n}-cifar" for n in IMAGENET_RESNETS], glob), derive="family rule"))
+
+
+def _parse_cifar_resnet(key: str) -> dict[str, Any] | None:
+    if m := re.fullmatch(r"(?:cifar-)?resnet(\d+)(?:-w(\d+))?", key):
+        depth, width = int(m.group(1)), int(m.group(2) or 16)
+        if (depth - 2) % 6 == 0 and depth >= 8:
+            return {"depth": depth, "width": width}
+    return None
+
+
+def _cifar_resnet_name(kw: dict[str, Any]) -> str:
+    base = f"resnet{kw['depth']}" if kw["depth"] in CIFAR_RESNET_DEPTHS else f"cifar-resnet{kw['depth']}"
+    return base if kw.get("width", 16) == 16 else f"{base}-w{kw['width']}"
+
+
+register(Family(
+    "cifar_resnet", CifarResNet, _parse_cifar_resnet, _cifar_resnet_name,
+    lambda: [_row("resnetD, resnetD-wW", "cifar_resnet", "family rule",
+                  "CIFAR ResNet, D = 20/32/44/56/110 (cifar-resnetD: any 6n+2), stem width W (16), e.g. resnet56, resnet20-w8")],
+    lambda glob: _matching([f"resnet{d}" for d in CIFAR_RESNET_DEPTHS], glob), derive="family rule"))
+
+
+# ---------------------------------------------------------------- other libraries' models and the user's own
+
+
+def _parse_torchvision(name: str) -> dict[str, Any] | None:
+    """``tv:NAME`` (any classification builder), and the bare names of ``TORCHVISION_GENERIC``."""
+    if name.startswith("tv:"):
+        rest = name[3:].strip()
+        names = torchvision_names()
+        key = rest if rest in names else rest.lower()
+        if key in names:
+            return {"name": key}
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+        raise _unknown(f"torchvision has no classification model '{rest}'", ["tv:" + c for c in close],
+                       "(torchvision.models.list_models(module=torchvision.models) lists torchvision's)")
+    return {"name": name.lower()} if name.lower() in TORCHVISION_GENERIC else None
+
+
+def _torchvision_rows() -> list[dict[str, str]]:
+    tv = torchvision_names()
+    return [_row(", ".join(TORCHVISION_GENERIC), "torchvision", "thinning", "torchvision models by bare name (same as tv:NAME), no weights"),
+            _row("tv:NAME", "torchvision", "thinning",
+                 f"any of torchvision's {len(tv)} classification models, no weights, e.g. tv:resnet18, tv:convnext_tiny")]
+
+
+register(Family(
+    "torchvision", _torchvision_model, _parse_torchvision,
+    # a bare name only where it parses back to torchvision (not resnet18: that is the zoo's)
+    lambda kw: kw["name"] if kw["name"] in TORCHVISION_GENERIC else f"tv:{kw['name']}",
+    _torchvision_rows,
+    lambda glob: _matching(list(TORCHVISION_GENERIC), glob)
+    + [f"tv:{n}" for n in _matching(torchvision_names(), glob) if n not in TORCHVISION_GENERIC],
+    prefixes=("tv", "torchvision")))
+
+
+def _parse_timm(name: str) -> dict[str, Any] | None:
+    if not name.startswith("timm:"):
+        return None
+    rest = name[5:].strip()
+    timm = _import_timm()
+    if ":" in rest or "/" in rest:
+        raise ModelError(f"timm:{rest} names a hub or file source; atc builds timm models without weights, so pass "
+                         "the architecture name alone, e.g. timm:resnet18")
+    key = rest if timm.is_model(rest) else rest.lower()
+    if timm.is_model(key):
+        return {"name": key}
+    close = difflib.get_close_matches(key, timm.list_models(), n=3, cutoff=0.6)
+    raise _unknown(f"timm has no model '{rest}'", ["timm:" + c for c in close], f"(timm.list_models('*{key}*') lists timm's)")
+
+
+def _timm_names(pattern: str) -> list[str] | None:
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm.list_models(pattern)
+
+
+def _timm_rows() -> list[dict[str, str]]:
+    names = _timm_names("*")
+    about = (f"any of timm's {len(names)} models, no weights, e.g. timm:resnet10t, timm:mobilenetv3_small_100"
+             if names is not None else "timm models: not installed, pip install 'atc[timm]'")
+    return [_row("timm:NAME", "timm", "thinning", about)]
+
+
+register(Family("timm", _timm_model, _parse_timm, lambda kw: f"timm:{kw['name']}", _timm_rows,
+                lambda glob: [f"timm:{n}" for n in _timm_names(glob) or []], prefixes=("timm",)))
+
+
+def _parse_file(name: str) -> dict[str, Any] | None:
+    if not (m := re.fullmatch(r"(.+\.py):([A-Za-z_]\w*)", name)):
+        return None
+    file = Path(m.group(1)).expanduser()
+    if not file.is_file():
+        raise ModelError(f"model file {file} does not exist; pass --arch path/to/file.py:ClassName")
+    return {"path": str(file.resolve()), "class_name": m.group(2)}
+
+
+register(Family("file", _file_model, _parse_file, lambda kw: kw["class_name"],
+                lambda: [_row("path/to/file.py:ClassName", "file", "thinning", "your nn.Module, built with num_classes=N when it takes it")]))
+
+
+# ---------------------------------------------------------------- names
+
+
 def display_name(family: str, kwargs: dict[str, Any]) -> str:
-    if family == "wrn":
-        return f"wrn-{kwargs['depth']}-{_fmt(kwargs['width'])}"
-    if family == "cifar_resnet":
-        base = f"resnet{kwargs['depth']}" if kwargs["depth"] in CIFAR_RESNET_DEPTHS else f"cifar-resnet{kwargs['depth']}"
-        return base if kwargs.get("width", 16) == 16 else f"{base}-w{kwargs['width']}"
-    if family == "resnet":
-        layers = list(kwargs.get("layers", []))
-        std = next((n for n, (b, l) in IMAGENET_RESNETS.items() if l == layers and b == kwargs.get("block")), None)
-        name = std or f"resnet-{kwargs.get('block')}-{'.'.join(map(str, layers))}"
-        if kwargs.get("width", 1.0) != 1.0:
-            name += f"-x{_fmt(kwargs['width'])}"
-        return name + ("-cifar" if kwargs.get("cifar_stem") else "")
-    if family == "torchvision":  # a bare name only where it parses back to torchvision (not resnet18: the zoo's)
-        return kwargs["name"] if kwargs["name"] in TORCHVISION_GENERIC else f"tv:{kwargs['name']}"
-    if family == "timm":
-        return f"timm:{kwargs['name']}"
-    if family == "file":
-        return kwargs["class_name"]
-    return family
+    return FAMILIES[family].display(kwargs) if family in FAMILIES else family
 
 
 def known_names() -> list[str]:
-    wrns = [f"wrn-{d}-{k}" for d in (10, 16, 22, 28, 40) for k in (1, 2, 4, 8, 10)]
-    cifar = [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
-    imagenet = list(IMAGENET_RESNETS) + [f"{n}-cifar" for n in IMAGENET_RESNETS]
-    return wrns + cifar + imagenet + list(TORCHVISION_GENERIC)
+    """The zoo's names (and torchvision's bare ones): what "did you mean" suggests from."""
+    return [n for f in FAMILIES.values() if not f.prefixes and f.name != "file" for n in f.names("*")]
 
 
 FIND_NAMES = "run `atc models` for how to name models"
@@ -171,115 +333,37 @@ def _unknown(what: str, close: list[str], where: str) -> ModelError:
     return ModelError(f"{what}; {FIND_NAMES} {where}")
 
 
-def _parse_torchvision(name: str) -> Arch:
-    names = torchvision_names()
-    key = name if name in names else name.lower()
-    if key in names:
-        return Arch("torchvision", {"name": key})
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-    raise _unknown(f"torchvision has no classification model '{name}'", ["tv:" + c for c in close],
-                   "(torchvision.models.list_models(module=torchvision.models) lists torchvision's)")
-
-
-def _parse_timm(name: str) -> Arch:
-    timm = _import_timm()
-    if ":" in name or "/" in name:
-        raise ModelError(f"timm:{name} names a hub or file source; atc builds timm models without weights, so pass "
-                         "the architecture name alone, e.g. timm:resnet18")
-    key = name if timm.is_model(name) else name.lower()
-    if timm.is_model(key):
-        return Arch("timm", {"name": key})
-    close = difflib.get_close_matches(key, timm.list_models(), n=3, cutoff=0.6)
-    raise _unknown(f"timm has no model '{name}'", ["timm:" + c for c in close],
-                   f"(timm.list_models('*{key}*') lists timm's)")
-
-
 def parse_arch(name: str) -> Arch:
-    """Turn a zoo name, ``tv:NAME``, ``timm:NAME`` or ``file.py:ClassName`` into an ``Arch``; unknown
-    names raise with the closest known ones."""
-    prefix, sep, rest = name.strip().partition(":")
-    if sep and prefix.lower() in ("tv", "torchvision"):
-        return _parse_torchvision(rest.strip())
-    if sep and prefix.lower() == "timm":
-        return _parse_timm(rest.strip())
-    if m := re.fullmatch(r"(.+\.py):([A-Za-z_]\w*)", name.strip()):
-        file = Path(m.group(1)).expanduser()
-        if not file.is_file():
-            raise ModelError(f"model file {file} does not exist; pass --arch path/to/file.py:ClassName")
-        return Arch("file", {"path": str(file.resolve()), "class_name": m.group(2)})
-    key = name.strip().lower()
-    if m := re.fullmatch(r"wrn-(\d+)-(\d+(?:\.\d+)?)", key):
-        depth, width = int(m.group(1)), float(m.group(2))
-        if (depth - 4) % 6 == 0 and depth >= 10:
-            return Arch("wrn", {"depth": depth, "width": int(width) if width.is_integer() else width})
-    base, cifar_stem = (key[: -len("-cifar")], True) if key.endswith("-cifar") else (key, False)
-    if base in IMAGENET_RESNETS:
-        block, layers = IMAGENET_RESNETS[base]
-        kwargs: dict[str, Any] = {"block": block, "layers": layers, "width": 1.0}
-        if cifar_stem:
-            kwargs["cifar_stem"] = True
-        return Arch("resnet", kwargs)
-    if m := re.fullmatch(r"(?:cifar-)?resnet(\d+)(?:-w(\d+))?", key):
-        depth, width = int(m.group(1)), int(m.group(2) or 16)
-        if (depth - 2) % 6 == 0 and depth >= 8:
-            return Arch("cifar_resnet", {"depth": depth, "width": width})
-    if key in TORCHVISION_GENERIC:
-        return Arch("torchvision", {"name": key})
-    close = difflib.get_close_matches(key, known_names(), n=3, cutoff=0.5)
+    """Turn a zoo name, ``tv:NAME``, ``timm:NAME`` or ``file.py:ClassName`` into an ``Arch``: the first
+    registered family that owns the name parses it; unknown names raise with the closest known ones."""
+    text = name.strip()
+    prefix, sep, rest = text.partition(":")
+    for family in FAMILIES.values():
+        if sep and prefix.lower() in family.prefixes:  # tv:NAME, torchvision:NAME, timm:NAME
+            kwargs = family.parse(f"{family.prefixes[0]}:{rest.strip()}")
+        elif family.name == "file":
+            kwargs = family.parse(text)
+        else:
+            kwargs = family.parse(text.lower() if not family.prefixes else text)
+        if kwargs is not None:
+            return Arch(family.name, kwargs)
+    close = difflib.get_close_matches(text.lower(), known_names(), n=3, cutoff=0.5)
     raise _unknown(f"unknown architecture '{name}'", close,
                    "(tv:NAME for torchvision's, timm:NAME for timm's, path/to/file.py:ClassName for your own)")
 
 
-def _row(names: str, family: str, derive: str, about: str = "") -> dict[str, str]:
-    """One row of ``list_models()``: ``names`` as ``--arch`` takes them (a name, names or a pattern),
-    the registry ``family`` a checkpoint stores, how ``atc compress`` derives a student from it
-    (``"family rule"`` or ``"thinning"``), and what it is."""
-    return {"names": names, "family": family, "derive": derive, "about": about}
-
-
-def _timm_names(pattern: str) -> list[str] | None:
-    try:
-        import timm
-    except ImportError:
-        return None
-    return timm.list_models(pattern)
-
-
 def list_models(pattern: str | None = None) -> list[dict[str, str]]:
     """The architectures atc builds, as rows of plain data (``names``, ``family``, ``derive``,
-    ``about``; see ``_row``): the zoo's name patterns with examples, the torchvision models known by
-    bare name, and how to name any other torchvision or timm model or your own class.
+    ``about``; see ``_row``): every registered family's name patterns with examples, and how to
+    name any other torchvision or timm model or your own class.
 
     With ``pattern`` (a glob such as ``"*mobilenet*"``; a bare word matches anywhere) there is one
     row per matching name: zoo, torchvision and (when installed) timm. Nothing is built or downloaded.
     """
-    import fnmatch
-
-    tv = torchvision_names()
-    if pattern is not None:
-        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        rows = [_row(n, parse_arch(n).family, "family rule")
-                for n in known_names() if n not in TORCHVISION_GENERIC and fnmatch.fnmatch(n, glob)]
-        rows += [_row(n, "torchvision", "thinning") for n in TORCHVISION_GENERIC if fnmatch.fnmatch(n, glob)]
-        rows += [_row(f"tv:{n}", "torchvision", "thinning") for n in tv
-                 if n not in TORCHVISION_GENERIC and fnmatch.fnmatch(n, glob)]
-        rows += [_row(f"timm:{n}", "timm", "thinning") for n in _timm_names(glob) or []]
-        return rows
-    timm_names = _timm_names("*")
-    timm_about = (f"any of timm's {len(timm_names)} models, no weights, e.g. timm:resnet10t, timm:mobilenetv3_small_100"
-                  if timm_names is not None else "timm models: not installed, pip install 'atc[timm]'")
-    return [
-        _row("wrn-D-K", "wrn", "family rule", "Wide ResNet, depth D = 6n+4, width K, e.g. wrn-40-4, wrn-16-2"),
-        _row("resnetD, resnetD-wW", "cifar_resnet", "family rule",
-             "CIFAR ResNet, D = 20/32/44/56/110 (cifar-resnetD: any 6n+2), stem width W (16), e.g. resnet56, resnet20-w8"),
-        _row("resnet18/34/50/101/152[-cifar]", "resnet", "family rule",
-             "torchvision-layout ResNet; -cifar: 3x3 stem, no max-pool, e.g. resnet18, resnet50-cifar"),
-        _row(", ".join(TORCHVISION_GENERIC), "torchvision", "thinning", "torchvision models by bare name (same as tv:NAME), no weights"),
-        _row("tv:NAME", "torchvision", "thinning",
-             f"any of torchvision's {len(tv)} classification models, no weights, e.g. tv:resnet18, tv:convnext_tiny"),
-        _row("timm:NAME", "timm", "thinning", timm_about),
-        _row("path/to/file.py:ClassName", "file", "thinning", "your nn.Module, built with num_classes=N when it takes it"),
-    ]
+    if pattern is None:
+        return [row for f in FAMILIES.values() for row in f.rows()]
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    return [_row(n, f.name, f.derive) for f in FAMILIES.values() for n in f.names(glob)]
 
 
 def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
