@@ -72,10 +72,12 @@ def compress(
     int8: bool = typer.Option(False, "--int8", help="Also quantize each student to INT8 (ORT static QDQ) and report it."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     attention: Optional[str] = typer.Option(None, "--attention", help="AT mechanism: sum-p[:P], max-p[:P] or gradient."),
-    at_form: Optional[str] = typer.Option(None, "--at-form", help="code (reference code's squared mean) or paper (eq. 2: β/2, L2 norm)."),
+    at_form: Optional[str] = typer.Option(None, "--at-form", help="code (reference code's squared mean) or paper (eq. 2: β/2 · L2 "
+                                          "norm, each pair weighted by β/(H·W), the paper's rule)."),
     at_layers: Optional[str] = typer.Option(None, "--at-layers", help="AT stages: all, lastN or a comma list of stage names."),
-    beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="AT weight β."),
-    p: Optional[float] = typer.Option(None, "--p", min=0.0, help="Exponent p of the attention map |A|^p."),
+    beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="AT weight β (the paper form divides it by each map's H·W)."),
+    p: Optional[float] = typer.Option(None, "--p", min=0.0, help="Exponent p of the attention map |A|^p (the paper's |A|; for odd p, "
+                                      "RepDistiller and mdistiller use the signed A^p)."),
     compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
     cuda_graphs: Optional[bool] = CUDA_GRAPHS,
     workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,

@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 
 from cli.common import ARCH, JSON, TRUST, parse_ints, parse_size, print_report, stdout, table
+from cli.progress import stderr
 from compressor.errors import AtcError
+from compressor.report.tables import noisy_profile_note
 
 
 def derive(
@@ -69,6 +71,8 @@ def profile(
              ",".join(lat["providers"])] for lat in result["latency"]]
     stdout.print(table("latency", ["runtime", "batch", "threads", "median ms", "p90 ms", "p99 ms", "cold ms", "CV", "runs", "img/s",
                                    "providers"], rows))
+    if note := noisy_profile_note(result["latency"]):
+        stderr.print(f"note: {note}")
     if prof.gpu_latency:
         gpu_rows = [[lat["runtime"], str(lat["batch_size"]), f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['cold_ms']:.2f}",
                      f"{100 * lat['cv']:.1f}%", str(lat["runs"]), f"{lat['images_per_s']:,.0f}"] for lat in result["gpu_latency"]["runs"]]

@@ -208,3 +208,13 @@ def test_a_mixed_onnxruntime_install_is_named_with_its_repair(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ConfigError, match="onnxruntime is not installed; pip install 'atc\\[cpu\\]'"):
         device.onnxruntime()
+
+
+def test_profile_flags_timings_that_vary_too_much():
+    from compressor.report.tables import noisy_profile_note
+
+    steady = {"runtime": "ort-cpu", "batch_size": 1, "cv": 0.03}
+    assert noisy_profile_note([steady]) == ""
+    note = noisy_profile_note([steady, {"runtime": "torch-cpu", "batch_size": 8, "cv": 1.36}])
+    assert note.startswith("the timings of torch-cpu batch 8 (CV 136%) vary by more than 25% of their mean")
+    assert "measure again on an idle machine" in note and "ort-cpu" not in note

@@ -43,6 +43,21 @@ def noisy_latency_note(report: dict[str, Any]) -> str:
             "--threads 1`) before trusting the latency columns.")
 
 
+# A coefficient of variation above this across one setting's timed runs means the timings are not
+# to be trusted (an idle machine stays within a few per cent).
+NOISY_CV = 0.25
+
+
+def noisy_profile_note(latencies: list[dict[str, Any]]) -> str:
+    """The advice for ``atc profile`` timings that varied too much (empty when they did not)."""
+    noisy = [f"{lat['runtime']} batch {lat['batch_size']} (CV {100 * lat['cv']:.0f}%)" for lat in latencies if lat["cv"] > NOISY_CV]
+    if not noisy:
+        return ""
+    return (f"the timings of {', '.join(noisy)} vary by more than {100 * NOISY_CV:.0f}% of their mean: the machine was busy, or "
+            "the thread count too high for a model this small; measure again on an idle machine (--threads 1, --min-time 3) "
+            "before trusting them")
+
+
 def rows(report: dict[str, Any]) -> list[list[str]]:
     """The trade-off table as strings: teacher first, then every student."""
     t = report["teacher"]
@@ -95,7 +110,10 @@ def markdown(report: dict[str, Any]) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     env = report.get("environment", {})
-    lines += ["", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
+    notes = report["data"].get("notes") or []
+    lines += ["", "Top-1 is the test accuracy after the last epoch, not the best epoch's.",
+              *([f"Data: {'; '.join(notes)}."] if notes else []),
+              "", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
               f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
               f"latency × is the median per-round ratio, (min–max) over rounds.", "",
               *([noisy_latency_note(report), ""] if noisy_latency(report) else []),
