@@ -7,36 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (
-    ARCH,
-    BATCH,
-    CHANNELS_LAST,
-    COMPILE,
-    CUDA_GRAPHS,
-    DEVICE,
-    EPOCHS,
-    LR,
-    MASTER_ADDR,
-    MASTER_PORT,
-    NNODES,
-    NODE_RANK,
-    NPROC,
-    PRECISION,
-    PRESET,
-    SEED,
-    SET,
-    STRICT_DATA,
-    SUBSET,
-    TENSORBOARD,
-    TRUST,
-    WORKERS,
-    command_line,
-    config_from,
-    join_parallel,
-    print_report,
-    speed_from,
-    table,
-)
+from cli import common as opt
+from cli.common import command_line, config_from, join_parallel, print_report, speed_from, table
 from cli.progress import RichReporter, stderr
 from compressor.errors import AtcError
 
@@ -45,7 +17,7 @@ def compress(
     teacher: Path = typer.Option(..., "--teacher", help="Trained teacher: atc checkpoint or state_dict (with --arch)."),
     data: str = typer.Option(..., "--data", help="Dataset folder or 'digits'."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (required unless --dry-run)."),
-    preset: str = PRESET, overrides: Optional[List[str]] = SET,
+    preset: str = opt.PRESET, overrides: Optional[List[str]] = opt.SET,
     method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
     student: Optional[List[str]] = typer.Option(None, "--student", help="Student architecture (repeatable); default: preset policy."),
     width_ratio: Optional[str] = typer.Option(None, "--width-ratio", help="Derive the student by thinning the teacher's own layers "
@@ -62,13 +34,13 @@ def compress(
     init: str = typer.Option("auto", "--init", help="Derived student's start: inherit (the teacher's surviving weights), scratch, "
                              "or auto (inherit for derived students, scratch for zoo ones)."),
     students: int = typer.Option(0, "--students", min=0, help="Distil N candidates from the derivation ladder."),
-    arch: Optional[str] = ARCH, epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, train_subset: Optional[int] = SUBSET, device: str = DEVICE,
+    arch: Optional[str] = opt.ARCH, epochs: Optional[int] = opt.EPOCHS, batch_size: Optional[int] = opt.BATCH, lr: Optional[float] = opt.LR,
+    seed: Optional[int] = opt.SEED, train_subset: Optional[int] = opt.SUBSET, device: str = opt.DEVICE,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for latency measurement."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show students, attention pairs and initial losses; do not train."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
-    trust_checkpoint: bool = TRUST, strict_data: bool = STRICT_DATA,
+    trust_checkpoint: bool = opt.TRUST, strict_data: bool = opt.STRICT_DATA,
     int8: bool = typer.Option(False, "--int8", help="Also quantize each student to INT8 (ORT static QDQ) and report it."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     attention: Optional[str] = typer.Option(None, "--attention", help="AT mechanism: sum-p[:P], max-p[:P] or gradient."),
@@ -78,11 +50,11 @@ def compress(
     beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="AT weight β (the paper form divides it by each map's H·W)."),
     p: Optional[float] = typer.Option(None, "--p", min=0.0, help="Exponent p of the attention map |A|^p (the paper's |A|; for odd p, "
                                       "RepDistiller and mdistiller use the signed A^p)."),
-    compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
-    cuda_graphs: Optional[bool] = CUDA_GRAPHS,
-    workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
-    master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
-    tensorboard: Optional[Path] = TENSORBOARD,
+    compile_: bool = opt.COMPILE, channels_last: Optional[bool] = opt.CHANNELS_LAST, precision: str = opt.PRECISION,
+    cuda_graphs: Optional[bool] = opt.CUDA_GRAPHS,
+    workers: Optional[int] = opt.WORKERS, nproc: int = opt.NPROC, nnodes: Optional[str] = opt.NNODES, node_rank: Optional[int] = opt.NODE_RANK,
+    master_addr: Optional[str] = opt.MASTER_ADDR, master_port: Optional[int] = opt.MASTER_PORT,
+    tensorboard: Optional[Path] = opt.TENSORBOARD,
 ) -> None:
     """Distil a thinner, shallower student from a trained teacher; report and export it."""
     from compressor import pipeline
@@ -157,7 +129,7 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
     students: int = typer.Option(3, "--students", min=1, help="Students to distil from the derivation ladder (the first is the preset's)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Threads for latency (one keeps sub-millisecond timings steady)."),
-    device: str = DEVICE,
+    device: str = opt.DEVICE,
 ) -> None:
     """The whole job on the bundled digits, on CPU in a few minutes: train a teacher, compress it."""
     from compressor import pipeline

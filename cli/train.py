@@ -7,33 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (
-    BATCH,
-    CHANNELS_LAST,
-    COMPILE,
-    CUDA_GRAPHS,
-    DEVICE,
-    EPOCHS,
-    LR,
-    MASTER_ADDR,
-    MASTER_PORT,
-    NNODES,
-    NODE_RANK,
-    NPROC,
-    OVERWRITE,
-    PRECISION,
-    PRESET,
-    RESUME,
-    SEED,
-    SET,
-    STRICT_DATA,
-    SUBSET,
-    TENSORBOARD,
-    WORKERS,
-    config_from,
-    join_parallel,
-    speed_from,
-)
+from cli import common as opt
+from cli.common import config_from, join_parallel, speed_from
 from cli.progress import RichReporter, stderr
 
 
@@ -41,14 +16,14 @@ def train(
     arch: str = typer.Option(..., "--arch", help="Architecture to train, e.g. wrn-16-2 (see `atc models`)."),
     data: str = typer.Option(..., "--data", help="Dataset folder (ImageFolder train/+test/, torchvision CIFAR) or 'digits'."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write, e.g. teacher.pt."),
-    preset: str = PRESET, overrides: Optional[List[str]] = SET, epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH,
-    lr: Optional[float] = LR, seed: Optional[int] = SEED, train_subset: Optional[int] = SUBSET, device: str = DEVICE,
-    overwrite: bool = OVERWRITE, resume: bool = RESUME, strict_data: bool = STRICT_DATA,
-    compile_: bool = COMPILE, channels_last: Optional[bool] = CHANNELS_LAST, precision: str = PRECISION,
-    cuda_graphs: Optional[bool] = CUDA_GRAPHS,
-    workers: Optional[int] = WORKERS, nproc: int = NPROC, nnodes: Optional[str] = NNODES, node_rank: Optional[int] = NODE_RANK,
-    master_addr: Optional[str] = MASTER_ADDR, master_port: Optional[int] = MASTER_PORT,
-    tensorboard: Optional[Path] = TENSORBOARD,
+    preset: str = opt.PRESET, overrides: Optional[List[str]] = opt.SET, epochs: Optional[int] = opt.EPOCHS, batch_size: Optional[int] = opt.BATCH,
+    lr: Optional[float] = opt.LR, seed: Optional[int] = opt.SEED, train_subset: Optional[int] = opt.SUBSET, device: str = opt.DEVICE,
+    overwrite: bool = opt.OVERWRITE, resume: bool = opt.RESUME, strict_data: bool = opt.STRICT_DATA,
+    compile_: bool = opt.COMPILE, channels_last: Optional[bool] = opt.CHANNELS_LAST, precision: str = opt.PRECISION,
+    cuda_graphs: Optional[bool] = opt.CUDA_GRAPHS,
+    workers: Optional[int] = opt.WORKERS, nproc: int = opt.NPROC, nnodes: Optional[str] = opt.NNODES, node_rank: Optional[int] = opt.NODE_RANK,
+    master_addr: Optional[str] = opt.MASTER_ADDR, master_port: Optional[int] = opt.MASTER_PORT,
+    tensorboard: Optional[Path] = opt.TENSORBOARD,
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
     from compressor import pipeline
