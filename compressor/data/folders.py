@@ -123,11 +123,11 @@ def to_rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _new_info() -> dict:
+def new_source_info() -> dict:
     return {"channels": [], "wide": 0, "resized": 0, "sizes": []}
 
 
-def _record(info: dict, im, resized: bool) -> None:
+def record_source(info: dict, im, resized: bool) -> None:
     c = source_channels(im)
     if c not in info["channels"]:
         info["channels"] = sorted(info["channels"] + [c])
@@ -153,7 +153,7 @@ def _decode(files: list[Path], image_size: int | None, strict: bool,
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 arrays.append(np.asarray(im, dtype=np.uint8))
                 if info is not None:
-                    _record(info, src, resize)
+                    record_source(info, src, resize)
             kept.append(i)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if strict:
@@ -183,7 +183,7 @@ def _load_split(split_dir: Path, image_size: int | None, strict: bool,
                 raise DataError(f"corrupt image {blob['skipped'][0]} (one of {len(blob['skipped'])} in {split_dir}); remove it, "
                                 "or run without --strict-data to skip unreadable images")
             return blob["x"], blob["y"], classes, blob["skipped"], blob["info"]
-    info = _new_info()
+    info = new_source_info()
     arr, kept, bad = _decode(files, image_size, strict, info)
     if not kept:
         raise DataError(f"no image in {split_dir} could be decoded; check the files")

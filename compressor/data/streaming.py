@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compressor.data.folders import _new_info, _record, find_layout, list_splits, to_rgb
+from compressor.data.folders import find_layout, list_splits, new_source_info, record_source, to_rgb
 from compressor.data.images import Augment, Batches, ImageData, channel_stats, source_notes, subset_indices
 from compressor.data.open import open_dataset
 from compressor.errors import DataError
@@ -310,11 +310,11 @@ def _probe(files: list[str], image_size: int, sample: int = PROBE_FILES) -> dict
     from PIL import Image
 
     idx = range(len(files)) if len(files) <= sample else np.linspace(0, len(files) - 1, sample).round().astype(int).tolist()
-    info, seen = _new_info(), 0
+    info, seen = new_source_info(), 0
     for i in idx:
         try:
             with Image.open(files[int(i)]) as im:
-                _record(info, im, im.size != (image_size, image_size))
+                record_source(info, im, im.size != (image_size, image_size))
                 seen += 1
         except Exception:  # an unreadable file is dealt with (skipped or fatal) when it is decoded
             continue

@@ -40,7 +40,7 @@ from torch import nn
 
 from compressor.device import cpu_copy, random_input
 from compressor.errors import ConfigError, ModelError
-from compressor.models.plan import _CONV, ThinningPlan, _out_channels, _replace, apply_plan
+from compressor.models.plan import CONV_TYPES, ThinningPlan, apply_plan, out_channels_of, replace_module
 from compressor.quiet import quiet
 
 ROUND_TO = 8
@@ -157,7 +157,7 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> dict[str, _Call]:
 def classifier_name(model: nn.Module, input_size: tuple[int, int, int], calls: dict[str, _Call] | None = None) -> str:
     """The last convolution or linear layer to run: the classifier whose outputs stay."""
     calls = calls if calls is not None else _record_calls(model, _example(input_size, model))
-    order = [n for n in calls if n and isinstance(model.get_submodule(n), (_CONV, nn.Linear))]  # hooks ran in forward order
+    order = [n for n in calls if n and isinstance(model.get_submodule(n), (CONV_TYPES, nn.Linear))]  # hooks ran in forward order
     if not order:
         raise ModelError(f"{type(model).__name__} has no convolution or linear layer to thin; pass --student NAME")
     return order[-1]
@@ -181,7 +181,7 @@ class BlockStage:
 
 
 def _n_convs(module: nn.Module) -> int:
-    return sum(isinstance(m, _CONV) for m in module.modules())
+    return sum(isinstance(m, CONV_TYPES) for m in module.modules())
 
 
 def _is_block(module: nn.Module, call: _Call | None) -> bool:
@@ -315,7 +315,7 @@ class Thinner:
         self.removed = [b for s in self.stages for b in s.removed(max_blocks, min_blocks)]
         self.classifier = classifier_name(base, input_size, calls)
         for b in self.removed:
-            _replace(base, b, nn.Identity())
+            replace_module(base, b, nn.Identity())
         self.base = base
         modules = dict(base.named_modules())
         self._names = {id(m): n for n, m in modules.items()}
@@ -336,9 +336,9 @@ class Thinner:
                     if c.parameter:
                         raise ModelError(f"{type(teacher).__name__} has a bare nn.Parameter tied to channels, which "
                                          "thinning does not support; pass --student NAME")
-                    if isinstance(m, _CONV) and 1 < m.groups < m.out_channels:
+                    if isinstance(m, CONV_TYPES) and 1 < m.groups < m.out_channels:
                         ch_groups = max(ch_groups, m.groups)
-                    if c.out and isinstance(m, (_CONV, nn.Linear)):
+                    if c.out and isinstance(m, (CONV_TYPES, nn.Linear)):
                         members.append(self._names.get(id(m), ""))
                 imp = pruning.group_importance(group, p=2)
                 if imp is None:
@@ -412,7 +412,7 @@ class Thinner:
         plan = self.plan(width, name)
         model = apply_plan(copy.deepcopy(self.base), plan)
         self._check_runs(model)
-        plan.channels = {n: c for n, m in model.named_modules() if (c := _out_channels(m)) is not None}
+        plan.channels = {n: c for n, m in model.named_modules() if (c := out_channels_of(m)) is not None}
         if describe:
             plan.stages = describe_stages(self.teacher, model, self.input_size, self.stages)
         return model, plan

@@ -11,14 +11,14 @@ from compressor.errors import ModelError
 
 PLAN_VERSION = 1
 
-_CONV = nn.modules.conv._ConvNd
+CONV_TYPES = nn.modules.conv._ConvNd
 
 
 # --------------------------------------------------------------------------------------------
 # Plans: derive, replay, describe
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
@@ -27,8 +27,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
-def _out_channels(module: nn.Module) -> int | None:
-    if isinstance(module, _CONV):
+def out_channels_of(module: nn.Module) -> int | None:
+    if isinstance(module, CONV_TYPES):
         return module.out_channels
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -106,7 +106,7 @@ def apply_plan(model: nn.Module, plan: ThinningPlan | Mapping[str, Any], input_s
     try:
         for name in plan.removed_blocks:
             model.get_submodule(name)
-            _replace(model, name, nn.Identity())
+            replace_module(model, name, nn.Identity())
         for name, dims in plan.kept.items():
             module = model.get_submodule(name)
             pruner = pruning.layer_pruner(module)
@@ -124,7 +124,7 @@ def apply_plan(model: nn.Module, plan: ThinningPlan | Mapping[str, Any], input_s
         raise ModelError(f"thinning plan of {where} names a layer this architecture lacks ({exc}); "
                          "was the teacher architecture or its file changed?") from None
     for name, channels in plan.channels.items():
-        got = _out_channels(model.get_submodule(name))
+        got = out_channels_of(model.get_submodule(name))
         if got != channels:
             raise ModelError(f"thinning plan of {where}: layer {name} has {got} channels after replay, the plan says {channels}; "
                              "the teacher architecture changed since the student was derived")
