@@ -68,11 +68,13 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool | torch.dtype | None):
-    """``enabled``: True = bf16 on CUDA only (fp32 on the CPU), a dtype = autocast to it, False/None = fp32."""
+def autocast(device: torch.device, enabled: bool | torch.dtype | None, cache: bool = True):
+    """``enabled``: True = bf16 on CUDA only (fp32 on the CPU), a dtype = autocast to it, False/None = fp32.
+    ``cache=False`` drops autocast's weight-cast cache, which CUDA graph capture forbids (each weight
+    is cast once per forward either way, so eager results do not change)."""
     if isinstance(enabled, torch.dtype):
-        return torch.autocast(device.type, dtype=enabled)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda")
+        return torch.autocast(device.type, dtype=enabled, cache_enabled=cache)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda", cache_enabled=cache)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

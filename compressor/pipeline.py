@@ -39,7 +39,7 @@ from compressor.events import SILENT, Reporter
 from compressor.models.checkpoint import check_input_fits, load_model, save_checkpoint
 from compressor.models.registry import parse_arch
 from compressor.models.spec import ModelSpec
-from compressor.pair import AttentionPair, Taps, find_pairs
+from compressor.pair import AttentionPair, find_pairs, tapped
 from compressor.profiling.counts import count_macs, count_params
 from compressor.report.build import Report, build_report, write_report
 from compressor.report.plots import plot_curves
@@ -245,19 +245,17 @@ def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionP
     The batch is made on the teacher's device; the student must be there too."""
     train_b, _ = make_batches(data, cfg, mean, std, model_device(teacher))
     x, y = next(iter(train_b))
-    s_taps, t_taps = Taps(student, [p.student.module for p in pairs]), Taps(teacher, [p.teacher.module for p in pairs])
+    s_names, t_names = [p.student.module for p in pairs], [p.teacher.module for p in pairs]
     student.train(), teacher.eval()
-    try:
+    with tapped(student, s_names) as s_taps, tapped(teacher, t_names) as t_taps:
         with torch.no_grad():
             t_logits, logits = teacher(x), student(x)
         obj, grads = objective_from(cfg, method), None
-        s_maps, t_maps = s_taps.take([p.student.module for p in pairs]), t_taps.take([p.teacher.module for p in pairs])
+        maps = list(zip(s_taps.take(s_names), t_taps.take(t_names)))
         if obj.gradient and obj.uses_at:
             xg = x.clone().requires_grad_(True)
             grads = (input_gradient(student, xg, y)[0], input_gradient(teacher, xg, y)[0])
-        terms = distillation_terms(obj, logits, y, t_logits, list(zip(s_maps, t_maps)), input_grads=grads)
-    finally:
-        s_taps.remove(), t_taps.remove()
+        terms = distillation_terms(obj, logits, y, t_logits, maps, input_grads=grads)
     return {k: float(v) for k, v in terms.items()}
 
 

@@ -40,6 +40,7 @@ class Candidate:
     gmacs: float
     param_ratio: float  # teacher / student
     mac_ratio: float
+    gmacs_conv_linear: float = 0.0  # convolutions and matrix products alone (torchvision's convention)
 
     @property
     def name(self) -> str:
@@ -54,8 +55,8 @@ def spec_like(teacher: ModelSpec, arch: Arch) -> ModelSpec:
 def measure(spec: ModelSpec, teacher_params: int, teacher_gmacs: float) -> Candidate:
     model = spec.build()
     params = count_params(model)["total"]
-    gmacs = count_macs(model, spec.input_size).gmacs
-    return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
+    macs = count_macs(model, spec.input_size)
+    return Candidate(spec, params, macs.gmacs, teacher_params / params, teacher_gmacs / macs.gmacs, macs.conv_linear_gmacs)
 
 
 def thinned(teacher: ModelSpec, plan: ThinningPlan, student: nn.Module, teacher_params: int, teacher_gmacs: float) -> Candidate:
@@ -64,8 +65,8 @@ def thinned(teacher: ModelSpec, plan: ThinningPlan, student: nn.Module, teacher_
         plan = replace(plan, base=teacher.plan)
     spec = replace(teacher, plan=plan)
     params = count_params(student)["total"]
-    gmacs = count_macs(student, teacher.input_size).gmacs
-    return Candidate(spec, params, gmacs, teacher_params / params, teacher_gmacs / gmacs)
+    macs = count_macs(student, teacher.input_size)
+    return Candidate(spec, params, macs.gmacs, teacher_params / params, teacher_gmacs / macs.gmacs, macs.conv_linear_gmacs)
 
 
 def derived_candidate(teacher: ModelSpec, model: nn.Module, width: float | str | dict[str, float],

@@ -20,11 +20,11 @@ from torch import nn
 from compressor import distributed
 from compressor.config import Config
 from compressor.data.images import Augment, DeviceBatches, ImageData
-from compressor.device import Speed, autocast_dtype, pick_device
+from compressor.device import Speed, autocast, autocast_dtype, pick_device
 from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
 from compressor.distill.losses import Objective
 from compressor.distill.state import TrainingState, run_identity
-from compressor.distill.step import EagerStep, EpochStats, GraphedStep, amp_context, graph_capture_applies, make_step
+from compressor.distill.step import EagerStep, EpochStats, GraphedStep, graph_capture_applies, make_step
 from compressor.distributed import unwrap
 from compressor.errors import ConfigError
 from compressor.evaluate import evaluate
@@ -339,7 +339,7 @@ def _warm_up(runtime: Runtime, student: nn.Module, objective: Objective, batches
     rng = torch.get_rng_state()
     x, _ = next(iter(batches))
     began = time.perf_counter()
-    with amp_context(x.device, amp):
+    with autocast(x.device, amp, cache=False):
         if runtime.teacher is not None and objective.needs_teacher:
             with torch.inference_mode():
                 runtime.teacher(x)

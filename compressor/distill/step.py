@@ -25,16 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.device import autocast
 from compressor.distill.failures import diverged
 from compressor.distill.losses import Objective, distillation_terms, input_gradient
-
-
-def amp_context(device: torch.device, amp: bool | torch.dtype | None):
-    """``compressor.device.autocast`` without the weight-cast cache, which CUDA graph capture forbids
-    (each weight is cast once per forward either way, so nothing changes in eager mode)."""
-    if isinstance(amp, torch.dtype):
-        return torch.autocast(device.type, dtype=amp, cache_enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp) and device.type == "cuda", cache_enabled=False)
 
 
 @dataclass
@@ -131,7 +124,7 @@ class EagerStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, beta: float | None) -> None:
         grads, t_logits, t_maps = None, None, []
-        with amp_context(self.device, self.amp):
+        with autocast(self.device, self.amp, cache=False):
             if self.grad_at:  # J = dL/dx: a plain gradient for the teacher, double backprop for the student
                 x = x.detach().requires_grad_(True)
                 jt, t_logits = input_gradient(self.plain_teacher, x, y)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.device import cpu_copy, onnxruntime, ort_session
 from compressor.errors import ConfigError
 
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
@@ -91,8 +92,6 @@ class Runner:
         self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
         if runtime.startswith("ort"):
             x = torch.randn(batch_size, *input_size)  # fed to onnxruntime as numpy: a CPU tensor
-            from compressor.device import ort_session
-
             if runtime == "ort-cuda":
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             else:
@@ -103,8 +102,6 @@ class Runner:
                 raise ConfigError("ort-cuda asked for but onnxruntime has no CUDA provider here; install atc[gpu] or use ort-cpu")
             self._setup_ort(x)
         else:
-            from compressor.device import cpu_copy
-
             if runtime == "torch-cuda" and not torch.cuda.is_available():
                 raise ConfigError("torch-cuda asked for but no CUDA device is available; use torch-cpu")
             device = torch.device("cuda", torch.cuda.current_device()) if runtime == "torch-cuda" else torch.device("cpu")
@@ -116,8 +113,7 @@ class Runner:
     def _setup_ort(self, x: torch.Tensor) -> None:
         if self.runtime == "ort-cuda":
             # I/O binding keeps input and output on the GPU, so copies are not timed.
-            import onnxruntime as ort
-
+            ort = onnxruntime()
             self.binding = self.session.io_binding()
             x_ort = ort.OrtValue.ortvalue_from_numpy(x.numpy(), "cuda", 0)
             self.binding.bind_ortvalue_input(self.session.get_inputs()[0].name, x_ort)
@@ -232,9 +228,7 @@ GPU_BATCH_SIZES = (1, 256)  # latency at batch 1 and a throughput batch
 
 def ort_cuda_available() -> bool:
     """True when onnxruntime can run on CUDA (the onnxruntime-gpu package is installed)."""
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return "CUDAExecutionProvider" in onnxruntime().get_available_providers()
 
 
 @dataclass
@@ -289,7 +283,6 @@ def gpu_latency(model: nn.Module, input_size: tuple[int, int, int], onnx_path: P
 
 
 def environment() -> dict[str, str | int | None]:
-    import onnxruntime
 
     try:
         import fvcore
@@ -306,6 +299,6 @@ def environment() -> dict[str, str | int | None]:
         pass
     return {
         "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime().__version__,
         "fvcore": fv, "platform": platform.platform(),
     }

@@ -226,7 +226,7 @@ def _student_entry(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: 
         onnx_parity_max_rel_diff={str(k): v for k, v in parity.max_rel_diff.items()},
         train_seconds=res.metrics.get("train_seconds"), epochs=cfg.train.epochs,
         attention_pairs=res.metrics.get("pairs", []), init=res.metrics.get("init"),
-        gmacs_conv_linear=count_macs(res.model, t_spec.input_size).conv_linear_gmacs)
+        gmacs_conv_linear=cand.gmacs_conv_linear)
     if res.spec.plan is not None:  # a derived student: its shape and, after a search, target vs achieved
         plan = res.spec.plan
         entry.derived = {"width": plan.width, "removed_blocks": plan.removed_blocks, "stages": plan.stages,
