@@ -19,8 +19,8 @@ from torch import nn
 
 from compressor.device import example_input, model_device
 from compressor.errors import ModelError
+from compressor.units import MAC_UNIT  # noqa: F401  (re-exported: the unit of every count here)
 
-MAC_UNIT = "GMACs (fvcore: one multiply-add counted as one flop; GFLOPs = 2 x GMACs; BatchNorm and pooling included)"
 # The operators torchvision's published "_ops" figures count (BatchNorm, pooling and activations left out).
 CONV_LINEAR_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
 

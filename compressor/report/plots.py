@@ -63,7 +63,8 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> None:
 History = Sequence[dict]
 
 
-def _series(history: History, key: str) -> tuple[list[float], list[float]]:
+def curve(history: History, key: str) -> tuple[list[float], list[float]]:
+    """The (epochs, values) of ``key`` in a training history; epochs without a value are left out."""
     pts = [(float(r.get("epoch", i + 1)), float(r[key])) for i, r in enumerate(history) if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -85,7 +86,7 @@ def plot_curves(path: str | Path, teacher: tuple[str, History] | None, students:
         c = colors[i % len(colors)]
         for ax, metric in ((axes[0], "loss"), (axes[1], "top1")):
             for split, style in (("train", "-"), ("test", "--")):
-                xs, ys = _series(history, f"{split}_{metric}")
+                xs, ys = curve(history, f"{split}_{metric}")
                 if xs:
                     ax.plot(xs, ys, style, color=c, marker="o" if len(xs) < 3 else None, ms=3,
                             label=f"{name} {split}")

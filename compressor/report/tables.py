@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compressor.units import MAC_UNIT
+
 COLUMNS = ("model", "role", "top-1 %", "Δ top-1", "params", "GMACs", "latency ms", "params ×", "GMACs ×", "latency ×")
 
 
@@ -101,8 +103,6 @@ def gpu_lines(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from compressor.profiling.counts import MAC_UNIT  # here: the terminal views need no torch
-
     lat = report.get("latency", {})
     lines = [f"# atc report: {report['teacher']['name']} → {', '.join(s['name'] for s in report['students'])}", "",
              f"Data: {report['data']['name']} ({report['data']['train']} train / {report['data']['test']} test images, "
