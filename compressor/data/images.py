@@ -1,13 +1,12 @@
-"""Datasets and batch iterators.
+"""In-memory datasets and their batch iterators.
 
 Small datasets (digits, CIFAR, CUB-sized folders) are decoded once into uint8 tensors, cached
 on disk keyed by the files' names, sizes and times, and kept on the training device; random
 crop, flip and normalisation run per batch on that device. Batch ``k`` of epoch ``e`` is a pure
 function of (seed, e, k), which is what lets a killed run resume bit-for-bit.
 
-Layouts accepted by ``open_dataset``: the word ``digits`` (scikit-learn's bundled 8×8 digits),
-torchvision's CIFAR-10/100 folders (``cifar-10-batches-py``, ``cifar-100-python``) and
-ImageFolder trees with ``train/`` and ``test/`` (or ``val/``) subfolders.
+Datasets are opened through ``compressor.data.open`` (the layouts it accepts are listed there);
+``ImageData`` is its in-memory implementation of the ``Dataset`` protocol.
 """
 
 from __future__ import annotations
@@ -105,6 +104,14 @@ def subset_indices(total: int, n: int, g: torch.Generator) -> torch.Tensor | Non
 
 
 @dataclass(frozen=True)
+class Shard:
+    """This process's share of a data-parallel run: its rank among ``world_size`` processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
 class Augment:
     crop_padding: int = 4
     flip: bool = True
@@ -119,12 +126,12 @@ class Batches:
 
     def __init__(self, y: torch.Tensor, batch_size: int, mean, std, device: torch.device, train: bool,
                  augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+                 shard: Shard = Shard(), channels_last: bool = False):
         self.y = y
         self.batch_size, self.device, self.train, self.augment = batch_size, device, train, augment
         self.seed, self.epoch, self.start_step = seed, 0, 0
         self.drop_last = train if drop_last is None else drop_last
-        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.rank, self.world_size, self.channels_last = shard.rank, shard.world_size, channels_last
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
 
@@ -160,9 +167,8 @@ class DeviceBatches(Batches):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, device: torch.device,
                  train: bool, augment: Augment = Augment(), seed: int = 0, drop_last: bool | None = None,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
-        super().__init__(y.to(device), batch_size, mean, std, device, train, augment, seed, drop_last, rank, world_size,
-                         channels_last)
+                 shard: Shard = Shard(), channels_last: bool = False):
+        super().__init__(y.to(device), batch_size, mean, std, device, train, augment, seed, drop_last, shard, channels_last)
         self.x = x.to(device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

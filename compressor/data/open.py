@@ -1,17 +1,58 @@
-"""Open a dataset by name or path: the bundled digits, the generated shapes, a torchvision CIFAR
-folder, or an ImageFolder tree."""
+"""The one door to data: open a dataset by name or path (the bundled ``digits``, the generated
+``shapes``, torchvision's CIFAR-10/100 folders ``cifar-10-batches-py``/``cifar-100-python``, or an
+ImageFolder tree with ``train/`` and ``test/`` or ``val/``), in memory or, for training on a device
+it does not fit, streamed.
+
+Both kinds implement ``Dataset``: ``ImageData`` (``compressor.data.images``: uint8 tensors on the
+device) and ``StreamingData`` (``compressor.data.streaming``: files read by a DataLoader). The rest
+of atc sees a ``Dataset`` and asks for batches through ``compressor.distill.loop.make_batches``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from compressor.data.budget import decide, default_workers
 from compressor.data.folders import find_layout, load_image_folder
 from compressor.data.images import ImageData, with_source
+from compressor.data.streaming import StreamingData, decode_subset
 from compressor.errors import DataError
+from compressor.events import SILENT, Reporter
+
+
+class Dataset(Protocol):
+    """What every step reads of a dataset, whether it is held in memory or streamed: its name, class
+    names and labels, image size, what was done to the source images (for the report), the training
+    images' channel statistics and a subset of the same images."""
+
+    name: str
+    class_names: list[str]
+    skipped_files: list[str]
+    source_channels: tuple[int, ...]
+    resized_images: int
+    resized_from: tuple[int, int] | None
+    notes: list[str]
+
+    @property
+    def train_y(self) -> torch.Tensor: ...
+
+    @property
+    def test_y(self) -> torch.Tensor: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def input_size(self) -> tuple[int, int, int]: ...
+
+    def channel_stats(self) -> tuple[list[float], list[float]]: ...
+
+    def subset(self, train: int = 0, test: int = 0, seed: int = 0) -> "Dataset": ...
 
 
 def load_digits(image_size: int = 16) -> ImageData:
@@ -50,7 +91,7 @@ def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict:
     """Load the dataset named by ``spec``: ``digits`` or a folder in a supported layout."""
     if str(spec) == "digits":
         return load_digits(image_size or 16)
-    if str(spec) == "shapes":  # generated shapes with object masks (compressor/shapes.py)
+    if str(spec) == "shapes":  # generated shapes with object masks (compressor/data/shapes.py)
         from compressor.data.shapes import load_shapes
 
         return load_shapes(image_size or 32)
@@ -58,3 +99,34 @@ def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict:
     if kind in ("cifar10", "cifar100"):
         return _load_torchvision_cifar(root, kind == "cifar100")
     return load_image_folder(root, image_size, strict)
+
+
+def open_for_device(spec: str | os.PathLike, image_size: int | None, device: torch.device, *, strict: bool = False,
+                    train_subset: int = 0, test_subset: int = 0, budget_bytes: int | None = None, workers: int | None = None,
+                    reporter: Reporter = SILENT) -> Dataset:
+    """``spec`` opened for training on ``device``: in memory when it fits the budget, else streamed.
+
+    The subset (``train_subset``/``test_subset``, picked with seed 0 as ``ImageData.subset`` does) is
+    taken before the decision, so a small subset of a large folder is decoded, not streamed.
+    """
+    workers = default_workers() if workers is None else workers
+    folder = None
+    if str(spec) not in ("digits", "shapes"):
+        kind, root = find_layout(Path(spec).expanduser())
+        folder = root if kind == "folder" else None
+    if folder is not None and image_size:
+        full = StreamingData.from_folder(folder, image_size, strict)
+        lazy = full.subset(train_subset, test_subset, seed=0)
+        res = decide(lazy.nbytes(), len(lazy.train) + len(lazy.test), device, budget_bytes, decode_in_ram=True)
+        reporter.info(res.message(workers))
+        if not res.fits:
+            return lazy
+        if lazy is full or decide(full.nbytes(), 0, torch.device("cpu"), budget_bytes).fits:
+            # the in-memory path, unchanged: decode the whole folder once (cached), then take the subset
+            return open_dataset(spec, image_size=image_size, strict=strict).subset(train_subset, test_subset, seed=0)
+        return decode_subset(lazy)
+    data = open_dataset(spec, image_size=image_size, strict=strict).subset(train_subset, test_subset, seed=0)
+    need = sum(t.numel() * t.element_size() for t in (data.train_x, data.train_y, data.test_x, data.test_y))
+    res = decide(need, len(data.train_y) + len(data.test_y), device, budget_bytes)
+    reporter.info(res.message(workers))
+    return data if res.fits else StreamingData.from_memory(data)
