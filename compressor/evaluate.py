@@ -3,6 +3,7 @@ and of an ONNX file in onnxruntime over normalised images."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,23 @@ import torch
 from torch import nn
 
 from compressor import distributed
-from compressor.data.images import DeviceBatches
+from compressor.data.images import Batches
 from compressor.device import autocast, ort_session
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """Top-1 accuracy (%) and mean cross-entropy over a test set."""
+
+    top1: float
+    loss: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: DeviceBatches, amp: torch.dtype | bool | None = True) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Batches, amp: torch.dtype | bool | None = True) -> EvalResult:
     """Top-1 accuracy (%) and mean cross-entropy over ``batches``; with sharded batches (several
     data-parallel ranks) the sums are added over the ranks, so every rank gets the whole test set's numbers."""
     was_training = model.training
@@ -31,7 +43,7 @@ def evaluate(model: nn.Module, batches: DeviceBatches, amp: torch.dtype | bool |
     loss, correct, total = sums.tolist()
     if getattr(batches, "world_size", 1) > 1:
         loss, correct, total = distributed.all_reduce_sum([loss, correct, total], batches.device)
-    return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
+    return EvalResult(100.0 * correct / max(total, 1), loss / max(total, 1))
 
 
 def normalized_images(x_uint8: torch.Tensor, mean, std) -> np.ndarray:

@@ -10,27 +10,27 @@ of (seed, epoch, step), and the state holds model, optimizer, scheduler and RNGs
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from compressor import distributed
 from compressor.config import Config
-from compressor.data.images import Augment, DeviceBatches, ImageData
-from compressor.device import Speed, autocast, autocast_dtype, pick_device
+from compressor.data.images import Augment, Batches, DeviceBatches, ImageData, Shard
+from compressor.data.open import Dataset
+from compressor.data.streaming import StreamingData, make_streaming_batches
+from compressor.device import Speed, autocast_dtype, pick_device
 from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
 from compressor.distill.losses import Objective
+from compressor.distill.runtime import Runtime, Teacher, make_runtime, prepare_runtime
 from compressor.distill.state import TrainingState, run_identity
-from compressor.distill.step import EagerStep, EpochStats, GraphedStep, graph_capture_applies, make_step
-from compressor.distributed import unwrap
+from compressor.distill.step import EpochStats
 from compressor.errors import ConfigError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
-from compressor.models.spec import ModelSpec
-from compressor.pair import AttentionPair, StageOutputs, stage_outputs
 
 
 def objective_from(cfg: Config, method: str | None = None) -> Objective:
@@ -40,89 +40,38 @@ def objective_from(cfg: Config, method: str | None = None) -> Objective:
                      gradient=d.attention == "gradient", flip_beta=d.flip_beta)
 
 
-@dataclass
-class Teacher:
-    """A frozen teacher and the attention pairs that tie it to the student."""
-
-    model: nn.Module
-    pairs: Sequence[AttentionPair] = ()
-
-
 LOG_EVERY = 50  # steps between reads of the device-side totals (progress fields, non-finite check)
 
 
-@dataclass
-class Runtime:
-    """What the loop runs, built once per run by ``make_runtime``: the step (sync-free eager, or CUDA graph
-    captured), and the modules it calls (``StageOutputs``: logits and AT stage outputs in one forward)."""
+@dataclass(frozen=True)
+class EpochControl:
+    """How an epoch can be stopped and how often it reads the device: ``stop`` (raised by SIGINT/SIGTERM)
+    ends it after the current step, ``on_stop(epoch, step, stats)`` saves the state first, and the
+    device-side totals are read every ``log_every`` steps."""
 
-    step: EagerStep | GraphedStep
-    student: nn.Module
-    teacher: nn.Module | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def close(self) -> None:
-        for m in (self.student, self.teacher):
-            if m is not None and hasattr(unwrap(m), "remove"):
-                unwrap(m).remove()
+    stop: StopFlag | None = None
+    on_stop: Callable[[int, int, EpochStats], None] | None = None
+    log_every: int = LOG_EVERY
 
 
-def make_runtime(student: nn.Module, teacher: Teacher | None, objective: Objective, optimizer: torch.optim.Optimizer,
-                 device: torch.device, amp: bool | torch.dtype | None, scaler: torch.amp.GradScaler | None = None,
-                 speed: Speed | None = None, example: torch.Tensor | None = None, device_resident: bool = True,
-                 compile_: bool = False) -> Runtime:
-    """The step for ``student`` (plain, DDP- or compile-wrapped) and ``teacher``: stage outputs through an FX
-    feature extractor where it traces (hooks otherwise, and always under DDP), captured as a CUDA graph
-    where ``graph_capture_applies``. ``example``: an input batch to check the traced forward against."""
-    speed = speed or Speed()
-    notes: list[str] = []
-    grad_at = teacher is not None and objective.uses_at and objective.gradient
-    pairs = list(teacher.pairs) if teacher is not None and objective.uses_at and not grad_at else []
-    ddp = isinstance(student, nn.parallel.DistributedDataParallel) or distributed.active()
-    plain = unwrap(student)
-    if ddp:  # DDP runs the forward (compiled as a whole with --compile); hooks on the module inside it take the maps
-        s_run = StageOutputs(plain, [p.student.module for p in pairs],
-                             caller=torch.compile(student, backend=speed.compile_backend) if compile_ else student)
-    else:
-        s_run, note = stage_outputs(plain, [p.student.module for p in pairs], example)
-        notes += [note] if note else []
-    t_run = None
-    if teacher is not None and not grad_at:
-        t_plain = unwrap(teacher.model)
-        t_run, note = stage_outputs(t_plain, [p.teacher.module for p in pairs], example)
-        notes += [note] if note else []
-    if compile_:
-        backend = speed.compile_backend
-        s_run = s_run if ddp else torch.compile(s_run, backend=backend)
-        t_run = torch.compile(t_run, backend=backend) if t_run is not None else None
-    eager = EagerStep(s_run, t_run, optimizer, objective, device, amp, scaler, plain_student=student,
-                      plain_teacher=teacher.model if teacher is not None else None)
-    applies, why = graph_capture_applies(device, speed.cuda_graphs, objective, scaler, distributed.current().world_size,
-                                         device_resident, compile_)
-    notes += [why] if why else []
-    return Runtime(make_step(eager, applies), s_run, t_run, notes)
-
-
-def train_one_epoch(student: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, objective: Objective,
+def train_one_epoch(student: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, objective: Objective,
                     epoch: int, teacher: Teacher | None = None, beta: float | None = None,
-                    amp: torch.dtype | bool | None = True,
-                    stats: EpochStats | None = None, reporter: Reporter = SILENT, stop: StopFlag | None = None,
-                    on_stop=None, scaler: torch.amp.GradScaler | None = None, runtime: Runtime | None = None,
-                    log_every: int = LOG_EVERY) -> EpochStats:
+                    amp: torch.dtype | bool | None = True, stats: EpochStats | None = None, reporter: Reporter = SILENT,
+                    runtime: Runtime | None = None, control: EpochControl = EpochControl()) -> EpochStats:
     """One epoch. ``student`` (and ``teacher.model``) may be wrapped in DDP or ``torch.compile``; ``amp``
-    is the autocast dtype (True: bf16 on CUDA only, as ``autocast`` reads it; None/False: fp32);
-    ``scaler`` does fp16 loss scaling. ``runtime`` (from ``make_runtime``) is the step to run;
-    without one, a sync-free eager step is built for this epoch.
+    is the autocast dtype (True: bf16 on CUDA only, as ``autocast`` reads it; None/False: fp32).
+    ``runtime`` (from ``make_runtime``, with the fp16 loss scaler where one is used) is the step to
+    run; without one, a sync-free eager step is built for this epoch.
 
     Nothing waits for the device per step: the loss terms, accuracy and non-finite checks accumulate
-    on the device and are read every ``log_every`` steps, at a stop and at the end of the epoch. A
-    non-finite term stops training there, naming the first step it was non-finite at."""
+    on the device and are read every ``control.log_every`` steps, at a stop and at the end of the
+    epoch. A non-finite term stops training there, naming the first step it was non-finite at."""
     student.train()
     stats = stats or EpochStats()
+    stop, on_stop, log_every = control.stop, control.on_stop, control.log_every
     own = runtime is None
     if own:
-        runtime = make_runtime(student, teacher, objective, optimizer, batches.device, amp, scaler,
-                               Speed(cuda_graphs=False))
+        runtime = make_runtime(student, teacher, objective, optimizer, batches.device, amp, None, Speed(cuda_graphs=False))
     step_fn = runtime.step
     runtime.student.train()
     meter = step_fn.meter
@@ -168,27 +117,28 @@ class FitResult:
     compile_seconds: float = 0.0
 
 
-def make_batches(data, cfg: Config, mean, std, device: torch.device, rank: int | None = None, world: int | None = None,
-                 channels_last: bool = False, workers: int | None = None):
+def make_batches(data: Dataset, cfg: Config, mean, std, device: torch.device, shard: Shard | None = None,
+                 channels_last: bool = False, workers: int | None = None) -> tuple[Batches, Batches]:
     """Train and test batches: ``DeviceBatches`` for an in-memory ``ImageData``, ``LoaderBatches`` (a
-    DataLoader) for a ``compressor.loaders.StreamingData``. Rank and world size default to this
+    DataLoader) for a ``compressor.data.streaming.StreamingData``. ``shard`` defaults to this
     process's place in the process group; ``train.batch_size`` is split over the ranks."""
-    from compressor.data.streaming import StreamingData, make_streaming_batches
-
-    if rank is None or world is None:
+    if shard is None:
         info = distributed.current()
-        rank, world = info.rank, info.world_size
+        shard = Shard(info.rank, info.world_size)
+    world = shard.world_size
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not split evenly over {world} processes; "
                           f"use a multiple of {world}")
     batch = cfg.train.batch_size // world
     aug = Augment(cfg.data.crop_padding, cfg.data.flip)
     if isinstance(data, StreamingData):
-        return make_streaming_batches(data, batch, max(batch, 256), mean, std, device, aug, cfg.train.seed, rank, world,
+        return make_streaming_batches(data, batch, max(batch, 256), mean, std, device, aug, cfg.train.seed, shard,
                                       channels_last, workers)
-    train = DeviceBatches(data.train_x, data.train_y, batch, mean, std, device, True, aug,
-                          cfg.train.seed, rank=rank, world_size=world, channels_last=channels_last)
-    test = DeviceBatches(data.test_x, data.test_y, max(batch, 256), mean, std, device, False, rank=rank, world_size=world,
+    if not isinstance(data, ImageData):
+        raise TypeError(f"make_batches needs an ImageData or a StreamingData, not {type(data).__name__}")
+    train = DeviceBatches(data.train_x, data.train_y, batch, mean, std, device, True, aug, cfg.train.seed, shard=shard,
+                          channels_last=channels_last)
+    test = DeviceBatches(data.test_x, data.test_y, max(batch, 256), mean, std, device, False, shard=shard,
                          channels_last=channels_last)
     return train, test
 
@@ -207,20 +157,31 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     return opt, sched
 
 
-def _beta_at(cfg: Config, epoch: int) -> float:
+def beta_at(cfg: Config, epoch: int) -> float:
+    """β in ``epoch`` (0-based): the preset's, or falling linearly to 0 with ``beta_schedule = "decay"``."""
     if cfg.distill.beta_schedule == "decay":
         return cfg.distill.beta * (1 - epoch / cfg.train.epochs)
     return cfg.distill.beta
 
 
-def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
-        objective: Objective | None = None, device: torch.device | None = None, reporter: Reporter = SILENT,
-        resume: bool = False, tag: str = "", speed: Speed | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
-    """Train ``student`` for ``cfg.train.epochs``; distil from ``teacher`` when the objective uses one.
-    ``on_epoch`` receives each epoch's metrics record (as written to metrics.jsonl) on rank 0.
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``fit`` runs: continue the saved state (``resume``), the tag progress lines carry, the speed
+    options (precision, memory format, compilation, DataLoader workers; None: ``Speed()``), and
+    ``on_epoch``, which receives each epoch's metrics record (as written to metrics.jsonl) on rank 0."""
 
-    ``speed`` picks precision (``Speed(precision="fp32")`` for plain fp32), memory format,
+    resume: bool = False
+    tag: str = ""
+    speed: Speed | None = None
+    on_epoch: Callable[[dict[str, float]], None] | None = None
+
+
+def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
+        objective: Objective | None = None, device: torch.device | None = None, reporter: Reporter = SILENT,
+        options: FitOptions = FitOptions()) -> FitResult:
+    """Train ``student`` for ``cfg.train.epochs``; distil from ``teacher`` when the objective uses one.
+
+    ``options.speed`` picks precision (``Speed(precision="fp32")`` for plain fp32), memory format,
     compilation and DataLoader workers. Inside a process group (``compressor.distributed``) the student trains under DDP
     on this rank's shard, evaluation covers the whole test set across ranks, and rank 0 alone
     reports and writes metrics and state."""
@@ -229,11 +190,12 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or pick_device()
     objective = objective or objective_from(cfg, "none")
-    speed, rank = speed or Speed(), distributed.current()
+    resume, tag, on_epoch = options.resume, options.tag, options.on_epoch
+    speed, rank = options.speed or Speed(), distributed.current()
     reporter = reporter if rank.is_main else SILENT  # rank 0 alone reports and writes
     amp = autocast_dtype(speed.precision, device)
     channels_last = _place(student, teacher, device, speed)
-    train_b, test_b = make_batches(data, cfg, mean, std, device, rank.rank, rank.world_size, channels_last, speed.workers)
+    train_b, test_b = make_batches(data, cfg, mean, std, device, Shard(rank.rank, rank.world_size), channels_last, speed.workers)
     opt, sched = make_optimizer(student, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     # Resume: the saved state, or a clean folder.
@@ -241,7 +203,7 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
     at = state.start(resume, reporter, tag)
     stats = EpochStats(**at.stats) if at.stats else None
     example = torch.randn(2, *data.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    model, runtime, compile_s = _runtime_models(student, teacher, objective, speed, device, train_b, amp, reporter, opt, scaler,
+    model, runtime, compile_s = prepare_runtime(student, teacher, objective, speed, device, train_b, amp, reporter, opt, scaler,
                                                 example.contiguous(memory_format=torch.channels_last) if channels_last else example)
     # The epochs: train, evaluate, save.
     try:
@@ -251,9 +213,9 @@ def fit(student: nn.Module, data: ImageData, cfg: Config, out_dir: str | Path, m
                 train_b.set_epoch(epoch, at.step if epoch == at.epoch else 0)
                 reporter.task(f"{tag} epoch {epoch + 1}/{cfg.train.epochs}".strip(), len(train_b))
                 with training_failures(epoch + 1, cfg.train.batch_size, device, state.kept, state.path, reporter):
-                    stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, teacher, _beta_at(cfg, epoch), amp,
-                                            stats, reporter, stop, on_stop=lambda e, s, st: state.save(e - 1, s, asdict(st)),
-                                            scaler=scaler, runtime=runtime)
+                    control = EpochControl(stop, lambda e, s, st: state.save(e - 1, s, asdict(st)))
+                    stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, teacher, beta_at(cfg, epoch), amp,
+                                            stats, reporter, runtime, control)
                     record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
                 state.epoch_done(record, time.perf_counter() - began)
                 if on_epoch is not None and rank.is_main:
@@ -295,7 +257,7 @@ def _end_of_epoch(epoch: int, student: nn.Module, stats: EpochStats, opt, sched,
     lr = opt.param_groups[0]["lr"]  # the rate this epoch trained at, before the scheduler moves it
     sched.step()
     return {"epoch": epoch + 1, "lr": lr, **stats.means(), "train_top1": 100.0 * stats.correct / max(stats.seen, 1),
-            **{f"test_{k}": v for k, v in evaluate(student, test_b, amp).items()},
+            **{f"test_{k}": v for k, v in evaluate(student, test_b, amp).to_dict().items()},
             "images_per_s": stats.seen / max(stats.seconds, 1e-9)}
 
 
@@ -308,60 +270,11 @@ def _global_stats(stats: EpochStats, device: torch.device) -> EpochStats:
     return EpochStats(dict(zip(keys, total[:-2])), int(total[-2]), int(total[-1]), stats.steps, stats.seconds)
 
 
-def _runtime_models(student: nn.Module, teacher: Teacher | None, objective: Objective, speed: Speed, device: torch.device,
-                    batches, amp: torch.dtype | None, reporter: Reporter, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None = None, example: torch.Tensor | None = None
-                    ) -> tuple[nn.Module, Runtime, float]:
-    """What the loop runs: the student in DDP when several ranks train (the frozen teacher never), the
-    step built by ``make_runtime`` (its notes reported), compiled with ``speed.compile``; and the seconds
-    compilation took."""
-    model = distributed.wrap_student(student, device)
-    compile_ = speed.compile
-    if compile_ and objective.uses_at and objective.gradient:
-        reporter.info("--compile skipped: gradient attention needs a double backward, which torch.compile does not support")
-        compile_ = False
-    runtime = make_runtime(model, teacher, objective, optimizer, device, amp, scaler, speed, example,
-                           isinstance(batches, DeviceBatches), compile_)
-    for note in runtime.notes:
-        reporter.info(note)
-    if not compile_:
-        return model, runtime, 0.0
-    seconds = _warm_up(runtime, student, objective, batches, amp)
-    reporter.info(f"compiled the student{' and teacher' if teacher else ''} in {seconds:.1f} s (torch.compile, "
-                  f"{speed.compile_backend}); not counted in training time or images/s")
-    return model, runtime, seconds
 
 
-def _warm_up(runtime: Runtime, student: nn.Module, objective: Objective, batches, amp: torch.dtype | None) -> float:
-    """One forward and backward on a training batch through the runtime's modules, so that torch.compile
-    compiles now. Weights, gradients, BN statistics and the RNG are left as they were; returns the seconds."""
-    buffers = [b.detach().clone() for b in student.buffers()]
-    rng = torch.get_rng_state()
-    x, _ = next(iter(batches))
-    began = time.perf_counter()
-    with autocast(x.device, amp, cache=False):
-        if runtime.teacher is not None and objective.needs_teacher:
-            with torch.inference_mode():
-                runtime.teacher(x)
-        logits, maps = runtime.student(x)
-    (logits.float().mean() + sum((m.float().mean() for m in maps), torch.zeros((), device=x.device))).backward()
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    seconds = time.perf_counter() - began
-    student.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for b, saved in zip(student.buffers(), buffers):
-            b.copy_(saved)
-    torch.set_rng_state(rng)
-    return seconds
-
-
-@dataclass
-class DistilledStudent:
-    """A trained student as the report step needs it: the model (on the CPU), how to rebuild it,
-    its metrics (top-1, history, training time, AT pairs) and the folder its files are in."""
-
-    model: nn.Module
-    spec: ModelSpec
-    metrics: dict[str, Any]
-    dir: Path
+def say_schedule(cfg: Config, reporter: Reporter) -> None:
+    """The learning-rate schedule a run uses, milestones as scaled to its epochs."""
+    t = cfg.train
+    drops = f"× {t.gamma:g} after epoch{'s' if len(t.milestones) > 1 else ''} {', '.join(map(str, t.milestones))}" if t.milestones \
+        else "no drops"
+    reporter.info(f"schedule: {t.epochs} epoch{'s' if t.epochs != 1 else ''}, lr {t.lr:g}, {drops}")
