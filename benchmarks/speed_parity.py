@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compressor import fileio  # noqa: E402
 from compressor.config import load_config  # noqa: E402
 from compressor.device import Speed, pick_device
-from compressor.distill.loop import Teacher, fit, objective_from
+from compressor.distill.loop import FitOptions, fit, objective_from
+from compressor.distill.runtime import Teacher
 from compressor.events import Reporter  # noqa: E402
+from compressor.load import load_data, normalization
 from compressor.models import create_model  # noqa: E402
 from compressor.models.checkpoint import load_model
 from compressor.pair import find_pairs
-from compressor.pipeline import load_data, normalization
 from compressor.profiling.latency import environment
 
 
@@ -66,7 +67,7 @@ def teacher_for(args, cfg, data, dev):
     mean, std = data.channel_stats()
     print(f"teacher: training {args.teacher_arch} for {args.teacher_epochs} epoch(s)", flush=True)
     r = fit(teacher, data, tcfg, path, mean, std, objective=objective_from(tcfg, "none"), device=dev, reporter=Printer(),
-            speed=Speed(), tag="teacher")
+            options=FitOptions(tag="teacher", speed=Speed()))
     print(f"teacher: {args.teacher_arch} test top-1 {r.final['test_top1']:.2f}%", flush=True)
     return teacher.eval(), (mean, std), args.teacher_arch
 
@@ -108,7 +109,7 @@ def main() -> None:
             print(f"{name}, seed {seed}: {speed}", flush=True)
             began = time.perf_counter()
             r = fit(student, data, cfg, args.out / f"{name}-seed{seed}", mean, std, Teacher(t, pairs), objective_from(cfg, "at+kd"),
-                    dev, Printer(), speed=speed, tag=f"{name} seed {seed}")
+                    dev, Printer(), FitOptions(tag=f"{name} seed {seed}", speed=speed))
             results[name].append({"seed": seed, "top1": r.final["test_top1"], "train_seconds": r.seconds,
                                   "images_per_s": r.final.get("images_per_s"), "wall_seconds": time.perf_counter() - began})
     stats = {name: spread([r["top1"] for r in rs]) for name, rs in results.items()}

@@ -37,7 +37,7 @@ def thin(name: str, size: int, width: float, blocks: int, folder: Path) -> str:
     mt, ms = count_macs(teacher, shape).gmacs, count_macs(student, shape).gmacs
     parity = check_parity(student, to_onnx(student, shape, folder / f"{name}.onnx"), shape)
     return (f"| {name} | {pt:,} → {ps:,} ({pt / ps:.2f}×) | {mt:.4f} → {ms:.4f} ({mt / ms:.2f}×) "
-            f"| {len(cand.spec.plan['removed_blocks'])} | {parity.worst:.1e} |")
+            f"| {len(cand.spec.plan.removed_blocks)} | {parity.worst:.1e} |")
 
 
 def main() -> None:

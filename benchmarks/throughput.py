@@ -67,8 +67,9 @@ from compressor.config import load_config  # noqa: E402
 from compressor.data.images import Augment, DeviceBatches, ImageData
 from compressor.data.open import open_dataset
 from compressor.device import Speed, autocast, autocast_dtype, pick_device
-from compressor.distill.loop import Teacher, _runtime_models, fit, make_optimizer, objective_from, train_one_epoch
+from compressor.distill.loop import FitOptions, fit, make_optimizer, objective_from, train_one_epoch
 from compressor.distill.losses import distillation_terms
+from compressor.distill.runtime import Teacher, prepare_runtime
 from compressor.distill.step import GraphedStep
 from compressor.events import Reporter
 from compressor.models import create_model  # noqa: E402
@@ -195,7 +196,7 @@ class AtcLoop:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         self.teacher = Teacher(teacher, pairs)
         example = next(iter(self.batches))[0][:2]
-        self.model, self.runtime, self.compile_s = _runtime_models(student, self.teacher, self.objective, speed, device,
+        self.model, self.runtime, self.compile_s = prepare_runtime(student, self.teacher, self.objective, speed, device,
                                                                    self.batches, self.amp, _Quiet(), self.opt, self.scaler,
                                                                    example)
         self.epoch = 0
@@ -214,7 +215,7 @@ class AtcLoop:
     def run(self, steps: int) -> None:
         self._next_epoch(steps)
         train_one_epoch(self.model, self.batches, self.opt, self.objective, self.epoch, self.teacher, None, self.amp,
-                        scaler=self.scaler, runtime=self.runtime)
+                        runtime=self.runtime)
 
 
 class BeforeLoop(AtcLoop):
@@ -290,7 +291,7 @@ def product_rate(device: torch.device, batch: int, images: int, epochs: int, cud
     pairs = find_pairs(student, teacher, torch.zeros(1, 3, 32, 32), "all")
     with tempfile.TemporaryDirectory() as out:
         r = fit(student, data, cfg, out, mean, std, Teacher(teacher, pairs), objective_from(cfg, "at+kd"), device, _Quiet(),
-                speed=Speed(cuda_graphs=cuda_graphs))
+                options=FitOptions(speed=Speed(cuda_graphs=cuda_graphs)))
     per_epoch = [h["images_per_s"] for h in r.history]
     return {"images_per_s": per_epoch[-1], "per_epoch": per_epoch, "batch_size": batch, "images": images, "epochs": epochs,
             "pair": "wrn-16-2 -> wrn-16-1", "method": "at+kd"}

@@ -59,67 +59,69 @@ def compress(
     """Distil a thinner, shallower student from a trained teacher; report and export it."""
     from compressor import pipeline
     from compressor.config import parse_attention
-    from compressor.derive.candidates import check_student_options
+    from compressor.derive.candidates import StudentChoice
     from compressor.derive.search import make_target
+    from compressor.dryrun import dry_run as rehearse
+    from compressor.options import RunOptions
 
     mech, mech_p = parse_attention(attention) if attention else (None, None)
     cfg = config_from(preset, overrides, distill__method=method, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr,
                       train__seed=seed, data__train_subset=train_subset, distill__attention=mech, distill__at_form=at_form,
                       distill__at_layers=at_layers, distill__beta=beta, distill__p=p if p is not None else mech_p)
     reporter = RichReporter()
-    derive_opts = {"width": width_ratio, "blocks_per_stage": blocks_per_stage, "init": init,
-                   "target": make_target(target_speedup, by, runtime, latency_batch, threads)}
-    check_student_options(student, **derive_opts)
-    common = {"students": student, "n_students": students, "arch": arch, "trust": trust_checkpoint, "strict_data": strict_data,
-              "reporter": reporter, **derive_opts}
+    choice = StudentChoice(names=tuple(student or ()), count=students, width=width_ratio, blocks_per_stage=blocks_per_stage,
+                           target=make_target(target_speedup, by, runtime, latency_batch, threads), init=init)
     if dry_run:
-        _print_dry_run(pipeline.dry_run(teacher, data, cfg, **common))
+        _print_dry_run(rehearse(teacher, data, cfg, choice, RunOptions(strict_data=strict_data, arch=arch, trust=trust_checkpoint),
+                                reporter=reporter))
         return
     if out is None:
         raise AtcError("--out DIR is required (only --dry-run runs without it)")
     speed = speed_from(precision, channels_last, compile_, workers, cuda_graphs)
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter.quiet = not rank.is_main
-    report = pipeline.compress(teacher, data, cfg, out, overwrite=overwrite, resume=resume, device=device, threads=threads,
-                               int8=int8, command=command_line(), speed=speed, tensorboard=tensorboard, **common)
-    if not rank.is_main:
+    options = RunOptions(device=device, speed=speed, threads=threads, int8=int8, tensorboard=tensorboard, resume=resume,
+                         overwrite=overwrite, strict_data=strict_data, arch=arch, trust=trust_checkpoint, command=command_line())
+    report = pipeline.compress(teacher, data, cfg, out, choice, options, method=method, reporter=reporter)
+    if report is None:  # another rank than 0 of a data-parallel run: rank 0 reports
         return
-    print_report(report, as_json)
+    print_report(report.to_dict(), as_json)
     stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, metrics.jsonl")
 
 
-def _print_dry_run(dr) -> None:
-    stderr.print(f"teacher {dr.teacher}: {dr.teacher_params:,} params, {dr.teacher_gmacs:.4f} GMACs  "
-                 f"(method {dr.method}, AT layers {dr.at_layers})")
-    for s in dr.students:
+def _print_dry_run(dry) -> None:
+    """A ``DryRunReport``: the teacher, then per student its size, stages, pairs and first loss terms."""
+    stderr.print(f"teacher {dry.teacher}: {dry.teacher_params:,} params, {dry.teacher_gmacs:.4f} GMACs  "
+                 f"(method {dry.method}, AT layers {dry.at_layers})")
+    for s in dry.students:
         c = s.student
         stderr.print(f"\nstudent {c.name}: {c.params:,} params ({c.param_ratio:.2f}x fewer), {c.gmacs:.4f} GMACs ({c.mac_ratio:.2f}x fewer)")
-        _print_derived(s, dr.init)
+        _print_derived(s, dry.init)
         for p in s.pairs:
             stderr.print(f"  AT pair  {p.describe()}")
         stderr.print("  initial loss terms: " + ", ".join(f"{k} {v:.4g}" for k, v in s.initial_terms.items()))
     stderr.print("\ndry run: nothing trained or written")
 
 
-def _print_derived(dr, init: str) -> None:
-    """Per-stage depth and width, predicted speed-ups and, after a search, target vs achieved."""
+def _print_derived(student, init: str) -> None:
+    """A ``DryRunStudent``'s per-stage depth and width, predicted speed-ups and, after a search, target vs achieved."""
     from compressor.derive.candidates import resolve_init
 
-    c = dr.student
-    if dr.stages:
-        rows = [[r["stage"], "" if r["blocks"] is None else f"{r['blocks']}/{r['teacher_blocks']}",
-                 f"{r['width']}/{r['teacher_width']}"] for r in dr.stages]
+    c = student.student
+    if student.stages:
+        rows = [[r.stage, "" if r.blocks is None else f"{r.blocks}/{r.teacher_blocks}", f"{r.width}/{r.teacher_width}"]
+                for r in student.stages]
         stderr.print(table("  stages (student/teacher)", ["stage", "blocks", "width (channels)"], rows))
-    search = (c.spec.plan or {}).get("search")
+    search = c.spec.plan.search if c.spec.plan is not None else None
     line = f"  predicted speed-up: {c.mac_ratio:.2f}x fewer GMACs, {c.param_ratio:.2f}x fewer params"
-    if search and search.get("by") == "latency":
-        lo, hi = search.get("spread", [float("nan")] * 2)
-        line += f", {search['achieved']:.2f}x latency measured ({search['runtime']}, batch {search['batch_size']}, rounds {lo:.2f}-{hi:.2f}x)"
+    if search and search.by == "latency":
+        lo, hi = search.spread or [float("nan")] * 2
+        line += f", {search.achieved:.2f}x latency measured ({search.runtime}, batch {search.batch_size}, rounds {lo:.2f}-{hi:.2f}x)"
     stderr.print(line)
     if search:
-        verdict = "within" if search["met"] else "outside"
-        stderr.print(f"  target {search['target']:g}x by {search['by']}: achieved {search['achieved']:.2f}x "
-                     f"({verdict} ±{100 * search['tolerance']:.0f}%; {len(search['trials'])} candidate(s) measured)")
+        verdict = "within" if search.met else "outside"
+        stderr.print(f"  target {search.target:g}x by {search.by}: achieved {search.achieved:.2f}x "
+                     f"({verdict} ±{100 * search.tolerance:.0f}%; {len(search.trials)} candidate(s) measured)")
     if c.spec.plan is not None:
         stderr.print(f"  init: {resolve_init(init, c.spec)} (--init)")
 
@@ -132,19 +134,24 @@ def demo(
     device: str = opt.DEVICE,
 ) -> None:
     """The whole job on the bundled digits, on CPU in a few minutes: train a teacher, compress it."""
-    from compressor import pipeline
+    from compressor import fileio, pipeline
     from compressor.config import load_config
+    from compressor.derive.candidates import StudentChoice
     from compressor.device import pick_device
+    from compressor.distill.scratch import train_model
+    from compressor.load import load_data
+    from compressor.options import RunOptions
 
     reporter = RichReporter()
-    pipeline.prepare_output(out, overwrite)
+    fileio.prepare_output(out, overwrite)
     cfg = load_config("demo")
     dev = pick_device(device)
-    ds = pipeline.load_data("digits", cfg, reporter=reporter)
+    ds = load_data("digits", cfg, reporter=reporter)
     reporter.info(f"1/2 training a wrn-16-2 teacher on the bundled digits ({len(ds.train_y)} train / {len(ds.test_y)} test, 16x16) on {dev}")
-    pipeline.train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
+    train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
     reporter.info(f"2/2 deriving {students} student(s) and distilling them with AT+KD")
-    rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, n_students=students, overwrite=True, device=device, reporter=reporter,
-                            threads=threads, command=command_line())
-    print_report(rep, False)
+    options = RunOptions(device=device, threads=threads, overwrite=True, command=command_line())
+    rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, StudentChoice(count=students), options, reporter=reporter)
+    assert rep is not None  # one process: this is rank 0
+    print_report(rep.to_dict(), False)
     stderr.print(f"wrote {out}/report.json, report.md, tradeoff.png, student.pt, student.onnx, teacher.pt")

@@ -135,9 +135,9 @@ def models(
     as_json: bool = JSON,
 ) -> None:
     """The model families atc knows and how to name any other model."""
-    from compressor.models.registry import list_models
+    from compressor.models.registry import describe_models
 
-    entries = list_models(pattern)
+    entries = describe_models(pattern)
     if as_json:
         print(json.dumps(entries, indent=2))
         return

@@ -36,15 +36,17 @@ def attention(
     """Attention maps of a teacher (and student) per AT stage, their agreement and object localisation."""
     from compressor.config import parse_attention
     from compressor.errors import OutputError
-    from compressor.studies.attention import attention_report
+    from compressor.options import RunOptions
+    from compressor.studies.attention import AttentionOptions, attention_report
 
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     name, mp = parse_attention(mechanism) if mechanism else (None, None)
     cfg = config_from(preset, overrides)
-    result = attention_report(teacher, data, out, cfg, student_path=student, images=images, test_images=test_images,
-                              attention=name, p=p if p is not None else mp, layers=at_layers, localization=localization,
-                              dilate_px=dilate, device=device, trust=trust_checkpoint, arch=arch, reporter=RichReporter())
+    view = AttentionOptions(images=images, test_images=test_images, attention=name, p=p if p is not None else mp, layers=at_layers,
+                            localization=localization, dilate_px=dilate)
+    result = attention_report(teacher, data, out, cfg, student_path=student, view=view,
+                              options=RunOptions(device=device, trust=trust_checkpoint, arch=arch), reporter=RichReporter())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -93,13 +95,14 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Print sweep.json to stdout."),
 ) -> None:
     """Distil a student for every grid cell and seed; write sweep.json, sweep.md and sweep.png."""
+    from compressor.options import RunOptions
     from compressor.report.tables import table_rows
     from compressor.studies.sweep import run_sweep
 
     merged = overrides_from(overrides, train__epochs=epochs, data__train_subset=train_subset)
-    result = run_sweep(teacher, data, out, preset, grid, overrides=merged, seeds=seeds, method=method, student=student,
-                       device=device, trust=trust_checkpoint, arch=arch, jobs=jobs, reporter=RichReporter(),
-                       command=command_line())
+    result = run_sweep(teacher, data, out, preset, grid, overrides=merged, seeds=seeds, method=method, student=student, jobs=jobs,
+                       options=RunOptions(device=device, trust=trust_checkpoint, arch=arch, command=command_line()),
+                       reporter=RichReporter())
     if as_json:
         print(json.dumps(result, indent=2))
         return

@@ -26,18 +26,20 @@ def train(
     tensorboard: Optional[Path] = opt.TENSORBOARD,
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
-    from compressor import pipeline
+    from compressor import fileio, pipeline
     from compressor.models.registry import parse_arch
+    from compressor.options import RunOptions
     from compressor.report.tables import plural
 
     parse_arch(arch)
-    pipeline.check_train_output(out, overwrite, resume)
+    fileio.check_train_output(out, overwrite, resume)
     cfg = config_from(preset, overrides, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr, train__seed=seed,
                       data__train_subset=train_subset)
     speed = speed_from(precision, channels_last, compile_, workers, cuda_graphs)
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter = RichReporter(quiet=not rank.is_main)
-    _, spec, metrics = pipeline.train(arch, data, cfg, out, device=device, overwrite=overwrite, resume=resume,
-                                      strict_data=strict_data, reporter=reporter, speed=speed, tensorboard=tensorboard)
+    options = RunOptions(device=device, speed=speed, tensorboard=tensorboard, resume=resume, overwrite=overwrite,
+                         strict_data=strict_data)
+    _, spec, metrics = pipeline.train(arch, data, cfg, out, options, reporter=reporter)
     if rank.is_main:
         stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {plural(cfg.train.epochs, 'epoch')}")

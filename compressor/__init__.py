@@ -2,8 +2,9 @@
 
 The public API, enough for a five-line script:
 
-    from compressor import compress, load_config
-    report = compress("teacher.pt", "cifar10/", load_config("cifar"), "runs/x", students=["wrn-16-1"])
+    from compressor import StudentChoice, compress, load_config
+    report = compress("teacher.pt", "cifar10/", load_config("cifar"), "runs/x", StudentChoice(names=["wrn-16-1"]))
+    print(report.students[0].top1)
 
 and the method itself: ``attention_map``, ``at_loss``, ``kd_loss``. Names are imported on first
 use, so ``import compressor`` stays cheap.
@@ -21,10 +22,14 @@ _API = {
     "load_config": "compressor.config",
     "compress": "compressor.pipeline",
     "train": "compressor.pipeline",
-    "dry_run": "compressor.pipeline",
+    "dry_run": "compressor.dryrun",
     "load_model": "compressor.models.checkpoint",
     "create_model": "compressor.models.registry",
     "list_models": "compressor.models.registry",
+    "describe_models": "compressor.models.registry",
+    "StudentChoice": "compressor.derive.candidates",
+    "RunOptions": "compressor.options",
+    "Report": "compressor.report.build",
     "attention_map": "compressor.distill.losses",
     "at_loss": "compressor.distill.losses",
     "kd_loss": "compressor.distill.losses",

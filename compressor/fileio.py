@@ -1,4 +1,6 @@
-"""Atomic file writes: a temporary file in the target's folder, then ``os.replace``.
+"""Writing files: atomic writes (a temporary file in the target's folder, then ``os.replace``), the
+lock on an output folder, and the output-folder policy (what may be written where, and when an
+existing output is refused).
 
 An interrupted write leaves the previous file (or nothing) in place, never a partial one.
 Temporary files are named ``.<target>.<pid>.<random>.tmp<suffix>``; one left behind by a
@@ -73,6 +75,46 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# ---------------------------------------------------------------- output-folder policy
+
+
+def prepare_output(out_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False, create: bool = True) -> Path:
+    """Refuse a non-empty ``out_dir`` unless the user said to overwrite or resume into it.
+
+    ``create=False`` only checks, so that a run failing on its inputs leaves no empty folder behind.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; pass a folder")
+    check_writable(out)
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (overwrite or resume):
+        raise OutputError(f"--out {out} is not empty; pass --overwrite to replace its files, --resume to continue, or another folder")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def state_dir_for(checkpoint: str | os.PathLike) -> Path:
+    """Where the training state of the run that writes ``checkpoint`` lives until it finishes."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".state")
+
+
+def check_train_output(out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse to replace a checkpoint or an unfinished run's state unless told to."""
+    out = Path(out)
+    check_writable(out)
+    if out.exists() and not (overwrite or resume):
+        raise OutputError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or another --out")
+    state = state_dir_for(out)
+    if not out.exists() and state.is_dir() and any(state.iterdir()) and not (overwrite or resume):
+        raise OutputError(f"{state} holds the state of an unfinished run; pass --resume to continue it, --overwrite to start again, "
+                          "or another --out")
+
+
+# ---------------------------------------------------------------- atomic writes
 
 
 def _remove_stale_temporaries(target: Path) -> None:

@@ -5,7 +5,7 @@ base width) and torchvision-style ResNets (blocks per stage, width multiplier). 
 described by the same registry family with smaller arguments, so it is a zoo model like any
 other. Any other traceable CNN (torchvision's MobileNets, EfficientNet, VGG, RegNet, a user's own
 ``file.py:Class``) gets a *derived* student instead: the teacher's own architecture thinned and
-shortened by ``compressor.thinning``, described by a plan stored with the spec. ``ladder`` lists
+shortened by ``compressor.derive.thinning``, described by a plan stored with the spec. ``ladder`` lists
 candidates with their measured params and GMACs.
 """
 
@@ -25,6 +25,7 @@ from compressor.derive.search import Target
 from compressor.derive.thinning import parse_widths
 from compressor.errors import ConfigError, ModelError
 from compressor.events import SILENT, Reporter
+from compressor.load import TeacherAndData
 from compressor.models.plan import ThinningPlan
 from compressor.models.registry import Arch, parse_arch
 from compressor.models.spec import ModelSpec
@@ -73,9 +74,9 @@ def derived_candidate(teacher: ModelSpec, model: nn.Module, width: float | str |
                       max_blocks: int | None = None) -> Candidate:
     """Thin ``model`` (the trained teacher: magnitudes rank its channels) at ``width`` with at most
     ``max_blocks`` blocks per stage."""
-    from compressor.derive.thinning import derive
+    from compressor.derive.thinning import thin
 
-    student, plan = derive(model, teacher.input_size, width, max_blocks, teacher_arch=arch_ref(teacher))
+    student, plan = thin(model, teacher.input_size, width, max_blocks, teacher_arch=arch_ref(teacher))
     tp, tm = count_params(model)["total"], count_macs(model, teacher.input_size).gmacs
     return thinned(teacher, plan, student, tp, tm)
 
@@ -115,14 +116,42 @@ def ladder(teacher: ModelSpec, model: nn.Module | None = None) -> list[Candidate
     return sorted(cands, key=lambda c: -c.gmacs)
 
 
-def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = None, count: int = 0, *,
-                    teacher_model: nn.Module | None = None, width: float | str | None = None,
-                    blocks_per_stage: int | None = None, target: Target | None = None,
-                    reporter: Reporter = SILENT) -> list[Candidate]:
-    """``names`` if given; a derived student meeting ``target`` (a search) or thinned to ``width``;
-    else the ``count`` ladder candidates nearest the preset policy; else the policy student. Teachers
-    without a family rule (any other traceable CNN) get derived students. ``teacher_model`` (the
-    trained teacher) ranks channels for derived students; without it a fresh build does."""
+@dataclass(frozen=True)
+class StudentChoice:
+    """Which students a run trains: zoo ``names``; or a student derived from the teacher, thinned to
+    ``width`` (one ratio, or per stage as ``0.75,layer4=0.5``) with at most ``blocks_per_stage``
+    blocks, or searched until it meets ``target``; or else ``count`` candidates nearest the preset's
+    policy (0 or 1: the policy student alone). ``init`` says whether a derived student inherits the
+    teacher's surviving weights (``auto``/``inherit``) or starts fresh (``scratch``). Naming students
+    and deriving one are exclusive; the rules are checked when the choice is made."""
+
+    names: tuple[str, ...] = ()
+    count: int = 0
+    width: float | str | None = None
+    blocks_per_stage: int | None = None
+    target: Target | None = None
+    init: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "names", tuple(self.names or ()))
+        if self.names and (self.width is not None or self.blocks_per_stage is not None or self.target is not None):
+            raise ConfigError("--student names a zoo student; drop it to derive one with --width-ratio/--blocks-per-stage/--target-speedup")
+        if self.target is not None and self.width is not None:
+            raise ConfigError("--target-speedup searches the width itself; drop --width-ratio (or --target-speedup)")
+        if self.init not in INITS:
+            raise ConfigError(f"--init {self.init} is unknown; choose one of {', '.join(INITS)}")
+        if self.width is not None:
+            parse_widths(self.width)  # reject a malformed value before loading anything
+
+
+def choose_students(teacher: ModelSpec, cfg: Config, choice: StudentChoice = StudentChoice(), *,
+                    teacher_model: nn.Module | None = None, reporter: Reporter = SILENT) -> list[Candidate]:
+    """``choice.names`` if given; a derived student meeting ``choice.target`` (a search) or thinned to
+    ``choice.width``; else the ``choice.count`` ladder candidates nearest the preset policy; else the
+    policy student. Teachers without a family rule (any other traceable CNN) get derived students.
+    ``teacher_model`` (the trained teacher) ranks channels for derived students; without it a fresh
+    build does."""
+    names, count, width, blocks_per_stage, target = choice.names, choice.count, choice.width, choice.blocks_per_stage, choice.target
     t_model = teacher_model if teacher_model is not None else teacher.build()
     tp, tm = count_params(t_model)["total"], count_macs(t_model, teacher.input_size).gmacs
     if names:
@@ -150,17 +179,21 @@ def choose_students(teacher: ModelSpec, cfg: Config, names: list[str] | None = N
     return [policy] + others[: count - 1]
 
 
-def check_student_options(names: list[str] | None = None, width: float | str | None = None,
-                          blocks_per_stage: int | None = None, target: Target | None = None, init: str = "auto") -> None:
-    """The rules between the ways of choosing students, checked before anything is loaded."""
-    if names and (width is not None or blocks_per_stage is not None or target is not None):
-        raise ConfigError("--student names a zoo student; drop it to derive one with --width-ratio/--blocks-per-stage/--target-speedup")
-    if target is not None and width is not None:
-        raise ConfigError("--target-speedup searches the width itself; drop --width-ratio (or --target-speedup)")
-    if init not in INITS:
-        raise ConfigError(f"--init {init} is unknown; choose one of {', '.join(INITS)}")
-    if width is not None:
-        parse_widths(width)  # reject a malformed value before loading anything
+def choose(loaded: TeacherAndData, cfg: Config, choice: StudentChoice = StudentChoice(), reporter: Reporter = SILENT) -> list[Candidate]:
+    """The choose step of compress, the dry run and sweep: the students of ``choice`` for a loaded
+    teacher (its trained weights rank the channels of a derived student), and a note for any that
+    is larger than the teacher."""
+    candidates = choose_students(loaded.spec, cfg, choice, teacher_model=loaded.model, reporter=reporter)
+    warn_larger_students(candidates, loaded.spec.name, reporter)
+    return candidates
+
+
+def warn_larger_students(candidates: list[Candidate], teacher: str, reporter: Reporter) -> None:
+    """A "student" with more parameters or multiply-adds than its teacher is allowed, but never silently."""
+    for c in candidates:
+        if c.param_ratio < 1 or c.mac_ratio < 1:
+            reporter.info(f"note: student {c.name} is larger than the teacher {teacher}: {1 / c.param_ratio:.2f}x its params and "
+                          f"{1 / c.mac_ratio:.2f}x its GMACs; it will not be faster")
 
 
 def resolve_init(init: str, spec: ModelSpec) -> str:

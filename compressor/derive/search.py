@@ -28,7 +28,7 @@ from torch import nn
 from compressor.derive.thinning import ROUND_TO, Thinner
 from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
-from compressor.models.plan import ThinningPlan
+from compressor.models.plan import SearchSummary, ThinningPlan
 from compressor.profiling.counts import count_macs, count_params
 from compressor.profiling.latency import RUNTIMES, SpeedUp, compare_latency
 
@@ -127,17 +127,19 @@ class SearchResult:
     def met(self) -> bool:
         return abs(self.achieved / self.target.speedup - 1) <= self.target.tol
 
+    def summary(self) -> SearchSummary:
+        """The search as the plan keeps it (and checkpoints and report.json show it)."""
+        t, f = self.target, self.final
+        latency = t.by == "latency"
+        return SearchSummary(t.speedup, t.by, self.achieved, self.met, t.tol, self.best.width, self.best.max_blocks,
+                             [x.to_dict() for x in self.trials], self.best.mac_ratio, self.best.param_ratio,
+                             runtime=t.runtime if latency else None, batch_size=t.batch_size if latency else None,
+                             threads=(f.threads if f else t.threads) if latency else None,
+                             spread=list(f.spread) if latency and f else None, rounds=f.rounds if latency and f else None,
+                             teacher_ms=f.teacher_ms if latency and f else None, student_ms=f.student_ms if latency and f else None)
+
     def to_dict(self) -> dict[str, Any]:
-        t = self.target
-        out = {"target": t.speedup, "by": t.by, "achieved": self.achieved, "met": self.met, "tolerance": t.tol,
-               "width": self.best.width, "max_blocks": self.best.max_blocks, "trials": [x.to_dict() for x in self.trials],
-               "mac_ratio": self.best.mac_ratio, "param_ratio": self.best.param_ratio}
-        if t.by == "latency":
-            out.update(runtime=t.runtime, batch_size=t.batch_size, threads=self.final.threads if self.final else t.threads)
-            if self.final is not None:
-                out.update(spread=list(self.final.spread), rounds=self.final.rounds,
-                           teacher_ms=self.final.teacher_ms, student_ms=self.final.student_ms)
-        return out
+        return self.summary().to_dict()
 
 
 def depth_options(thinner_stages: list, blocks_per_stage: int | None = None) -> list[int | None]:
@@ -182,7 +184,7 @@ class _Evaluator:
 
     def __call__(self, thinner: Thinner, width: float, by: str) -> Trial:
         plan = thinner.plan(width)
-        signature = (thinner.max_blocks,) + tuple(len(k) for d in plan["kept"].values() for k in d.values())
+        signature = (thinner.max_blocks,) + tuple(len(k) for d in plan.kept.values() for k in d.values())
         trial, student = self.cache.get(signature), None
         if trial is None:
             student, _ = thinner.student(width, describe=False)
@@ -294,5 +296,5 @@ def search(teacher: nn.Module, input_size: tuple[int, int, int], target: Target,
         student, plan = thinner.student(best.width, name)
         final = evaluate.latency(student, target.final_rounds) if by == "latency" else None
         result = SearchResult(target, best, student, plan, evaluate.trials, evaluate.t_params, evaluate.t_gmacs, final)
-    plan.search = result.to_dict()
+    plan.search = result.summary()
     return result

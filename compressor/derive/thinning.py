@@ -40,7 +40,7 @@ from torch import nn
 
 from compressor.device import cpu_copy, random_input
 from compressor.errors import ConfigError, ModelError
-from compressor.models.plan import CONV_TYPES, ThinningPlan, apply_plan, out_channels_of, replace_module
+from compressor.models.plan import CONV_TYPES, StageRow, ThinningPlan, apply_plan, out_channels_of, replace_module
 from compressor.quiet import quiet
 
 ROUND_TO = 8
@@ -418,10 +418,10 @@ class Thinner:
         return model, plan
 
 
-def derive(teacher: nn.Module, input_size: tuple[int, int, int], width: float | str | Mapping[str, float] = 0.5,
-           max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
-           teacher_arch: Mapping[str, Any] | None = None, name: str | None = None,
-           check: bool = True) -> tuple[nn.Module, ThinningPlan]:
+def thin(teacher: nn.Module, input_size: tuple[int, int, int], width: float | str | Mapping[str, float] = 0.5,
+         max_blocks: int | None = None, *, min_blocks: int = 1, round_to: int = ROUND_TO,
+         teacher_arch: Mapping[str, Any] | None = None, name: str | None = None,
+         check: bool = True) -> tuple[nn.Module, ThinningPlan]:
     """Thin (and shorten) a copy of ``teacher``; return the student, holding the teacher's surviving
     weights, and the plan that rebuilds it. ``teacher`` itself is not changed."""
     thinner = Thinner(teacher, input_size, max_blocks, min_blocks=min_blocks, round_to=round_to,
@@ -441,7 +441,7 @@ def _channels_of(model: nn.Module, input_size: tuple[int, int, int], names: list
 
 
 def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
-                    stages: list[BlockStage] | None = None) -> list[dict[str, Any]]:
+                    stages: list[BlockStage] | None = None) -> list[StageRow]:
     """Per-stage depth and width, teacher vs student: block stages where the model has them, else
     the resolution stages that attention transfer uses."""
     stages = stages if stages is not None else block_stages(teacher, input_size)
@@ -451,12 +451,11 @@ def describe_stages(teacher: nn.Module, student: nn.Module, input_size: tuple[in
         heads = [s.blocks[0] for s in stages]  # a stage's first block sets its width; the others keep it
         t_ch, s_ch = _channels_of(teacher, input_size, heads), _channels_of(student, input_size, heads)
         for s in stages:
-            rows.append({"stage": s.name, "blocks": sum(b in kept_blocks for b in s.blocks), "teacher_blocks": len(s.blocks),
-                         "width": s_ch.get(s.blocks[0]), "teacher_width": t_ch.get(s.blocks[0])})
+            rows.append(StageRow(s.name, sum(b in kept_blocks for b in s.blocks), len(s.blocks), s_ch.get(s.blocks[0]),
+                                 t_ch.get(s.blocks[0])))
         return rows
     from compressor.pair import find_stages
 
     s_st, t_st = find_stages(student, _example(input_size, student)), find_stages(teacher, _example(input_size, teacher))
     by_name = {s.module: s for s in s_st}
-    return [{"stage": t.module, "blocks": None, "teacher_blocks": None,
-             "width": by_name[t.module].shape[0] if t.module in by_name else None, "teacher_width": t.shape[0]} for t in t_st]
+    return [StageRow(t.module, None, None, by_name[t.module].shape[0] if t.module in by_name else None, t.shape[0]) for t in t_st]

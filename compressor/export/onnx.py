@@ -1,4 +1,5 @@
-"""ONNX export with a parity check, metadata for deployment without atc, and INT8 quantization.
+"""ONNX export with a parity check and metadata for deployment without atc (INT8 quantization of the
+exported file is ``compressor.export.int8``).
 
 The export uses torch's default (dynamo) exporter in eval mode with a named dynamic batch axis
 and ``external_data=False``, so the result is one self-contained file. Export and the parity check

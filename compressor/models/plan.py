@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from torch import nn
@@ -36,13 +36,76 @@ def out_channels_of(module: nn.Module) -> int | None:
 
 
 @dataclass
+class StageRow:
+    """One stage of a derived student beside its teacher's: blocks kept of the teacher's (None where
+    the stage is a resolution stage rather than a run of removable blocks) and width in channels."""
+
+    stage: str
+    blocks: int | None
+    teacher_blocks: int | None
+    width: int | None
+    teacher_width: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | StageRow) -> StageRow:
+        return d if isinstance(d, StageRow) else cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+
+@dataclass
+class SearchSummary:
+    """What a ``--target-speedup`` search found: the target, what the chosen student achieves and
+    whether that is within ``tolerance``, its width and block cap, every trial (``Trial.to_dict()``),
+    and for a latency target the runtime it was timed on and, after the confirming measurement,
+    its spread, rounds and medians."""
+
+    target: float
+    by: str
+    achieved: float
+    met: bool
+    tolerance: float
+    width: float
+    max_blocks: int | None
+    trials: list[dict[str, Any]]
+    mac_ratio: float
+    param_ratio: float
+    runtime: str | None = None
+    batch_size: int | None = None
+    threads: int | None = None
+    spread: list[float] | None = None
+    rounds: int | None = None
+    teacher_ms: float | None = None
+    student_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored in checkpoints and report.json: the latency keys only for a latency target, the
+        confirming measurement's only when there was one."""
+        d = asdict(self)
+        if self.by != "latency":
+            for k in ("runtime", "batch_size", "threads"):
+                del d[k]
+        if self.spread is None:
+            for k in ("spread", "rounds", "teacher_ms", "student_ms"):
+                del d[k]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | SearchSummary) -> SearchSummary:
+        if isinstance(d, SearchSummary):
+            return d
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
 class ThinningPlan:
     """How a derived student differs from its teacher's architecture: blocks replaced by identities,
     and for every thinned layer the channel indices it keeps (per dimension, teacher-relative).
     ``channels`` (every layer's output count after replay) checks that a replay matches; ``stages``
     and ``search`` describe the student for reports. ``base`` is the plan of a teacher that was
-    itself derived. Serialised with ``to_dict``/``from_dict`` into checkpoints; it can also be read
-    like that dict (``plan["kept"]``)."""
+    itself derived. Serialised with ``to_dict``/``from_dict`` into checkpoints."""
 
     name: str
     kept: dict[str, dict[str, list[int]]] = field(default_factory=dict)
@@ -53,13 +116,15 @@ class ThinningPlan:
     max_blocks: int | None = None
     round_to: int = 8
     classifier: str | None = None
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    search: dict[str, Any] | None = None
+    stages: list[StageRow] = field(default_factory=list)
+    search: SearchSummary | None = None
     base: ThinningPlan | None = None
     version: int = PLAN_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["stages"] = [row.to_dict() for row in self.stages]
+        d["search"] = None if self.search is None else self.search.to_dict()
         d["base"] = None if self.base is None else self.base.to_dict()
         return {k: v for k, v in d.items() if not (k in ("base", "search") and v is None)}
 
@@ -72,6 +137,9 @@ class ThinningPlan:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values.setdefault("name", "the student")
+        values["stages"] = [StageRow.from_dict(row) for row in values.get("stages") or []]
+        if values.get("search") is not None:
+            values["search"] = SearchSummary.from_dict(values["search"])
         if values.get("base") is not None:
             values["base"] = cls.from_dict(values["base"])
         return cls(**values)
@@ -79,19 +147,6 @@ class ThinningPlan:
     def own(self) -> ThinningPlan:
         """This plan without its base: what turns the (derived) teacher itself into the student."""
         return replace(self, base=None)
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        value = getattr(self, key)
-        return value.to_dict() if isinstance(value, ThinningPlan) else value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            value = self[key]
-        except KeyError:
-            return default
-        return default if value is None else value
 
 
 def apply_plan(model: nn.Module, plan: ThinningPlan | Mapping[str, Any], input_size: tuple[int, int, int] | None = None) -> nn.Module:

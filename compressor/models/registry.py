@@ -7,8 +7,8 @@ for a 3x3 stem without max-pool), a few torchvision classifiers by their bare na
 torchvision classification builder as ``tv:NAME`` and any timm model as ``timm:NAME`` (always
 built without pretrained weights; the data sets ``num_classes``), and a user's own model as
 ``path/to/file.py:ClassName`` (family ``file``: the checkpoint stores the file's absolute path and
-the class name, so the file must stay where it is to rebuild the model). ``list_models()`` says
-all of this as rows of plain data.
+the class name, so the file must stay where it is to rebuild the model). ``list_models(pattern)``
+returns the names, ``describe_models()`` says all of this as rows of plain data.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class Family:
     ``parse(name)`` returns the builder's keyword arguments for a name the family owns (raising a
     one-line ``ModelError`` for an owned name that is wrong), or None for a name it does not own.
     ``prefix`` families own ``PREFIX:REST`` names and see only REST. ``names(glob)`` lists the
-    names matching a pattern (for ``list_models(pattern)`` and "did you mean" suggestions).
+    names matching a pattern (for ``list_models(pattern)``, ``describe_models(pattern)`` and "did you mean" suggestions).
     ``derive``: how ``atc compress`` derives a student (``"family rule"``, in ``derive/rules.py``,
     or ``"thinning"``)."""
 
@@ -155,7 +155,7 @@ def _fmt(x: float) -> str:
 
 
 def _row(names: str, family: str, derive: str, about: str = "") -> dict[str, str]:
-    """One row of ``list_models()``: ``names`` as ``--arch`` takes them (a name, names or a pattern),
+    """One row of ``describe_models()``: ``names`` as ``--arch`` takes them (a name, names or a pattern),
     the registry ``family`` a checkpoint stores, how ``atc compress`` derives a student from it
     (``"family rule"`` or ``"thinning"``), and what it is."""
     return {"names": names, "family": family, "derive": derive, "about": about}
@@ -352,10 +352,18 @@ def parse_arch(name: str) -> Arch:
                    "(tv:NAME for torchvision's, timm:NAME for timm's, path/to/file.py:ClassName for your own)")
 
 
-def list_models(pattern: str | None = None) -> list[dict[str, str]]:
+def list_models(pattern: str | None = None) -> list[str]:
+    """The names atc builds that match ``pattern`` (a glob such as ``"*mobilenet*"``; a bare word matches
+    anywhere; None: every name), as ``create_model`` and ``--arch`` take them: zoo, torchvision and
+    (when installed) timm. Nothing is built or downloaded. ``describe_models`` gives the family table."""
+    glob = "*" if pattern is None else pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    return [n for f in FAMILIES.values() for n in f.names(glob)]
+
+
+def describe_models(pattern: str | None = None) -> list[dict[str, str]]:
     """The architectures atc builds, as rows of plain data (``names``, ``family``, ``derive``,
     ``about``; see ``_row``): every registered family's name patterns with examples, and how to
-    name any other torchvision or timm model or your own class.
+    name any other torchvision or timm model or your own class (what ``atc models`` prints).
 
     With ``pattern`` (a glob such as ``"*mobilenet*"``; a bare word matches anywhere) there is one
     row per matching name: zoo, torchvision and (when installed) timm. Nothing is built or downloaded.

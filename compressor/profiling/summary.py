@@ -44,11 +44,10 @@ class Profile:
 def profile_model(model: nn.Module, name: str, input_size: tuple[int, int, int], runtimes: Sequence[str] = ("ort-cpu", "torch-cpu"),
                   batch_sizes: Sequence[int] = (1,), threads: int | None = None, min_time_s: float = 1.0,
                   module_depth: int | None = None, *, gpu: bool | None = None, ort_cuda: bool | None = None,
-                  gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, measure: Callable[..., Latency] | None = None,
-                  device_name: str | None = None) -> Profile:
+                  measure: Callable[..., Latency] | None = None, device_name: str | None = None) -> Profile:
     """Count and time ``model``; ``module_depth`` also keeps GMACs per module down to that depth.
 
-    ``gpu`` (None: detect CUDA) adds the GPU timings; ``ort_cuda``, ``measure`` and ``device_name``
+    ``gpu`` (None: detect CUDA) adds the GPU timings, at ``GPU_BATCH_SIZES``; ``ort_cuda``, ``measure`` and ``device_name``
     stand in for the machine in tests."""
     macs = count_macs(model, input_size)
     measure = measure or measure_latency
@@ -58,7 +57,7 @@ def profile_model(model: nn.Module, name: str, input_size: tuple[int, int, int],
     if not any(rt.endswith("cuda") for rt in runtimes):  # CUDA runtimes asked for by name are in ``latency`` already
         gpu_runtimes, notes = gpu_status(gpu, ort_cuda)
         if gpu_runtimes:
-            g = gpu_latency(model, input_size, None, tuple(gpu_batch_sizes), Timing(min_time_s=min_time_s), runtimes=gpu_runtimes,
+            g = gpu_latency(model, input_size, None, GPU_BATCH_SIZES, Timing(min_time_s=min_time_s), runtimes=gpu_runtimes,
                             threads=threads, measure=measure, device_name=device_name)
             gpu_entry, notes = {"device": g.device, "runs": [r.to_dict() for r in g.runs]}, notes + g.notes
     return Profile(name, list(input_size), count_params(model), macs.gmacs, macs.gflops, macs.skipped_ops, lat,

@@ -34,9 +34,10 @@ from compressor.device import model_device, pick_device
 from compressor.distill.losses import at_distance, attention_map, input_gradient, match_spatial
 from compressor.errors import DataError
 from compressor.events import SILENT, Reporter
+from compressor.load import check_compatible, load_data, load_teacher_and_data, normalization
 from compressor.models.checkpoint import load_model
+from compressor.options import RunOptions
 from compressor.pair import AttentionPair, find_pairs, find_stages, select_pairs, tapped
-from compressor.pipeline import check_compatible, load_data, load_teacher_and_data, normalization
 
 # ---------------------------------------------------------------- pure functions on maps
 
@@ -138,7 +139,7 @@ class AttentionResult:
         return asdict(self)
 
 
-def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: str, gradient: bool) -> list[tuple[str, str | None, str]]:
+def attention_stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: str, gradient: bool) -> list[tuple[str, str | None, str]]:
     """(label, teacher module, student module) per stage; the gradient mechanism has one, the input."""
     if gradient:
         return [("input gradient", "input", "input" if student else None)]
@@ -153,7 +154,7 @@ def _stages(teacher: Net, student: Net | None, example: torch.Tensor, layers: st
 
 def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor, *, masks: torch.Tensor | None = None,
             prior: torch.Tensor | None = None, attention: str = "sum-p", p: float = 2.0, layers: str = "all", batch_size: int = 200,
-            device: torch.device | None = None, data_name: str = "", reporter: Reporter = SILENT) -> AttentionResult:
+            device: torch.device | None = None, reporter: Reporter = SILENT) -> AttentionResult:
     """Per-stage AT distance, spatial correlation and (with ``masks``) localisation over ``x`` (uint8 N×C×H×W).
 
     ``prior`` (H×W, e.g. the mean training mask) is scored like an attention map that never looks
@@ -165,7 +166,7 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
     for n in nets:
         n.model.to(device).eval()
     example = teacher.prepare(x[:1], device)
-    stages = _stages(teacher, student, example, layers, gradient)
+    stages = attention_stages(teacher, student, example, layers, gradient)
     t_mods = [s[1] for s in stages]
     s_mods = [s[2] for s in stages]
     k = len(stages)
@@ -214,7 +215,7 @@ def analyze(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
                 r.student_localization = sums["sloc"][i] / total
         out.append(r)
     acc = {n: 100.0 * c / max(total, 1) for n, c in correct.items()}
-    return AttentionResult(attention, p, data_name, total, {"name": teacher.name, "top1": acc[teacher.name]},
+    return AttentionResult(attention, p, "", total, {"name": teacher.name, "top1": acc[teacher.name]},
                            {"name": student.name, "top1": acc[student.name]} if student else None, out)
 
 
@@ -268,19 +269,37 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
         fig.savefig(tmp, dpi=130, format="png")
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What ``atc attention`` looks at: ``images`` rows in the map grid, ``test_images`` for the
+    per-stage numbers (0: all), the mechanism (``attention``, ``p``, ``layers``; None: the preset's,
+    p = 1 for gradient), and with ``localization`` the share of attention on the object, masks
+    grown by ``dilate_px``."""
+
+    images: int = 8
+    test_images: int = 2000
+    attention: str | None = None
+    p: float | None = None
+    layers: str | None = None
+    localization: bool = False
+    dilate_px: int = 0
+
+
 def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: str | Path, cfg, *, student_path: str | Path | None = None,
-                     images: int = 8, test_images: int = 2000, attention: str | None = None, p: float | None = None,
-                     layers: str | None = None, localization: bool = False, dilate_px: int = 0, device: str = "auto",
-                     trust: bool = False, arch: str | None = None, reporter: Reporter = SILENT) -> AttentionResult:
-    """``atc attention``: load the models and data, compute the per-stage numbers, write the map grid."""
-    attention = attention or cfg.distill.attention
-    p = p if p is not None else (1.0 if attention == "gradient" else cfg.distill.p)
-    layers = layers or cfg.distill.at_layers
+                     view: AttentionOptions = AttentionOptions(), options: RunOptions = RunOptions(),
+                     reporter: Reporter = SILENT) -> AttentionResult:
+    """``atc attention``: load the models and data, compute the per-stage numbers, write the map grid.
+    From ``options``: ``device`` and how to read the checkpoints (``arch``, ``trust``)."""
+    images, test_images, localization, dilate_px = view.images, view.test_images, view.localization, view.dilate_px
+    trust = options.trust
+    attention = view.attention or cfg.distill.attention
+    p = view.p if view.p is not None else (1.0 if attention == "gradient" else cfg.distill.p)
+    layers = view.layers or cfg.distill.at_layers
     data = load_data(data_spec, cfg, reporter=reporter)
     masks = getattr(data, "test_masks", None)
     if localization and masks is None:
         raise DataError("--localization needs data with object masks; pass --data shapes (the generated shapes dataset)")
-    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, arch=arch, trust=trust, reporter=reporter, data=data)
+    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, options, reporter=reporter, data=data)
     teacher, student = Net(loaded.spec.name, loaded.model, *loaded.mean_std), None
     if student_path is not None:
         model, spec, _ = load_model(student_path, trust=trust)
@@ -288,11 +307,12 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
         student = Net(spec.name, model, *normalization(spec, data))
     if student is not None and student.name == teacher.name:
         teacher.name, student.name = f"{teacher.name} (teacher)", f"{student.name} (student)"
-    dev = pick_device(device)
+    dev = pick_device(options.device)
     sel = pick_images(len(data.test_y), test_images or len(data.test_y))  # spread over the (often class-sorted) test set
     prior = dilate(data.train_masks, dilate_px).float().mean(0) if localization else None
     result = analyze(teacher, student, data.test_x[sel], data.test_y[sel], masks=dilate(masks[sel], dilate_px) if localization else None,
-                     prior=prior, attention=attention, p=p, layers=layers, device=dev, data_name=data.name, reporter=reporter)
+                     prior=prior, attention=attention, p=p, layers=layers, device=dev, reporter=reporter)
+    result.data = data.name
     idx = pick_images(len(data.test_y), images)
     plot_grid(out_png, teacher, student, data.test_x[idx], data.test_y[idx], result, data.class_names, dev)
     result.png = str(out_png)

@@ -28,13 +28,15 @@ import torch
 
 from compressor import fileio
 from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
-from compressor.derive.candidates import choose_students
+from compressor.derive.candidates import Candidate, StudentChoice, choose
 from compressor.device import pick_device
 from compressor.distill.loop import make_batches
+from compressor.distill.student import DistilledStudent, distill_student
 from compressor.errors import ConfigError, OutputError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
-from compressor.pipeline import distill_student, load_teacher_and_data
+from compressor.load import load_teacher_and_data
+from compressor.options import RunOptions
 from compressor.report.plots import plot_sweep
 from compressor.report.tables import sweep_markdown as markdown
 
@@ -144,13 +146,14 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
 
 def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
               *, overrides: dict[str, dict[str, Any]] | None = None, seeds: int = 1, method: str | None = None,
-              student: str | None = None, device: str = "auto", trust: bool = False, arch: str | None = None,
-              jobs: int = 1, reporter: Reporter = SILENT, command: str = "") -> dict[str, Any]:
+              student: str | None = None, jobs: int = 1, options: RunOptions = RunOptions(),
+              reporter: Reporter = SILENT) -> dict[str, Any]:
     """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png.
 
     ``jobs`` > 1 trains that many runs at once, each in its own process with its own copy of the
     teacher and the data: small students leave a GPU (or a many-core CPU) mostly idle, and
-    several of them side by side raise the total throughput."""
+    several of them side by side raise the total throughput. From ``options``: ``device``, how to
+    read the teacher (``arch``, ``trust``) and the ``command`` recorded in sweep.json."""
     if jobs < 1:
         raise ConfigError("--jobs must be at least 1")
     if seeds < 1:
@@ -165,45 +168,45 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_teacher_and_data(teacher_path, data_spec, base_cfg, arch=arch, trust=trust, reporter=reporter)
+    loaded = load_teacher_and_data(teacher_path, data_spec, base_cfg, options, reporter=reporter)
     teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
     mean, std = loaded.mean_std
-    dev = pick_device(device)
-    cand = choose_students(t_spec, base_cfg, [student] if student else None)[0]
+    dev = pick_device(options.device)
+    cand = choose(loaded, base_cfg, StudentChoice(names=(student,) if student else ()), reporter)[0]
     _, test_b = make_batches(data, base_cfg, mean, std, dev)
-    t_top1 = evaluate(teacher.to(dev), test_b)["top1"]
+    t_top1 = evaluate(teacher.to(dev), test_b).top1
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name} ({len(data.test_y)} test images)")
     cells = expand(axes)
     seed_list = [base_cfg.train.seed + i for i in range(seeds)]
-    plan = []
+    schedule = []
     for cell in cells:
         for s in seed_list:
             cfg, slug = cell_config(preset, base, cell, method, s)
-            plan.append((cell, s, cfg, out / "runs" / slug / f"seed-{s}"))
-    unique = {str(d) for *_, d in plan}
-    reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(plan)} runs, {len(unique)} distinct (β = 0 cells share theirs); "
+            schedule.append((cell, s, cfg, out / "runs" / slug / f"seed-{s}"))
+    unique = {str(d) for *_, d in schedule}
+    reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(schedule)} runs, {len(unique)} distinct (β = 0 cells share theirs); "
                   f"student {cand.name}, method {method}")
     todo = {}
-    for i, (cell, s, cfg, run_dir) in enumerate(plan, 1):
+    for i, (cell, s, cfg, run_dir) in enumerate(schedule, 1):
         if str(run_dir) not in todo:
             _check_run_config(run_dir, cfg, method, cand.name)
             todo[str(run_dir)] = (i, cell, s, cfg, run_dir)
-    runs = RunSpec(teacher_path, data_spec, base_cfg, arch, trust, device, cand, method)
+    runs = RunSpec(teacher_path, data_spec, base_cfg, options, cand, method)
     if jobs > 1 and len(todo) > 1:
-        done = _train_in_processes(runs, list(todo.values()), jobs, len(plan), reporter)
+        done = _train_in_processes(runs, list(todo.values()), jobs, len(schedule), reporter)
     else:
         done = {}
         for key, (i, cell, s, cfg, run_dir) in todo.items():
-            reporter.info(f"[{i}/{len(plan)}] {_describe(cell)} seed {s}")
+            reporter.info(f"[{i}/{len(schedule)}] {_describe(cell)} seed {s}")
             torch.manual_seed(s)
-            res = distill_student(cand, teacher, t_spec, data, cfg, method, run_dir, dev, reporter, resume=True)
+            res = distill_student(cand, loaded, cfg, method, run_dir, dev, options=RESUMING, reporter=reporter)
             done[key] = _run_entry(res, s)
-    for cell, s, cfg, run_dir in plan:
+    for cell, s, cfg, run_dir in schedule:
         entry = dict(done[str(run_dir)])
         entry["dir"], entry["checkpoint"] = str(Path(entry["dir"]).relative_to(out)), str(Path(entry["checkpoint"]).relative_to(out))
         cell.runs.append(entry)
     result = {
-        "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": options.command,
         "teacher": {"name": t_spec.name, "top1": t_top1, "path": str(teacher_path)}, "student": cand.name, "method": method,
         "preset": base_cfg.preset, "epochs": base_cfg.train.epochs, "seeds": seed_list,
         "grid": {a.key: list(a.values) for a in axes},
@@ -219,10 +222,13 @@ def _describe(cell: Cell) -> str:
     return " ".join(f"{k}={v}" for k, v in cell.params.items())
 
 
-def _run_entry(res, seed: int) -> dict[str, Any]:
+RESUMING = RunOptions(resume=True)  # a sweep run whose student is finished is reused, an unfinished one continues
+
+
+def _run_entry(res: DistilledStudent, seed: int) -> dict[str, Any]:
     """One finished run as sweep.json lists it (absolute paths; made relative by the caller)."""
-    return {"seed": seed, "top1": float(res.metrics["top1"]), "dir": str(res.dir),
-            "train_seconds": res.metrics.get("train_seconds"), "checkpoint": str(res.dir / "student.pt")}
+    return {"seed": seed, "top1": float(res.top1), "dir": str(res.dir), "train_seconds": res.train_seconds,
+            "checkpoint": str(res.dir / "student.pt")}
 
 
 @dataclass(frozen=True)
@@ -233,10 +239,8 @@ class RunSpec:
     teacher_path: str | Path
     data_spec: str | Path
     base_cfg: Config
-    arch: str | None
-    trust: bool
-    device: str
-    student: Any  # a derive.candidates.Candidate
+    options: RunOptions
+    student: Candidate
     method: str
 
 
@@ -245,11 +249,10 @@ _WORKER: dict[str, Any] = {}  # per worker process: the teacher and data it load
 
 def _train_one(runs: RunSpec, cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
     if "loaded" not in _WORKER:
-        _WORKER["loaded"] = load_teacher_and_data(runs.teacher_path, runs.data_spec, runs.base_cfg, arch=runs.arch, trust=runs.trust)
+        _WORKER["loaded"] = load_teacher_and_data(runs.teacher_path, runs.data_spec, runs.base_cfg, runs.options)
     loaded = _WORKER["loaded"]
     torch.manual_seed(seed)
-    res = distill_student(runs.student, loaded.model, loaded.spec, loaded.data, cfg, runs.method, run_dir,
-                          pick_device(runs.device), SILENT, resume=True)
+    res = distill_student(runs.student, loaded, cfg, runs.method, run_dir, pick_device(runs.options.device), options=RESUMING)
     return _run_entry(res, seed)
 
 

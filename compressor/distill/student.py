@@ -1,0 +1,104 @@
+"""Distil one student: a chosen candidate, trained from the teacher (or its finished checkpoint
+reused on ``--resume``), saved with its metrics, returned as a ``DistilledStudent``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor import distributed
+from compressor.config import Config
+from compressor.derive.candidates import Candidate, resolve_init
+from compressor.derive.thinning import inherit
+from compressor.device import example_input, model_device
+from compressor.distill.loop import FitOptions, fit, objective_from
+from compressor.distill.runtime import Teacher
+from compressor.distill.tensorboard import epoch_logger
+from compressor.events import SILENT, Reporter
+from compressor.load import TeacherAndData, normalization
+from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.spec import ModelSpec
+from compressor.options import RunOptions
+from compressor.pair import find_pairs
+
+
+@dataclass
+class DistilledStudent:
+    """A trained student as the measure step needs it: the model (on the CPU), how to rebuild it, the
+    folder its files are in, and what its training gave: last-epoch test top-1 (%), the per-epoch
+    history, the training seconds (without compilation), how it started (``init``) and the AT pairs
+    it was trained with. ``metrics()`` is the dict stored in its checkpoint."""
+
+    model: nn.Module
+    spec: ModelSpec
+    dir: Path
+    top1: float
+    method: str
+    teacher: str
+    epochs: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float | None = None
+    init: str | None = None
+    pairs: list[str] = field(default_factory=list)
+    compile_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        d = {"top1": self.top1, "history": self.history, "train_seconds": self.train_seconds, "method": self.method,
+             "teacher": self.teacher, "epochs": self.epochs, "init": self.init, "pairs": self.pairs}
+        if self.compile_seconds:
+            d["compile_seconds"] = self.compile_seconds
+        return d
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, spec: ModelSpec, metrics: dict[str, Any], folder: Path, *, method: str,
+                        teacher: str, epochs: int) -> DistilledStudent:
+        """A finished student read back from its checkpoint; ``method``, ``teacher`` and ``epochs`` are
+        those of the run that reuses it."""
+        return cls(model, spec, folder, float(metrics["top1"]), method, teacher, epochs, list(metrics.get("history", [])),
+                   metrics.get("train_seconds"), metrics.get("init"), list(metrics.get("pairs", [])),
+                   float(metrics.get("compile_seconds", 0.0)))
+
+
+def student_dir(out: Path, cand: Candidate, method: str) -> Path:
+    """``students/NAME-METHOD``, with characters that some file systems refuse (``timm:…``) replaced."""
+    return out / "students" / re.sub(r"[^A-Za-z0-9._-]", "_", f"{cand.name}-{method}")
+
+
+def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method: str, out: Path, device: torch.device, *,
+                    init: str = "auto", options: RunOptions = RunOptions(), reporter: Reporter = SILENT) -> DistilledStudent:
+    """Train one student into ``out/students/NAME-METHOD`` (skipped when a finished checkpoint is already
+    there and ``options.resume``). A derived student starts from the teacher's surviving weights
+    (``init="inherit"``) or from a fresh initialisation. ``options``: ``resume``, ``speed`` and
+    ``tensorboard`` (a folder for per-epoch scalars)."""
+    teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
+    mean, std = normalization(t_spec, data)
+    spec = replace(cand.spec, mean=mean, std=std, class_names=list(t_spec.class_names or data.class_names))
+    sdir = student_dir(out, cand, method)
+    ckpt = sdir / "student.pt"
+    if options.resume and ckpt.exists():
+        model, spec, metrics = load_model(ckpt)
+        reporter.info(f"{cand.name} ({method}) already finished; reusing {ckpt}")
+        return DistilledStudent.from_checkpoint(model, spec, metrics, sdir, method=method, teacher=t_spec.name,
+                                                epochs=cfg.train.epochs)
+    torch.manual_seed(cfg.train.seed)
+    model = spec.build()
+    init = resolve_init(init, spec)
+    if init == "inherit":
+        model.load_state_dict(inherit(teacher, spec.plan).state_dict())
+    model.to(model_device(teacher))
+    pairs = find_pairs(model, teacher, example_input(teacher, spec.input_size), cfg.distill.at_layers)
+    fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, epoch_logger(options.tensorboard, sdir.name))
+    result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
+                 fit_options)
+    done = DistilledStudent(model.cpu(), spec, sdir, result.final["test_top1"], method, t_spec.name, cfg.train.epochs,
+                            result.history, result.seconds, init,
+                            ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in pairs],
+                            result.compile_seconds)
+    if distributed.is_main():
+        save_checkpoint(ckpt, done.model, spec, done.metrics())
+    return done

@@ -1,0 +1,101 @@
+"""The dry run: what ``compress`` would do, with nothing trained or written. The teacher's size and,
+per student, its shape (stages beside the teacher's), its attention pairs and the loss terms on one
+training batch before any training (a check that β and α are sane).
+
+Device rule: every tensor made here (example inputs, the batch) is made on the device of the model
+it feeds, so a teacher already on CUDA meets CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.config import Config
+from compressor.data.open import Dataset
+from compressor.derive.candidates import Candidate, StudentChoice, choose
+from compressor.derive.thinning import describe_stages
+from compressor.device import example_input, model_device
+from compressor.distill.loop import make_batches, objective_from
+from compressor.distill.losses import distillation_terms, input_gradient
+from compressor.events import SILENT, Reporter
+from compressor.load import load_teacher_and_data, normalization
+from compressor.models.plan import StageRow
+from compressor.models.spec import ModelSpec
+from compressor.options import RunOptions
+from compressor.pair import AttentionPair, find_pairs, tapped
+from compressor.profiling.counts import count_macs, count_params
+
+
+@dataclass
+class DryRunStudent:
+    """One student of a dry run: the candidate, its attention pairs, its loss terms before training and
+    its stages beside the teacher's (blocks and width)."""
+
+    student: Candidate
+    pairs: list[AttentionPair]
+    initial_terms: dict[str, float]
+    stages: list[StageRow] = field(default_factory=list)
+
+
+@dataclass
+class DryRunReport:
+    """What ``compress`` would do: the teacher's size and, per student, its shape, pairs and first loss terms."""
+
+    teacher: str
+    teacher_params: int
+    teacher_gmacs: float
+    method: str
+    at_layers: str
+    init: str
+    students: list[DryRunStudent]
+
+
+def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: Dataset, cfg: Config,
+                  mean, std, method: str) -> dict[str, float]:
+    """The loss terms on one training batch before any training, computed by ``distill.losses`` as
+    training computes them. The batch is made on the teacher's device; the student must be there too."""
+    train_b, _ = make_batches(data, cfg, mean, std, model_device(teacher))
+    x, y = next(iter(train_b))
+    s_names, t_names = [p.student.module for p in pairs], [p.teacher.module for p in pairs]
+    student.train(), teacher.eval()
+    with tapped(student, s_names) as s_taps, tapped(teacher, t_names) as t_taps:
+        with torch.no_grad():
+            t_logits, logits = teacher(x), student(x)
+        obj, grads = objective_from(cfg, method), None
+        maps = list(zip(s_taps.take(s_names), t_taps.take(t_names)))
+        if obj.gradient and obj.uses_at:
+            xg = x.clone().requires_grad_(True)
+            grads = (input_gradient(student, xg, y)[0], input_gradient(teacher, xg, y)[0])
+        terms = distillation_terms(obj, logits, y, t_logits, maps, input_grads=grads)
+    return {k: float(v) for k, v in terms.items()}
+
+
+def try_students(teacher: nn.Module, t_spec: ModelSpec, data: Dataset, cfg: Config, candidates: list[Candidate],
+                 method: str) -> list[DryRunStudent]:
+    """Each candidate built on the teacher's device, paired with the teacher and its first loss terms taken."""
+    mean, std = normalization(t_spec, data)
+    out = []
+    for cand in candidates:
+        torch.manual_seed(cfg.train.seed)
+        student = cand.spec.build().to(model_device(teacher))
+        pairs = find_pairs(student, teacher, example_input(teacher, t_spec.input_size), cfg.distill.at_layers)
+        plan = cand.spec.plan
+        stages = (plan.stages if plan is not None else []) or describe_stages(teacher, student, t_spec.input_size)
+        out.append(DryRunStudent(cand, pairs, initial_terms(student, teacher, pairs, data, cfg, mean, std, method), stages))
+    return out
+
+
+def dry_run(teacher_path: str | Path, data_spec: str | Path, cfg: Config, choice: StudentChoice = StudentChoice(),
+            options: RunOptions = RunOptions(), *, reporter: Reporter = SILENT) -> DryRunReport:
+    """Students, attention pairs and initial loss terms of a ``compress`` run, without training or writing.
+    From ``options``: how to read the teacher (``arch``, ``trust``) and ``strict_data``."""
+    loaded = load_teacher_and_data(teacher_path, data_spec, cfg, options, reporter=reporter)
+    model, spec = loaded.model, loaded.spec
+    tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs
+    cands = choose(loaded, cfg, choice, reporter)
+    return DryRunReport(spec.name, tp, tm, cfg.distill.method, cfg.distill.at_layers, choice.init,
+                        try_students(model, spec, loaded.data, cfg, cands, cfg.distill.method))

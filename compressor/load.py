@@ -1,0 +1,99 @@
+"""The load step, shared by every command that needs a teacher and its data (compress, the dry
+run, sweep, attention): the checkpoint and the dataset, checked against each other (classes, input
+size), and the teacher's spec completed from the data where the checkpoint had nothing to say
+(input size, normalisation, class names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.config import Config
+from compressor.data.open import Dataset, open_dataset, open_for_device
+from compressor.errors import ConfigError, DataError
+from compressor.events import SILENT, Reporter
+from compressor.models.checkpoint import load_model
+from compressor.models.spec import ModelSpec
+from compressor.options import RunOptions
+
+
+def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT,
+              device: torch.device | None = None, workers: int | None = None, budget_bytes: int | None = None) -> Dataset:
+    """The dataset, subset as the preset says. With ``device``, data too large for the memory it may
+    use there is not loaded but streamed (``compressor.data.streaming``); the decision is reported."""
+    image_size = cfg.data.image_size if str(spec) == "digits" or cfg.data.image_size else None
+    data: Dataset
+    if device is not None:
+        data = open_for_device(spec, image_size, device, strict=strict, train_subset=cfg.data.train_subset,
+                               test_subset=cfg.data.test_subset, budget_bytes=budget_bytes, workers=workers, reporter=reporter)
+    else:
+        # The subset is part of the data, not of the run: the same images whatever the training seed.
+        data = open_dataset(spec, image_size=image_size, strict=strict).subset(cfg.data.train_subset, cfg.data.test_subset, seed=0)
+    if data.skipped_files:
+        reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
+    for note in data.notes:
+        reporter.info(note)
+    return data
+
+
+def check_compatible(spec: ModelSpec, data: Dataset, role: str = "teacher") -> None:
+    if spec.num_classes != data.num_classes:
+        raise DataError(f"the {role} has {spec.num_classes} classes but the data has {data.num_classes}; "
+                        "use data with the same classes or another checkpoint")
+    if tuple(spec.input_size) != tuple(data.input_size):
+        raise DataError(f"the {role} expects input {'x'.join(map(str, spec.input_size))} but the data is "
+                        f"{'x'.join(map(str, data.input_size))}; set data.image_size in the preset or use matching data")
+
+
+def normalization(spec: ModelSpec, data: Dataset) -> tuple[list[float], list[float]]:
+    """The model's own mean and std where its checkpoint has them, else the training images' statistics."""
+    if spec.mean is not None and spec.std is not None:
+        return list(spec.mean), list(spec.std)
+    return data.channel_stats()
+
+
+@dataclass
+class TeacherAndData:
+    """A trained teacher ready for the data it will teach on: its spec carries the input size,
+    normalisation and class names (taken from the data where the checkpoint had none); ``metrics``
+    are those stored in its checkpoint (top-1, history, …)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    metrics: dict[str, Any]
+    data: Dataset
+
+    @property
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        assert self.spec.mean is not None and self.spec.std is not None  # load_teacher_and_data sets both
+        return list(self.spec.mean), list(self.spec.std)
+
+
+def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: Config, options: RunOptions = RunOptions(), *,
+                          reporter: Reporter = SILENT, device: torch.device | None = None,
+                          data: Dataset | None = None) -> TeacherAndData:
+    """The one "load teacher and data" step of compress, the dry run, sweep and attention. From
+    ``options``: ``arch`` and ``trust`` (reading the checkpoint), ``strict_data`` and the DataLoader
+    workers (``speed.workers``, for data streamed to ``device``). ``data``: already loaded by a
+    caller that had to look at it first."""
+    teacher, spec, metrics = load_model(teacher_path, arch=options.arch, trust=options.trust)
+    if spec.family == "module":
+        raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
+    if data is None:
+        data = load_data(data_spec, cfg, options.strict_data, reporter, device=device, workers=options.speed.workers)
+    spec = replace(spec, input_size=spec.input_size if spec.mean is not None else tuple(data.input_size))
+    check_compatible(spec, data)
+    if spec.class_names and list(spec.class_names) != list(data.class_names):
+        reporter.info(f"note: the teacher's classes ({_few(spec.class_names)}) are not named like the data's "
+                      f"({_few(data.class_names)}); labels are matched by position, so check that the order is the same")
+    mean, std = normalization(spec, data)
+    spec = replace(spec, mean=mean, std=std, class_names=list(spec.class_names or data.class_names))
+    return TeacherAndData(teacher, spec, metrics, data)
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(map(str, names[:n])) + (", …" if len(names) > n else "")

@@ -1,0 +1,33 @@
+"""How a run runs, as one object: the options that every command shares and that travel from the
+CLI through the pipeline to the steps (what is computed is the preset's ``Config``; which students
+are trained is a ``derive.candidates.StudentChoice``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor.device import Speed
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """``device``: auto (CUDA when present), cpu or cuda; ``speed``: precision, memory format,
+    compilation, CUDA graphs and DataLoader workers; ``threads``: CPU threads for latency;
+    ``int8``: also quantize each student; ``tensorboard``: a folder for per-epoch scalars;
+    ``resume``/``overwrite``: what to do with an output that exists; ``strict_data``: stop at the
+    first unreadable image; ``arch``/``trust``: how to read the teacher checkpoint (the
+    architecture of a plain state_dict; allow pickles that run code); ``command``: the command
+    line, recorded in the report."""
+
+    device: str = "auto"
+    speed: Speed = field(default_factory=Speed)
+    threads: int | None = None
+    int8: bool = False
+    tensorboard: str | Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    strict_data: bool = False
+    arch: str | None = None
+    trust: bool = False
+    command: str = ""
