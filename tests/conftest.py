@@ -1,20 +1,16 @@
-"""Shared fixtures: tiny datasets on disk and a way to run the CLI in-process."""
+"""Shared fixtures: tiny datasets and teacher checkpoints on disk, and a way to run the CLI in-process.
+The plain helpers they use are in ``tests/helpers.py``, which tests import directly."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import pytest
 import torch
 
-from compressor.events import Reporter
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+from tests.helpers import make_image_folder, save_teacher
 
 
 def _hypothesis_profiles() -> None:
@@ -39,35 +35,24 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 16, test_name: str = "test", seed: int = 0) -> Path:
-    """A learnable ImageFolder: each class is a different colour blob on noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), (test_name, max(2, per_class // 3))):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-                img[size // 4: 3 * size // 4, size // 4: 3 * size // 4, c % 3] = 220
-                Image.fromarray(img).save(d / f"{i:04d}.png")
-    return root
-
-
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "tiny")
 
 
-class Messages(Reporter):
-    """A reporter that keeps the progress notes, for asserting on them."""
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Callable[..., Path]:
+    """``tiny_teacher(arch="wrn-10-1", classes=3, size=16, *, path=None, mean=0.2, std=0.25, class_names=None,
+    seed=0, metrics=None)`` writes an untrained teacher checkpoint and returns its path (a fresh
+    temporary file unless ``path`` is given); see ``tests.helpers.save_teacher`` for the rest."""
 
-    def __init__(self):
-        self.lines: list[str] = []
+    def make(arch: str = "wrn-10-1", classes: int = 3, size: int = 16, *, path: Path | None = None, mean: float | None = 0.2,
+             std: float | None = 0.25, class_names: Sequence[str] | None = None, seed: int = 0,
+             metrics: dict[str, Any] | None = None) -> Path:
+        path = path or tmp_path_factory.mktemp("teacher") / "teacher.pt"
+        return save_teacher(path, arch, classes, size, mean=mean, std=std, class_names=class_names, seed=seed, metrics=metrics)
 
-    def info(self, message: str) -> None:
-        self.lines.append(message)
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +62,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run_atc(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd or ROOT,
-                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
