@@ -3,9 +3,10 @@
 One traced forward on an example input records, in completion order, every module whose
 output is a 4-D feature map. For each spatial resolution the *last* module to finish at that
 resolution is the stage output (normalisation, activation, pooling and dropout layers are
-skipped, so for a WRN this is each group's output before the final BN-ReLU). Teacher and
-student stages are aligned from the deepest one; where their resolutions differ the AT loss
-pools the larger map to the smaller.
+skipped, so for a WRN this is each group's output before the final BN-ReLU). A module that
+returns a tuple or list (the KD literature's CIFAR ResNet blocks return ``(out, preact)``) counts
+by its first tensor, and its stage says so. Teacher and student stages are aligned from the
+deepest one; where their resolutions differ the AT loss pools the larger map to the smaller.
 """
 
 from __future__ import annotations
@@ -25,14 +26,25 @@ _NOT_A_STAGE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.R
                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+def first_tensor(output: object) -> object:
+    """A module's output as a stage sees it: a tuple's or list's first element (recursively), else the output."""
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output
+
+
 @dataclass(frozen=True)
 class Stage:
     module: str
     shape: tuple[int, ...]  # C, H, W of one sample
+    from_tuple: bool = False  # the module returns a tuple or list; the stage is its first tensor
 
     @property
     def resolution(self) -> tuple[int, int]:
         return self.shape[1], self.shape[2]
+
+    def describe(self) -> str:
+        return f"{self.module}{'[0]' if self.from_tuple else ''} {'×'.join(map(str, self.shape))}"
 
 
 @dataclass(frozen=True)
@@ -41,22 +53,25 @@ class AttentionPair:
     teacher: Stage
 
     def describe(self) -> str:
-        s, t = self.student, self.teacher
-        return f"{s.module} {'×'.join(map(str, s.shape))}  ↔  {t.module} {'×'.join(map(str, t.shape))}"
+        text = f"{self.student.describe()}  ↔  {self.teacher.describe()}"
+        if self.student.from_tuple or self.teacher.from_tuple:
+            text += "  ([0]: the first tensor of the module's tuple output)"
+        return text
 
 
 def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
     """Stage outputs of ``model``, highest resolution first (one forward on ``example``'s first sample,
     moved to ``model``'s device, so a student and a teacher on different devices pair from one example)."""
-    finished: list[tuple[str, tuple[int, ...]]] = []
+    finished: list[tuple[str, tuple[int, ...], bool]] = []
     handles = []
     for name, module in model.named_modules():
         if not name or isinstance(module, _NOT_A_STAGE):
             continue
 
         def record(mod, inputs, output, name=name):
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                finished.append((name, tuple(output.shape[1:])))
+            tensor = first_tensor(output)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+                finished.append((name, tuple(tensor.shape[1:]), tensor is not output))
 
         handles.append(module.register_forward_hook(record))
     was_training = model.training
@@ -70,12 +85,12 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[Stage]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    last_at: dict[tuple[int, int], tuple[str, tuple[int, ...]]] = {}
-    for name, shape in finished:
+    last_at: dict[tuple[int, int], Stage] = {}
+    for name, shape, from_tuple in finished:
         if shape[1] > 1 or shape[2] > 1:
             last_at.pop((shape[1], shape[2]), None)  # re-insert so dict order follows completion
-            last_at[(shape[1], shape[2])] = (name, shape)
-    stages = [Stage(name, shape) for name, shape in last_at.values()]
+            last_at[(shape[1], shape[2])] = Stage(name, shape, from_tuple)
+    stages = list(last_at.values())
     return sorted(stages, key=lambda s: -(s.shape[1] * s.shape[2]))
 
 
@@ -117,7 +132,7 @@ class Taps:
         self._handles = []
         for name in module_names:
             def keep(mod, inputs, output, name=name):
-                self.outputs[name] = output
+                self.outputs[name] = first_tensor(output)
             self._handles.append(modules[name].register_forward_hook(keep))
 
     def take(self, names: Sequence[str]) -> list[torch.Tensor]:
@@ -164,7 +179,7 @@ class StageOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.graph is not None:
             out = self.graph(x)
-            return out["logits"], [out[f"stage{i}"] for i in range(len(self.names))]
+            return out["logits"], [first_tensor(out[f"stage{i}"]) for i in range(len(self.names))]
         logits = (self.caller or self.model)(x)
         return logits, self.taps.take(self.names) if self.taps is not None else []
 
@@ -217,7 +232,7 @@ def _agrees(model: nn.Module, graph: nn.Module, names: Sequence[str], example: t
             out = graph(example)
     finally:
         model.train(was_training), graph.train(was_training)
-    got = [out["logits"]] + [out[f"stage{i}"] for i in range(len(names))]
+    got = [out["logits"]] + [first_tensor(out[f"stage{i}"]) for i in range(len(names))]
     want = [ref_logits] + ref_maps
     return all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                for a, b in zip(got, want))

@@ -1,9 +1,10 @@
 """atc checkpoints: a model's recipe (registry name + kwargs) with its weights and metadata.
 
 Everything is plain data (tensors, numbers, strings, lists, dicts), so checkpoints load with
-``torch.load(weights_only=True)``. Plain state_dicts load with an architecture name, including
-the key layout of the widespread public CIFAR WRN code. A file that needs code execution to
-unpickle loads only when the caller says it trusts it.
+``torch.load(weights_only=True)``. Other projects' checkpoints (plain state_dicts, RepDistiller,
+mdistiller, torchdistill, timm, Lightning, the paper's code) are read by ``importers``, with the
+architecture from ``--arch``, from the file or from the weights themselves. A file that needs code
+execution to unpickle loads only when the caller says it trusts it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pickle
 import pickletools
 import warnings
 import zipfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,9 @@ from torch import nn
 from compressor import fileio
 from compressor.device import example_input
 from compressor.errors import CheckpointError, ModelError
+from compressor.models import importers
 from compressor.models.registry import parse_arch
 from compressor.models.spec import ModelSpec
-from compressor.models.wrn import foreign_wrn_key, looks_like_foreign_wrn
 
 FORMAT = "atc-checkpoint/1"
 
@@ -94,8 +95,11 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
                 return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways
             raise CheckpointError(f"{path} is a damaged TorchScript file ({type(exc).__name__}); re-save or re-download it") from exc
+    if (foreign := importers.read_foreign(path)) is not None:  # safetensors; ONNX is refused with what to do
+        return foreign
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(importers.SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as exc:
         raise CheckpointError(f"cannot read {path} (permission denied); check the file's permissions") from exc
     except Exception as exc:  # noqa: BLE001 - torch's safe unpickler fails with many types on bad bytes
@@ -167,35 +171,22 @@ def _fits(model: nn.Module, size: tuple[int, int, int]) -> tuple[bool, str]:
     return (not collapsed), (collapsed[0] if collapsed else "")
 
 
-def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "net", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return {k.removeprefix("module."): v for k, v in obj.items()}
-    return None
+@dataclass
+class LoadedModel:
+    """A model read from a file: the module, its spec, the metrics the file stored, what the file is
+    and notes on how it was read (stripped prefixes, renamed keys, an inferred architecture)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    metrics: dict
+    source: str = "an atc checkpoint"
+    notes: list[str] = field(default_factory=list)
 
 
-def _classes_in(state_dict: dict[str, torch.Tensor]) -> int | None:
-    linear = [v for k, v in state_dict.items() if k.endswith("weight") and v.dim() == 2]
-    return int(linear[-1].shape[0]) if linear else None
-
-
-def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
-    if looks_like_foreign_wrn(state_dict):
-        state_dict = {foreign_wrn_key(k): v for k, v in state_dict.items()}
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing = ", ".join(result.missing_keys[:3]) or "none"
-        extra = ", ".join(result.unexpected_keys[:3]) or "none"
-        raise CheckpointError(f"{where} does not fit this architecture (missing keys: {missing}; unexpected: {extra}); pass the right --arch")
-
-
-def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-               input_size: tuple[int, int, int] | None = None, trust: bool = False) -> tuple[nn.Module, ModelSpec, dict]:
-    """Rebuild a model from an atc checkpoint, a plain state_dict (with ``arch``) or, when trusted, a pickled module."""
+def read_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+               input_size: tuple[int, int, int] | None = None, trust: bool = False) -> LoadedModel:
+    """Rebuild a model from an atc checkpoint, another project's checkpoint or state_dict (the
+    architecture from ``arch``, the file or the weights) or, when trusted, a pickled module."""
     obj = read_file(path, trust=trust)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         raw = dict(obj["spec"])
@@ -206,24 +197,28 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
             model.load_state_dict(obj["state_dict"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path} is damaged: its weights do not fit its own architecture ({str(exc).splitlines()[0][:100]})") from exc
-        return model, spec, dict(obj.get("metrics", {}))
-    if isinstance(obj, nn.Module):  # a whole pickled module (trusted): it runs as it is, but cannot be rebuilt by name
+        return LoadedModel(model, spec, dict(obj.get("metrics", {})))
+    if isinstance(obj, nn.Module):  # TorchScript, or a whole pickled module (trusted): it runs, but cannot be rebuilt by name
         linears = [m for m in obj.modules() if isinstance(m, nn.Linear)]
         classes = num_classes or (linears[-1].out_features if linears else 0)
-        return obj.float().eval(), ModelSpec("module", {}, classes, input_size=input_size or (3, 32, 32)), {}
-    state_dict = _state_dict_of(obj)
-    if state_dict is None:
+        spec = ModelSpec("module", {}, classes, input_size=input_size or (3, 32, 32))
+        return LoadedModel(obj.float().eval(), spec, {}, importers.module_source(obj))
+    weights = importers.find_weights(obj)
+    if weights is None:
         raise CheckpointError(f"{path} is not an atc checkpoint or a state_dict; pass a file saved by atc or torch.save(model.state_dict())")
-    if arch is None:
-        raise CheckpointError(f"{path} is a plain state_dict; pass --arch NAME (e.g. --arch wrn-40-4) so atc knows what to build")
-    classes = num_classes or _classes_in(state_dict) or 10
-    spec = ModelSpec.for_arch(arch, classes, input_size=input_size or (3, 32, 32))
+    chosen, notes = importers.choose_arch(weights, arch, str(path))
+    classes = num_classes or importers.classes_in(weights.state_dict) or 10
+    spec = ModelSpec(chosen.family, dict(chosen.kwargs), classes, input_size=input_size or (3, 32, 32))
     model = spec.build()
-    try:
-        load_state_into(model, state_dict, str(path))
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit {arch} ({str(exc).splitlines()[-1].strip()[:120]}); pass the right --arch") from exc
-    return model, spec, {}
+    notes += importers.fit(model, weights, spec.name, str(path))
+    return LoadedModel(model, spec, {}, weights.source, notes)
+
+
+def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+               input_size: tuple[int, int, int] | None = None, trust: bool = False) -> tuple[nn.Module, ModelSpec, dict]:
+    """``read_model`` as (model, spec, metrics)."""
+    loaded = read_model(path, arch=arch, num_classes=num_classes, input_size=input_size, trust=trust)
+    return loaded.model, loaded.spec, loaded.metrics
 
 
 def open_model(model: str | Path, arch: str | None = None, trust: bool = False, input_size: tuple[int, int, int] | None = None,

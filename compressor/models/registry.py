@@ -1,8 +1,9 @@
 """One registry of model builders by name, so a checkpoint can store a name plus keyword
 arguments and rebuild the module.
 
-Names: ``wrn-D-K`` (e.g. ``wrn-40-4``), CIFAR ResNets ``resnet20/32/56/110`` (and
-``cifar-resnetD`` for any 6n+2 depth), torchvision's ``resnet18/34/50/101/152`` (``-cifar``
+Names: ``wrn-D-K`` (e.g. ``wrn-40-4``; ``wrn-D-K-td`` for torchdistill's block), CIFAR ResNets
+``resnet20/32/56/110`` (and ``cifar-resnetD`` for any 6n+2 depth), the KD literature's CIFAR ResNets
+``resnetDxK`` (``resnet8x4``, ``resnet32x4``, ``resnet56x1``: 1x1-conv shortcuts), torchvision's ``resnet18/34/50/101/152`` (``-cifar``
 for a 3x3 stem without max-pool), a few torchvision classifiers by their bare names, any
 torchvision classification builder as ``tv:NAME`` and any timm model as ``timm:NAME`` (always
 built without pretrained weights; the data sets ``num_classes``), and a user's own model as
@@ -26,8 +27,8 @@ from typing import Any, Callable
 from torch import nn
 
 from compressor.errors import ModelError
-from compressor.models.resnet import CifarResNet, ScalableResNet
-from compressor.models.wrn import WideResNet
+from compressor.models.resnet import CifarResNet, KdCifarResNet, ScalableResNet, kd_resnet_stem
+from compressor.models.wrn import RawShortcutWideResNet, WideResNet
 
 IMAGENET_RESNETS = {
     "resnet18": ("basic", [2, 2, 2, 2]),
@@ -228,6 +229,47 @@ register(Family(
     lambda: [_row("resnetD, resnetD-wW", "cifar_resnet", "family rule",
                   "CIFAR ResNet, D = 20/32/44/56/110 (cifar-resnetD: any 6n+2), stem width W (16), e.g. resnet56, resnet20-w8")],
     lambda glob: _matching([f"resnet{d}" for d in CIFAR_RESNET_DEPTHS], glob), derive="family rule"))
+
+
+def _parse_kd_resnet(key: str) -> dict[str, Any] | None:
+    if not (m := re.fullmatch(r"resnet(\d+)x(\d+(?:\.\d+)?)(?:-s(\d+))?", key)):
+        return None
+    depth, k = int(m.group(1)), float(m.group(2))
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ModelError(f"{key}: the depth of a CIFAR ResNet is 6n+2 (8, 14, 20, 32, 44, 56, 110 …); e.g. resnet32x4, resnet56x1")
+    if k <= 0 or not float(16 * k).is_integer():
+        raise ModelError(f"{key}: the width multiplier K must make 16K a whole number of channels (e.g. x0.5, x1, x4)")
+    kwargs: dict[str, Any] = {"depth": depth, "k": int(k) if k.is_integer() else k}
+    if m.group(3) and int(m.group(3)) != kd_resnet_stem(k):
+        kwargs["stem"] = int(m.group(3))
+    return kwargs
+
+
+def _kd_resnet_name(kw: dict[str, Any]) -> str:
+    stem = kw.get("stem")
+    return f"resnet{kw['depth']}x{_fmt(kw['k'])}" + (f"-s{stem}" if stem and stem != kd_resnet_stem(kw["k"]) else "")
+
+
+KD_RESNET_NAMES = ["resnet8x4", "resnet32x4"] + [f"resnet{d}x1" for d in (8, 14, 20, 32, 44, 56, 110)]
+register(Family(
+    "kd_resnet", KdCifarResNet, _parse_kd_resnet, _kd_resnet_name,
+    lambda: [_row("resnetDxK[-sS]", "kd_resnet", "family rule",
+                  "CIFAR ResNet of the KD literature (RepDistiller, mdistiller, torchdistill): 1x1-conv+BN shortcuts, stages "
+                  "16K/32K/64K after a stem of S = min(16K, 32), e.g. resnet8x4, resnet32x4, resnet56x1 (their resnet56)")],
+    lambda glob: _matching(KD_RESNET_NAMES, glob), derive="family rule"))
+
+
+def _parse_wrn_td(key: str) -> dict[str, Any] | None:
+    if (m := re.fullmatch(r"(wrn-\d+-\d+(?:\.\d+)?)-td", key)) and (kwargs := _parse_wrn(m.group(1))) is not None:
+        return kwargs
+    return None
+
+
+register(Family(
+    "wrn_td", RawShortcutWideResNet, _parse_wrn_td, lambda kw: f"wrn-{kw['depth']}-{_fmt(kw['width'])}-td",
+    lambda: [_row("wrn-D-K-td", "wrn_td", "family rule",
+                  "torchdistill's Wide ResNet: its 1x1 shortcut takes the raw block input, e.g. wrn-40-4-td")],
+    lambda glob: _matching([f"{n}-td" for n in WRN_NAMES], glob), derive="family rule"))
 
 
 # ---------------------------------------------------------------- other libraries' models and the user's own

@@ -1,4 +1,12 @@
-"""ResNets: the CIFAR family of He et al. (resnet20/32/56/110) and torchvision's ImageNet ones.
+"""ResNets: the CIFAR family of He et al. (resnet20/32/56/110), the CIFAR family of the KD
+literature (resnet8x4, resnet32x4, resnet56x1 …) and torchvision's ImageNet ones.
+
+The KD literature's CIFAR ResNet (RepDistiller, mdistiller, torchdistill) differs from He et al.'s
+"option A" net in its shortcuts (1x1 convolution + BN wherever the shape changes, as in torchvision)
+and in having a stem width of its own: ``resnet32x4`` has a 32-channel stem before stages of
+64/128/256 channels. Its module names are those projects' (``layer2.0.downsample.0``), so their
+state_dicts load unchanged. Their blocks return ``(out, preact)``; these return ``out`` alone, the
+stage output attention transfer uses.
 
 The ImageNet ResNet here keeps torchvision's module names (``conv1``, ``layer1``…``fc``), so
 torchvision state_dicts load unchanged, and adds two knobs the derivation needs: blocks per
@@ -101,3 +109,57 @@ class ScalableResNet(tv.ResNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+
+def kd_resnet_stem(k: float) -> int:
+    """The stem width of ``resnetDxK``: 16K channels, at most 32 (RepDistiller's resnet8x4/resnet32x4)."""
+    return max(1, int(round(min(16 * k, 32))))
+
+
+class ProjectionBlock(nn.Module):
+    """Post-activation basic block whose shortcut is a 1x1 convolution + BN where the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        needs_projection = stride != 1 or in_ch != out_ch
+        self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)) \
+            if needs_projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class KdCifarResNet(nn.Module):
+    """``resnetDxK``: depth D = 6n+2, three stages of n blocks with 16K/32K/64K channels (strides
+    1/2/2) after a 3x3 stem of ``stem`` channels (default ``kd_resnet_stem(K)``)."""
+
+    def __init__(self, depth: int = 56, k: float = 1, stem: int | None = None, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        n = (depth - 2) // 6
+        stem = stem or kd_resnet_stem(k)
+        widths = [max(1, int(round(c * k))) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        stages, in_ch = [], stem
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(*[ProjectionBlock(in_ch if b == 0 else w, w, stride if b == 0 else 1) for b in range(n)]))
+            in_ch = w
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

@@ -23,15 +23,18 @@ def test_round_trip_restores_weights_and_metadata(tmp_path):
     assert torch.equal(model.eval()(x), loaded.eval()(x))
 
 
-def test_plain_state_dict_needs_arch(tmp_path):
+def test_plain_state_dict_needs_arch_unless_the_weights_tell_it(tmp_path):
     model = create_model("resnet20", 10)
     torch.save(model.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(CheckpointError, match="--arch"):
-        load_model(tmp_path / "sd.pt")
+    loaded, spec, _ = load_model(tmp_path / "sd.pt")  # a zoo family: inferred from the keys and shapes
+    assert spec.name == "resnet20" and spec.num_classes == 10
     loaded, spec, _ = load_model(tmp_path / "sd.pt", arch="resnet20")
     assert spec.num_classes == 10
     with pytest.raises(CheckpointError, match="does not fit"):
         load_model(tmp_path / "sd.pt", arch="wrn-16-1")
+    torch.save(create_model("mobilenet_v3_small", 10).state_dict(), tmp_path / "mobile.pt")
+    with pytest.raises(CheckpointError, match="--arch"):  # outside the zoo families nothing is guessed
+        load_model(tmp_path / "mobile.pt")
 
 
 def _foreign_wrn_state(model):
