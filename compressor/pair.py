@@ -20,6 +20,7 @@ from torch import nn
 
 from compressor.device import model_device
 from compressor.errors import ConfigError, ModelError
+from compressor.models.outputs import logits_of, pick_logits
 
 _NOT_A_STAGE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
                 nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.Identity, nn.Dropout, nn.Dropout2d,
@@ -179,7 +180,8 @@ class StageOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.graph is not None:
             out = self.graph(x)
-            return out["logits"], [first_tensor(out[f"stage{i}"]) for i in range(len(self.names))]
+            # the graph skips forward hooks: a model that returns (logits, …) gives its whole output here
+            return logits_of(out["logits"]), [first_tensor(out[f"stage{i}"]) for i in range(len(self.names))]
         logits = (self.caller or self.model)(x)
         return logits, self.taps.take(self.names) if self.taps is not None else []
 
@@ -232,7 +234,7 @@ def _agrees(model: nn.Module, graph: nn.Module, names: Sequence[str], example: t
             out = graph(example)
     finally:
         model.train(was_training), graph.train(was_training)
-    got = [out["logits"]] + [first_tensor(out[f"stage{i}"]) for i in range(len(names))]
+    got = [pick_logits(out["logits"])] + [first_tensor(out[f"stage{i}"]) for i in range(len(names))]
     want = [ref_logits] + ref_maps
     return all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                for a, b in zip(got, want))

@@ -557,3 +557,61 @@ def test_notes_are_json_friendly_one_liners(tmp_path):
     loaded = read_model(tmp_path / "a.pth")
     json.dumps(loaded.notes)
     assert loaded.notes and all("\n" not in n for n in loaded.notes)
+
+
+# ---------------------------------------------------------------- models that return more than logits
+
+
+class DictHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = create_model("wrn-16-1", 10)
+
+    def forward(self, x):
+        return {"logits": self.net(x), "aux": torch.zeros(1)}
+
+
+class NoLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return {"features": self.conv(x)}
+
+
+def test_tuple_and_dict_outputs_become_logits_with_a_note():
+    from compressor.models.outputs import ensure_logits
+
+    x = torch.randn(2, 3, 32, 32)
+    mdistiller_like = lit_resnet("resnet8x4", feats=True)
+    want = mdistiller_like(x)[0]
+    note = ensure_logits(mdistiller_like, x, "the teacher")
+    assert note == "the teacher returns a tuple of 2; atc uses its first element (a 2×100 tensor) as the logits"
+    assert torch.equal(mdistiller_like(x), want)
+    assert ensure_logits(mdistiller_like, x) is None  # idempotent: now it returns logits
+    head = DictHead().eval()
+    assert "its 'logits' entry" in ensure_logits(head, x, "the teacher")
+    assert head(x).shape == (2, 10)
+    assert ensure_logits(create_model("wrn-16-1", 10), x) is None
+
+
+def test_outputs_without_logits_are_refused_in_one_line():
+    from compressor.errors import ModelError
+    from compressor.models.outputs import ensure_logits
+
+    with pytest.raises(ModelError, match=r"returns a dict with keys features; atc needs its logits") as err:
+        ensure_logits(NoLogits(), torch.randn(2, 3, 32, 32), "the teacher")
+    assert "\n" not in str(err.value)
+
+
+def test_traced_stage_outputs_of_a_tuple_returning_teacher_give_logits():
+    from compressor.models.outputs import ensure_logits
+
+    x = torch.randn(2, 3, 32, 32)
+    teacher = lit_resnet("resnet8x4", feats=True)
+    ensure_logits(teacher, x)
+    wrapped, note = stage_outputs(teacher, ["layer1", "layer2", "layer3"], x)
+    with torch.no_grad():
+        logits, maps = wrapped(x)
+    assert torch.allclose(logits, teacher(x), atol=1e-6) and [m.shape[-1] for m in maps] == [32, 16, 8]
