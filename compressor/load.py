@@ -14,9 +14,12 @@ from torch import nn
 
 from compressor.config import Config
 from compressor.data.open import Dataset, open_dataset, open_for_device
+from compressor.device import example_input
 from compressor.errors import ConfigError, DataError
 from compressor.events import SILENT, Reporter
-from compressor.models.checkpoint import load_model
+from compressor.models.checkpoint import read_model
+from compressor.models.importers import not_rebuildable
+from compressor.models.outputs import ensure_logits
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
 
@@ -80,13 +83,18 @@ def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: 
     ``options``: ``arch`` and ``trust`` (reading the checkpoint), ``strict_data`` and the DataLoader
     workers (``speed.workers``, for data streamed to ``device``). ``data``: already loaded by a
     caller that had to look at it first."""
-    teacher, spec, metrics = load_model(teacher_path, arch=options.arch, trust=options.trust)
+    loaded = read_model(teacher_path, arch=options.arch, trust=options.trust)
+    teacher, spec, metrics = loaded.model, loaded.spec, loaded.metrics
     if spec.family == "module":
-        raise ConfigError("a pickled nn.Module teacher cannot be rebuilt by name; save its state_dict and pass --arch")
+        raise ConfigError(not_rebuildable(teacher_path, loaded.source))
+    for note in loaded.notes:
+        reporter.info(f"teacher: {note}")
     if data is None:
         data = load_data(data_spec, cfg, options.strict_data, reporter, device=device, workers=options.speed.workers)
-    spec = replace(spec, input_size=spec.input_size if spec.mean is not None else tuple(data.input_size))
+    spec = replace(spec, input_size=spec.input_size if loaded.stores_input_size else tuple(data.input_size))
     check_compatible(spec, data)
+    if note := ensure_logits(teacher, example_input(teacher, spec.input_size, batch=2), "the teacher"):
+        reporter.info(f"teacher: {note}")
     if spec.class_names and list(spec.class_names) != list(data.class_names):
         reporter.info(f"note: the teacher's classes ({_few(spec.class_names)}) are not named like the data's "
                       f"({_few(data.class_names)}); labels are matched by position, so check that the order is the same")

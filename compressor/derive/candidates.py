@@ -209,13 +209,13 @@ def resolve_init(init: str, spec: ModelSpec) -> str:
 def teacher_ladder(teacher: str | Path, *, arch: str | None = None, trust: bool = False,
                    input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> tuple[ModelSpec, list[Candidate]]:
     """``atc derive``: the student ladder of a checkpoint or of an architecture name."""
-    from compressor.models.checkpoint import load_model
+    from compressor.models.checkpoint import read_model
+    from compressor.models.importers import not_rebuildable
 
     if Path(teacher).exists():
-        model, spec, _ = load_model(teacher, arch=arch, trust=trust, input_size=input_size)
-        if spec.family == "module":
-            raise ModelError(f"{teacher} is a pickled nn.Module, which atc cannot rebuild by name; save its state_dict and pass "
-                             "--arch NAME, or derive from the architecture name itself")
-        return spec, ladder(spec, model)
+        loaded = read_model(teacher, arch=arch, trust=trust, input_size=input_size)
+        if loaded.spec.family == "module":
+            raise ModelError(not_rebuildable(teacher, loaded.source))
+        return loaded.spec, ladder(loaded.spec, loaded.model)
     spec = ModelSpec.for_arch(str(teacher), num_classes, input_size=input_size)
     return spec, ladder(spec)

@@ -28,6 +28,7 @@ from compressor.models.registry import parse_arch
 from compressor.models.spec import ModelSpec
 
 FORMAT = "atc-checkpoint/1"
+ATC_SOURCE = "an atc checkpoint"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, metrics: dict | None = None) -> None:
@@ -179,8 +180,13 @@ class LoadedModel:
     model: nn.Module
     spec: ModelSpec
     metrics: dict
-    source: str = "an atc checkpoint"
+    source: str = ATC_SOURCE
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def stores_input_size(self) -> bool:
+        """Whether the file itself says the input size (atc checkpoints do; a state_dict leaves it to the data)."""
+        return self.source == ATC_SOURCE
 
 
 def read_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,

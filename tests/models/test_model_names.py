@@ -121,7 +121,7 @@ def test_list_models_returns_names_that_parse():
     names = list_models("wrn-16-*")
     assert names[:2] == ["wrn-16-1", "wrn-16-2"] and all(isinstance(n, str) for n in names)
     assert names == [r["names"] for r in describe_models("wrn-16-*")]
-    assert all(parse_arch(n).family == "wrn" for n in names)
+    assert all(parse_arch(n).family == ("wrn_td" if n.endswith("-td") else "wrn") for n in names)
     assert "tv:convnext_tiny" in list_models("convnext") and "wrn-16-1" not in list_models("convnext")
     assert set(list_models("wrn-16-*")) < set(list_models())
 
