@@ -10,7 +10,7 @@ of (seed, epoch, step), and the state holds model, optimizer, scheduler and RNGs
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,7 @@ from compressor.distill.failures import StopFlag, StopRequested, stopped, traini
 from compressor.distill.losses import Objective
 from compressor.distill.runtime import Runtime, Teacher, make_runtime, prepare_runtime
 from compressor.distill.state import TrainingState, run_identity
-from compressor.distill.step import EpochStats
+from compressor.distill.step import EpochStats, GraphStatus, graph_device
 from compressor.errors import ConfigError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
@@ -115,6 +115,7 @@ class FitResult:
     final: dict[str, float]
     seconds: float  # training and evaluation, without compilation
     compile_seconds: float = 0.0
+    cuda_graphs: GraphStatus = field(default_factory=lambda: GraphStatus("off"))  # what the training step ran as
 
 
 def make_batches(data: Dataset, cfg: Config, mean, std, device: torch.device, shard: Shard | None = None,
@@ -143,16 +144,23 @@ def make_batches(data: Dataset, cfg: Config, mean, std, device: torch.device, sh
     return train, test
 
 
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device, fused: bool = True):
+    """SGD with the recipe's schedule. ``fused`` (on CUDA and the CPU): one kernel for the whole update, and
+    each group's rate a 0-d float32 tensor on the device, which the fused kernel reads there and
+    ``MultiStepLR`` fills at a milestone, so one captured CUDA graph sees every rate. Not with fp16 loss
+    scaling: a first step the scaler skips leaves the fused kernel's momentum buffers uninitialised
+    (torch 2.14), so that path keeps the multi-tensor update and a float rate."""
     t = cfg.train
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() > 1 else no_decay).append(p)
     # BN and bias parameters without weight decay, as most WRN reimplementations; the reference
     # code decays everything, a difference of a few hundredths of a point.
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fast = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
-    opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, **fast)
+    fused = fused and device.type in ("cuda", "cpu")
+    groups = [{"params": params, "weight_decay": wd,
+               "lr": torch.full((), t.lr, dtype=torch.float32, device=device) if fused else t.lr}
+              for params, wd in ((decay, t.weight_decay), (no_decay, 0.0))]
+    opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(t.milestones), gamma=t.gamma)
     return opt, sched
 
@@ -196,7 +204,7 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
     amp = autocast_dtype(speed.precision, device)
     channels_last = _place(student, teacher, device, speed)
     train_b, test_b = make_batches(data, cfg, mean, std, device, Shard(rank.rank, rank.world_size), channels_last, speed.workers)
-    opt, sched = make_optimizer(student, cfg, device)
+    opt, sched = make_optimizer(student, cfg, device, fused=amp != torch.float16)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     # Resume: the saved state, or a clean folder.
     state = TrainingState(out_dir, student, opt, sched, scaler, run_identity(cfg, data), writes=rank.is_main)
@@ -217,6 +225,7 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                     stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, teacher, beta_at(cfg, epoch), amp,
                                             stats, reporter, runtime, control)
                     record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
+                    record["cuda_graphs"] = runtime.step.status.state
                 state.epoch_done(record, time.perf_counter() - began)
                 if on_epoch is not None and rank.is_main:
                     on_epoch(record)
@@ -226,9 +235,12 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                     raise stopped(stop.raised, f"after epoch {epoch + 1}", state.path)
     finally:
         runtime.close()  # the hooks, where stage outputs were taken with them
+    graphs = runtime.step.status
+    if graphs.state != "off" or graph_device(device):  # a CPU run has nothing to say
+        reporter.info(f"{tag}: {graphs.line()}" if tag else graphs.line())
     distributed.check_same_weights(student, device)
     _place(student, teacher, None, speed)
-    return FitResult(state.history, state.history[-1] if state.history else {}, state.train_seconds, compile_s)
+    return FitResult(state.history, state.history[-1] if state.history else {}, state.train_seconds, compile_s, graphs)
 
 
 def _place(student: nn.Module, teacher: Teacher | None, device: torch.device | None, speed: Speed) -> bool:
@@ -254,7 +266,7 @@ def _end_of_epoch(epoch: int, student: nn.Module, stats: EpochStats, opt, sched,
     """The epoch's record: training means over all ranks, the rate it trained at, test accuracy."""
     stats = _global_stats(stats, device)
     distributed.sync_buffers(student)  # every rank evaluates and ends with rank 0's BN statistics
-    lr = opt.param_groups[0]["lr"]  # the rate this epoch trained at, before the scheduler moves it
+    lr = float(f"{float(opt.param_groups[0]['lr']):.8g}")  # the rate this epoch trained at (float32), before the scheduler moves it
     sched.step()
     return {"epoch": epoch + 1, "lr": lr, **stats.means(), "train_top1": 100.0 * stats.correct / max(stats.seen, 1),
             **{f"test_{k}": v for k, v in evaluate(student, test_b, amp).to_dict().items()},

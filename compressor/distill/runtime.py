@@ -21,7 +21,7 @@ from compressor import distributed
 from compressor.data.images import DeviceBatches
 from compressor.device import Speed, autocast
 from compressor.distill.losses import Objective
-from compressor.distill.step import EagerStep, GraphedStep, graph_capture_applies, make_step
+from compressor.distill.step import EagerStep, GraphedStep, graph_capture_applies, graph_device, make_step
 from compressor.distributed import unwrap
 from compressor.events import Reporter
 from compressor.pair import AttentionPair, StageOutputs, stage_outputs
@@ -83,7 +83,9 @@ def make_runtime(student: nn.Module, teacher: Teacher | None, objective: Objecti
                       plain_teacher=teacher.model if teacher is not None else None)
     applies, why = graph_capture_applies(device, speed.cuda_graphs, objective, scaler, distributed.current().world_size,
                                          device_resident, compile_)
-    notes += [why] if why else []
+    eager.why_off = why
+    if not applies and speed.cuda_graphs is None and graph_device(device):  # the default fell back: say so
+        notes.append(f"CUDA graphs off ({why}); the eager step runs")
     return Runtime(make_step(eager, applies), s_run, t_run, notes)
 
 

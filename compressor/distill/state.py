@@ -106,7 +106,7 @@ class TrainingState:
                                   "start again without --resume") from exc
         self._check_same_run(st.get("run"))
         self.model.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        load_optimizer_state(self.optimizer, st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])  # the loss scale it had found, not a fresh 65536
@@ -128,3 +128,17 @@ class TrainingState:
             shown = ", ".join(f"{k}={saved[k]} (now {self.identity[k]})" for k in diff[:3])
             raise ConfigError(f"the training state in {self.out_dir} was made with {shown}; resume with the same options and data, "
                               "or pass --overwrite to start again")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict``, keeping each group's tensor learning rate: loading replaces the
+    groups with the saved ones (whose rates were loaded onto the CPU), and a CPU rate would make the
+    fused CUDA kernel read it on the host at every step. The saved value is filled into the device
+    tensor the run made, which is the one a captured CUDA graph reads."""
+    kept = [g["lr"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, lr in zip(optimizer.param_groups, kept):
+        if isinstance(lr, torch.Tensor):
+            value = group["lr"]
+            lr.fill_(float(value) if isinstance(value, torch.Tensor) else value)  # a host number: no copy onto the device
+            group["lr"] = lr
