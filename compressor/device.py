@@ -8,6 +8,7 @@ move the caller's model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def autocast(device: torch.device, enabled: bool | torch.dtype | None, cache: bo
     is cast once per forward either way, so eager results do not change)."""
     if isinstance(enabled, torch.dtype):
         return torch.autocast(device.type, dtype=enabled, cache_enabled=cache)
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta, tests' stand-in for CUDA: fp32 anyway
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled) and device.type == "cuda", cache_enabled=cache)
 
 

@@ -5,6 +5,14 @@ on disk keyed by the files' names, sizes and times, and kept on the training dev
 crop, flip and normalisation run per batch on that device. Batch ``k`` of epoch ``e`` is a pure
 function of (seed, e, k), which is what lets a killed run resume bit-for-bit.
 
+Nothing crosses from the host to the device inside an epoch (``DeviceBatches``): the epoch's
+order and each batch's crop offsets and flips are drawn on the device by the device's own
+generator, seeded per (seed, epoch) and (seed, epoch, step) (seeding is host-side state: no copy,
+no synchronisation). On the CPU these are the CPU generator's numbers as before; on CUDA they are
+CUDA's, so a CUDA run's batches differ from a CPU run's with the same seed, and each repeats on
+its own kind of device. The ``meta`` device (tests' stand-in for CUDA) has no generator and no
+values: its draws take a CPU generator that meta ignores.
+
 Datasets are opened through ``compressor.data.open`` (the layouts it accepts are listed there);
 ``ImageData`` is its in-memory implementation of the ``Dataset`` protocol.
 """
@@ -138,13 +146,14 @@ class Batches:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
-    def _order(self) -> torch.Tensor:
-        n = len(self.y)
+    def _order(self, device: torch.device | None = None) -> torch.Tensor:
+        """This epoch's indices for this rank, made on ``device`` (the CPU by default)."""
+        n, device = len(self.y), device or torch.device("cpu")
         if not self.train:
-            idx = torch.arange(n)
+            idx = torch.arange(n, device=device)
         else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
+            g = device_generator(device).manual_seed(self.seed * 1_000_003 + self.epoch)
+            idx = torch.randperm(n, generator=g, device=device)
         per_rank = len(idx) // self.world_size if self.world_size > 1 and self.train else None
         if per_rank is not None:
             idx = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
@@ -170,9 +179,10 @@ class DeviceBatches(Batches):
                  shard: Shard = Shard(), channels_last: bool = False):
         super().__init__(y.to(device), batch_size, mean, std, device, train, augment, seed, drop_last, shard, channels_last)
         self.x = x.to(device)
+        self._gen: torch.Generator | None = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order().to(self.device)
+        order = self._order(self.device)
         for step in range(self.start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             x = self.x[idx]
@@ -182,18 +192,25 @@ class DeviceBatches(Batches):
         self.start_step = 0
 
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        # One generator per (seed, epoch, step): any batch can be replayed without the ones before it.
-        g = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + step)
+        # The generator seeded per (seed, epoch, step): any batch can be replayed without the ones before it.
+        if self._gen is None:
+            self._gen = device_generator(x.device)
+        g = self._gen.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + step)
         b, _, h, w = x.shape
         pad = self.augment.crop_padding
         if pad:
-            dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-            dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+            dy = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=x.device)
+            dx = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=x.device)
             x = _crop(F.pad(x, (pad, pad, pad, pad)), dy, dx, h, w)
         if self.augment.flip:
-            flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+            flip = torch.rand(b, generator=g, device=x.device) < 0.5
             x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
         return x
+
+
+def device_generator(device: torch.device) -> torch.Generator:
+    """A generator that draws on ``device`` (meta, which has no values, takes a CPU one: its draws ignore it)."""
+    return torch.Generator(device="cpu" if device.type == "meta" else device)
 
 
 def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
