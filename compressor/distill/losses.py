@@ -47,10 +47,15 @@ def attention_map(a: torch.Tensor, p: float = 2, reduce: Reduce = "mean") -> tor
     points) activations are non-negative and both agree; before a ReLU (e.g. WRN's teacher maps,
     taken before the final BN-ReLU) they do not, so odd-p results are not comparable with those
     implementations.
+
+    The map is computed in float32 from a float32 copy of ``a`` (autocast leaves abs, pow and mean of a
+    float32 tensor in float32 on CUDA and the CPU alike), so under bf16 autocast only the activation
+    itself is bf16.
     """
+    a = a if a.dtype == torch.float32 else a.float()  # fp32 whatever the autocast dtype: a bf16 |A|^p and mean lose detail
     energy = a.abs().pow(p)
     pooled = energy.mean(1) if reduce == "mean" else energy.amax(1)
-    return F.normalize(pooled.flatten(1).float(), dim=1)
+    return F.normalize(pooled.flatten(1), dim=1)
 
 
 def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
