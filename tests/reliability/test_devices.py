@@ -252,7 +252,7 @@ def test_input_fit_check_on_the_models_device():
 # ------------------------------------------------------------------ GPU latency in reports, without a GPU
 
 
-def _fake_measure(model, input_size, runtime, batch_size, threads=None, timing=None, onnx_path=None):
+def _fake_measure(model, input_size, runtime, batch_size, threads=None, timing=None, onnx_path=None, fmt=None):
     from compressor.profiling.latency import Latency
 
     ms = 0.5 + 0.01 * batch_size
@@ -272,12 +272,13 @@ def test_gpu_figures_assemble_entries_with_a_fake_timer():
 
     models = [("teacher", _Watched(), None), ("student", _Watched(), None)]
     entries, meta_ = gpu_figures(models, SIZE, cuda=True, ort_cuda=False, measure=_fake_measure, device_name="Fake GPU")
-    assert [[(r["runtime"], r["batch_size"]) for r in e["runs"]] for e in entries] == [[("torch-cuda", 1), ("torch-cuda", 256)]] * 2
+    torch_runs = [("torch-cuda", 1), ("torch-cuda", 256), ("torch-cuda-graph", 1), ("torch-cuda-graph", 256)]
+    assert [[(r["runtime"], r["batch_size"]) for r in e["runs"]] for e in entries] == [torch_runs] * 2
     assert entries[0]["device"] == "Fake GPU" and entries[0]["runs"][1]["median_ms"] == pytest.approx(3.06)
-    assert meta_["gpu"]["runtimes"] == ["torch-cuda"] and meta_["gpu"]["batch_sizes"] == [1, 256]
+    assert meta_["gpu"]["runtimes"] == ["torch-cuda", "torch-cuda-graph"] and meta_["gpu"]["batch_sizes"] == [1, 256]
     assert any("CUDAExecutionProvider" in n for n in meta_["gpu_notes"])  # why onnxruntime's CUDA is missing
     entries, meta_ = gpu_figures(models, SIZE, cuda=True, ort_cuda=True, measure=_fake_measure, device_name="Fake GPU")
-    assert [r["runtime"] for r in entries[1]["runs"]] == ["torch-cuda", "torch-cuda", "ort-cuda", "ort-cuda"]
+    assert [r["runtime"] for r in entries[1]["runs"]] == ["torch-cuda"] * 2 + ["torch-cuda-graph"] * 2 + ["ort-cuda"] * 2
     assert meta_["gpu_notes"] == []
 
 
@@ -315,8 +316,8 @@ def test_report_with_fake_gpu_timings_shows_them():
     d = _report(*gpu_figures([("t", _Watched(), None), ("s", _Watched(), None)], SIZE, cuda=True, ort_cuda=False,
                              measure=_fake_measure, device_name="Fake GPU")).to_dict()
     assert d["teacher"]["gpu_latency"]["runs"][0]["runtime"] == "torch-cuda"
-    assert [r[:4] for r in gpu_rows(d)] == [["t", "teacher", "torch-cuda", "1"], ["t", "teacher", "torch-cuda", "256"],
-                                           ["s", "student", "torch-cuda", "1"], ["s", "student", "torch-cuda", "256"]]
+    assert [r[:4] for r in gpu_rows(d)] == [[m, role, rt, bs] for m, role in (("t", "teacher"), ("s", "student"))
+                                            for rt in ("torch-cuda", "torch-cuda-graph") for bs in ("1", "256")]
     md = markdown(d)
     assert "## GPU latency" in md and "Fake GPU" in md and "CUDAExecutionProvider" in md
 
@@ -329,7 +330,8 @@ def test_profile_gpu_section(monkeypatch):
     assert "gpu_latency" not in p.to_dict() and "no CUDA device" in p.gpu_notes[0]
     p = summary.profile_model(model, "m", SIZE, runtimes=(), gpu=True, ort_cuda=False, measure=_fake_measure, device_name="Fake GPU")
     d = p.to_dict()
-    assert [(r["runtime"], r["batch_size"]) for r in d["gpu_latency"]["runs"]] == [("torch-cuda", 1), ("torch-cuda", 256)]
+    assert [(r["runtime"], r["batch_size"]) for r in d["gpu_latency"]["runs"]] == [
+        ("torch-cuda", 1), ("torch-cuda", 256), ("torch-cuda-graph", 1), ("torch-cuda-graph", 256)]
     assert any("onnxruntime-gpu" in n for n in p.gpu_notes)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # detection, not injection
     assert summary.profile_model(model, "m", SIZE, runtimes=()).gpu_latency is None
