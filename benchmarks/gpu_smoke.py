@@ -7,7 +7,9 @@ derive its students, a compress dry run, compress WRN-16-1 with AT+KD and INT8, 
 two-cell β sweep, profile, export and report. A failed step does not stop the steps that do not
 need its output; those that do are marked skipped. The JSON (written atomically) holds the device
 and versions, the command, every step's command, seconds, checks and error, and the accuracies of
-teacher, student and INT8 student. Exit code 0 when every step passed, 1 otherwise, 2 when the
+teacher, student and INT8 student, and what the teacher's and the student's training steps ran as
+(``cuda_graphs``: captured with the number of captures, off with why, failed with the error; on
+CUDA anything but one capture fails the step). Exit code 0 when every step passed, 1 otherwise, 2 when the
 script cannot run here (no CUDA GPU, no data). The last line printed is a one-line summary.
 
 It talks to atc only through its command line and the files atc writes. ``--device cpu`` (for the
@@ -111,6 +113,20 @@ def check_report(report: dict[str, Any], min_top1: float, *, int8: bool = True, 
             elif not _number(fp32):
                 fails.append("report.json: int8.top1_fp32 missing")
     return checks, fails
+
+
+def graph_failures(graphs: dict[str, Any] | None, device: str, what: str) -> list[str]:
+    """On CUDA the training step must have run as one CUDA graph captured once; elsewhere it only has to say
+    what it ran as."""
+    if not graphs or graphs.get("state") is None:
+        return [f"{what} does not say whether it ran as a CUDA graph"]
+    if device != "cuda":
+        return []
+    if graphs["state"] != "captured":
+        return [f"{what} did not run as a CUDA graph ({graphs['state']}: {graphs.get('why') or 'no reason given'})"]
+    if graphs.get("captures") != 1:
+        return [f"{what} was captured {graphs.get('captures')} times, not once"]
+    return []
 
 
 def _number(v: Any) -> bool:
@@ -237,6 +253,9 @@ def build_steps(a: argparse.Namespace, data: Path, work: Path, results: dict[str
             checks.update(epochs=last.get("epoch"), images_per_s=last.get("images_per_s"), train_loss=last.get("train_loss"))
             if last.get("epoch") != a.epochs:
                 fails.append(f"metrics.jsonl ends at epoch {last.get('epoch')}, not {a.epochs}")
+            graphs = {"state": last.get("cuda_graphs"), "captures": last.get("cuda_graph_captures")}
+            checks["cuda_graphs"] = results["teacher_cuda_graphs"] = graphs
+            fails += graph_failures(graphs, dev, "the teacher's training step (metrics.jsonl)")
         checks["top1"] = results["teacher"] = top1
         if top1 is None:
             fails.append("no test top-1 in teacher.pt.state/metrics.jsonl or on stderr")
@@ -283,6 +302,9 @@ def build_steps(a: argparse.Namespace, data: Path, work: Path, results: dict[str
             fails.append(f"the INT8 model {comp / q['path']} missing")
         results["student"] = checks.get("student_top1")
         results["int8"] = checks.get("int8_top1")
+        graphs = (((report.get("students") or [{}])[0]).get("distill") or {}).get("cuda_graphs")
+        checks["cuda_graphs"] = results["student_cuda_graphs"] = graphs
+        fails += graph_failures(graphs, dev, "the student's training step (report.json distill.cuda_graphs)")
         results["teacher_in_compress"] = checks.get("teacher_top1")
         return checks, fails
 
@@ -483,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                    "target_seconds": TARGET_SECONDS},
         "steps": records,
         "accuracies": {"teacher": results.get("teacher"), "student": results.get("student"), "int8": results.get("int8")},
+        # whether each training step ran as a CUDA graph, and how often it was captured (once per run on CUDA)
+        "cuda_graphs": {"teacher": results.get("teacher_cuda_graphs"), "student": results.get("student_cuda_graphs")},
         "total_seconds": total, "passed": passed,
     }
     write_json_atomic(out, payload)

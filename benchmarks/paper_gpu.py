@@ -371,12 +371,29 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def images_per_s(history: list[dict[str, Any]]) -> float | None:
-    """Median over epochs of atc's per-epoch training images/s (the first epoch is left out when there are
-    more: it carries cuDNN autotuning and allocator warm-up)."""
+    """atc's training images/s over the whole run: all images over all training seconds, epoch 1 included.
+    Every epoch trains the same images, so this is the harmonic mean of the per-epoch rates. Epoch 1
+    carries cuDNN autotuning, the CUDA graph's warm-up and capture and the allocator's warm-up: they
+    are part of what a run costs, so they are counted (``steady_images_per_s`` leaves epoch 1 out)."""
     rates = [h["images_per_s"] for h in history if h.get("images_per_s")]
-    if len(rates) > 1:
-        rates = rates[1:]
+    return len(rates) / sum(1 / r for r in rates) if rates else None
+
+
+def steady_images_per_s(history: list[dict[str, Any]]) -> float | None:
+    """Median of the per-epoch rates after epoch 1 (None with one epoch): the rate once warm."""
+    rates = [h["images_per_s"] for h in history[1:] if h.get("images_per_s")]
     return statistics.median(rates) if rates else None
+
+
+def graph_record(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the cell's training step ran as, from metrics.jsonl: the last epoch's state and the number of
+    captures of the process that trained it, and how many epochs ran as a captured graph (None for
+    metrics from before atc recorded it)."""
+    known = [h for h in history if "cuda_graphs" in h]
+    if not known:
+        return None
+    return {"state": known[-1]["cuda_graphs"], "captures": known[-1].get("cuda_graph_captures"),
+            "epochs_captured": sum(h["cuda_graphs"] == "captured" for h in known), "epochs": len(history)}
 
 
 def collect(cells: list[Cell], root: Path) -> dict[str, dict[str, Any]]:
@@ -398,10 +415,20 @@ def collect(cells: list[Cell], root: Path) -> dict[str, dict[str, Any]]:
                     entry["status"] = "partial"
         entry["epochs_done"] = len(history)
         entry["images_per_s"] = images_per_s(history)
+        entry["steady_images_per_s"] = steady_images_per_s(history)
+        entry["cuda_graphs"] = graph_record(history)
         if history:
             entry["final_test_top1"] = history[-1].get("test_top1")
         info[c.name] = entry
     return info
+
+
+def _graph_cell(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "?"
+    if g["state"] == "captured":
+        return f"CUDA graph, {g['captures']} capture(s), {g['epochs_captured']}/{g['epochs']} epochs"
+    return g["state"]
 
 
 def error_of(report: dict[str, Any]) -> float:
@@ -603,11 +630,13 @@ def markdown(result: dict[str, Any]) -> str:
                   f"| {m['jobs']} | {_f(statistics.median(m['concurrent']['per_run_images_per_s']) if m['concurrent']['per_run_images_per_s'] else None, 0)} "
                   f"| {_f(m['concurrent']['images_per_s_sum'], 0)} | {_f(m.get('speedup'))} | "
                   f"{_f(m['concurrent']['wall_seconds'], 0)} |", "",
-                  "images/s: atc's per-epoch training rate (steps only, evaluation excluded), median over epochs; summed over "
-                  "the concurrent runs.", ""]
-    lines += ["### Cells", "", "| cell | status | wall s (all attempts) | images/s (median epoch) | error % |", "|---|---|---|---|---|"]
+                  "images/s: atc's training rate (steps only, evaluation excluded) over all epochs, the first included; "
+                  "summed over the concurrent runs.", ""]
+    lines += ["### Cells", "", "| cell | status | wall s (all attempts) | images/s (all epochs) | images/s (after epoch 1) "
+              "| training step | error % |", "|---|---|---|---|---|---|---|"]
     for name, c in result["cells"].items():
-        lines.append(f"| `{name}` | {c['status']} | {c['wall_seconds']:.0f} | {_f(c.get('images_per_s'), 0)} | {_f(c.get('error'))} |")
+        lines.append(f"| `{name}` | {c['status']} | {c['wall_seconds']:.0f} | {_f(c.get('images_per_s'), 0)} | "
+                     f"{_f(c.get('steady_images_per_s'), 0)} | {_graph_cell(c.get('cuda_graphs'))} | {_f(c.get('error'))} |")
     s = result["summary"]
     lines += ["", f"Cells: {s['done']} of {s['cells']} finished; student cells' summed wall time {s['student_wall_seconds']:.0f} s, "
               f"teachers' {s['teacher_wall_seconds']:.0f} s; wall time of the invocations {s['invocations_wall_seconds']:.0f} s."]
@@ -680,9 +709,11 @@ def measure_jobs(args, cells: list[Cell], deadline: float) -> None:
         began = time.time()
         left = Scheduler(args.out, len(group), deadline, deadline + args.grace, None).run(group)
         wall = time.time() - began
-        rates = [images_per_s(read_jsonl(c.out / "metrics.jsonl")) for c in group]
+        histories = [read_jsonl(c.out / "metrics.jsonl") for c in group]
+        rates = [images_per_s(h) for h in histories]
         return {"wall_seconds": round(wall, 2), "per_run_images_per_s": [r for r in rates if r is not None],
-                "images_per_s_sum": sum(r for r in rates if r is not None), "finished": len(group) - len([c for c in left if c in group])}
+                "images_per_s_sum": sum(r for r in rates if r is not None), "finished": len(group) - len([c for c in left if c in group]),
+                "cuda_graphs": [graph_record(h) for h in histories]}
 
     print(f"measuring throughput: one {student} ← {teacher_arch} AT+KD run, then {args.measure_jobs} at once", flush=True)
     if runs and Scheduler(args.out, 1, deadline, deadline + args.grace, None).run(runs):
@@ -704,8 +735,9 @@ def measure_jobs(args, cells: list[Cell], deadline: float) -> None:
     result = {"jobs": args.measure_jobs, "epochs": args.measure_epochs, "cell": f"{student} ← {teacher_arch} AT+KD",
               "train_images": train_images, "single": single, "concurrent": conc,
               "speedup": conc["images_per_s_sum"] / single["images_per_s"] if single["images_per_s"] else None,
-              "note": "images/s: median per-epoch training rate from atc's metrics.jsonl; images_per_wall_second includes "
-                      "process start, data loading, evaluation, export and latency measurement"}
+              "note": "images/s: training rate over all epochs (the first, with CUDA graph capture, included) from atc's "
+                      "metrics.jsonl; images_per_wall_second includes process start, data loading, evaluation, export and "
+                      "latency measurement"}
     _write_json(path, result)
     print(f"throughput: one run {single['images_per_s']:.0f} img/s; {args.measure_jobs} at once "
           f"{conc['images_per_s_sum']:.0f} img/s summed ({result['speedup']:.2f}×)", flush=True)

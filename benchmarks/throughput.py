@@ -21,8 +21,11 @@ a reference loop against atc's loop, in one process, alternating.
     its rate is the last epoch's ``images_per_s`` from the metrics (the first epoch includes the
     CUDA graph warm-up and capture).
 
-On CUDA (b) runs twice: as ``fit`` runs it (the step captured as a CUDA graph, ``atc``) and as the
-sync-free eager step (``atc_eager``); ``--no-cuda-graphs`` drops the captured one.
+On CUDA (b) runs twice: as ``fit`` runs it (``atc``: the step captured as a CUDA graph where it
+applies) and as the sync-free eager step (``atc_eager``); ``--no-cuda-graphs`` drops the captured
+one. What ``atc`` and the product path actually ran as is read from the step's status after the
+timing (``GraphStatus``: captured with the number of captures and replays, off with why, failed
+with the error) and written to the JSON (``cuda_graphs``, ``product.cuda_graphs``), not assumed.
 
 Both compute the same objective — 0.1·CE + 0.9·KD(T=4) + 1000·Σ AT over the three groups — which
 is checked on one batch before timing. After ``--warmup`` steps of each, ``--rounds`` rounds
@@ -70,7 +73,7 @@ from compressor.device import Speed, autocast, autocast_dtype, pick_device
 from compressor.distill.loop import FitOptions, fit, make_optimizer, objective_from, train_one_epoch
 from compressor.distill.losses import distillation_terms
 from compressor.distill.runtime import Teacher, prepare_runtime
-from compressor.distill.step import GraphedStep
+from compressor.distill.step import GraphStatus
 from compressor.events import Reporter
 from compressor.models import create_model  # noqa: E402
 from compressor.pair import Taps, find_pairs
@@ -192,7 +195,7 @@ class AtcLoop:
         self.batches = DeviceBatches(data.train_x, data.train_y, batch, mean, std, device, True, Augment(4, True), seed=0,
                                      channels_last=cl)
         self.objective = objective_from(cfg, "at+kd")
-        self.opt, _ = make_optimizer(student, cfg, device)  # fused SGD on CUDA, the recipe's weight decay
+        self.opt, _ = make_optimizer(student, cfg, device, fused=self.amp != torch.float16)  # fused SGD, the recipe's weight decay
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         self.teacher = Teacher(teacher, pairs)
         example = next(iter(self.batches))[0][:2]
@@ -202,8 +205,9 @@ class AtcLoop:
         self.epoch = 0
 
     @property
-    def graphed(self) -> bool:
-        return isinstance(self.runtime.step, GraphedStep)
+    def status(self) -> GraphStatus:
+        """What the step ran as so far (captured with the count, off with why, failed with the error)."""
+        return self.runtime.step.status
 
     def _next_epoch(self, steps: int) -> None:
         n = len(self.batches)
@@ -294,7 +298,7 @@ def product_rate(device: torch.device, batch: int, images: int, epochs: int, cud
                 options=FitOptions(speed=Speed(cuda_graphs=cuda_graphs)))
     per_epoch = [h["images_per_s"] for h in r.history]
     return {"images_per_s": per_epoch[-1], "per_epoch": per_epoch, "batch_size": batch, "images": images, "epochs": epochs,
-            "pair": "wrn-16-2 -> wrn-16-1", "method": "at+kd"}
+            "pair": "wrn-16-2 -> wrn-16-1", "method": "at+kd", "cuda_graphs": r.cuda_graphs.to_dict()}
 
 
 class _Quiet(Reporter):
@@ -373,14 +377,13 @@ def main() -> None:
     base = dict(precision=args.precision, channels_last=False if args.no_channels_last else None)
     loops: dict[str, object] = {"reference": ReferenceLoop(*fresh(), pairs, data, mean, std, batch, workers, device)}
     loops["atc_before"] = BeforeLoop(*fresh(), pairs, data, mean, std, batch, device, Speed(**base, cuda_graphs=False), cfg)
-    graphs = gpu and not args.no_cuda_graphs and not args.compile
-    if graphs:
-        loops["atc"] = AtcLoop(*fresh(), pairs, data, mean, std, batch, device, Speed(**base, cuda_graphs=True), cfg)
-        if not loops["atc"].graphed:
-            graphs = False
-            del loops["atc"]
-    eager_key = "atc_eager" if graphs else "atc"
-    loops[eager_key] = AtcLoop(*fresh(), pairs, data, mean, std, batch, device, Speed(**base, compile=args.compile, cuda_graphs=False), cfg)
+    # atc as fit runs it (a CUDA graph where it applies; what it ran as is read from its status after
+    # the timing), and beside it the eager step alone when the graph may have run
+    loops["atc"] = AtcLoop(*fresh(), pairs, data, mean, std, batch, device,
+                           Speed(**base, compile=args.compile, cuda_graphs=False if args.no_cuda_graphs else None), cfg)
+    eager_key = "atc_eager" if gpu and not args.no_cuda_graphs and not args.compile else "atc"
+    if eager_key == "atc_eager":
+        loops[eager_key] = AtcLoop(*fresh(), pairs, data, mean, std, batch, device, Speed(**base, cuda_graphs=False), cfg)
     atc_eager = loops[eager_key]
     if not args.no_parts:
         loops["teacher_forward"] = PartLoop("teacher", *fresh(), atc_eager, cfg, device)
@@ -416,6 +419,8 @@ def main() -> None:
         product = product_rate(device, args.product_batch_size, args.product_images or (CIFAR_TRAIN if gpu else 512), product_epochs,
                                False if args.no_cuda_graphs else None)
 
+    status = loops["atc"].status
+    graphs = status.state == "captured"
     med = {k: statistics.median(v) for k, v in rates.items()}
     ratio = med["atc"] / med["reference"]
     before_ratio = med[eager_key] / med["atc_before"]
@@ -429,8 +434,9 @@ def main() -> None:
     data_desc = "GPU-resident data" if gpu else "device-resident data"
     setups = {"reference": f"fp32 eager, torchvision transforms, DataLoader {workers} workers",
               "atc_before": f"{prec}, {cl}, {data_desc}, eager, hooks, host reads every step (the loop before this change)",
-              "atc": f"{prec}, {cl}, {'fused' if gpu else 'plain'} SGD, {data_desc}, "
-                     + ("whole step as one CUDA graph" if graphs else "torch.compile" if args.compile else "eager") + ", sync-free",
+              "atc": f"{prec}, {cl}, fused SGD, {data_desc}, "
+                     + (f"whole step as one CUDA graph ({status.captures} capture(s), {status.replays} replays)" if graphs
+                        else "torch.compile" if args.compile else f"eager ({status.why or status.state})") + ", sync-free",
               "atc_eager": f"{prec}, {cl}, fused SGD, {data_desc}, eager, sync-free",
               "teacher_forward": f"{args.teacher} forward alone, {prec}, {cl}, inference mode",
               "student_ce_step": f"{args.student} training step alone (CE only), {prec}, {cl}"}
@@ -468,7 +474,7 @@ def main() -> None:
     result = {"teacher": args.teacher, "student": args.student, "method": "at+kd", "batch_size": batch, "steps": steps,
               "rounds": rounds, "warmup": warmup, "reference_workers": workers, "images": len(data.train_y), "data": data.name,
               "device": torch.cuda.get_device_name(device) if gpu else env.get("cpu"), "atc_setup": setups["atc"], "setups":
-              {k: setups[k] for k in loops}, "cuda_graphs": graphs, "images_per_s": med, "per_round": rates, "ratio": ratio,
+              {k: setups[k] for k in loops}, "cuda_graphs": status.to_dict(), "images_per_s": med, "per_round": rates, "ratio": ratio,
               "ratio_vs_before": before_ratio, "product_images_per_s": product["images_per_s"] if product else None,
               "product": product, "peak_gpu_gib": peaks if gpu else None,
               "gmacs_per_image": gmacs_per_image, "gflops_per_image": 2 * gmacs_per_image, "achieved_tflops": achieved_tflops,
@@ -477,7 +483,8 @@ def main() -> None:
               "environment": env}
     fileio.write_json(args.out, result)
     where = torch.cuda.get_device_name(device) if gpu else "CPU (reduced sizes)"
-    prod = f", product path {product['images_per_s']:,.1f} img/s" if product else ""
+    prod = (f", product path {product['images_per_s']:,.1f} img/s ({product['cuda_graphs']['state']}, "
+            f"{product['cuda_graphs']['captures']} capture(s))") if product else ""
     print(f"throughput: atc {med['atc']:,.1f} img/s vs reference {med['reference']:,.1f} img/s = {ratio:.2f}x on {where}, "
           f"{args.teacher} -> {args.student} AT+KD batch {batch}{prod}; wrote {args.out}")
 

@@ -40,7 +40,8 @@ def profile(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C x H x W, e.g. 3x224x224 (default: the checkpoint's, or 3x32x32)."),
     num_classes: int = typer.Option(10, "--num-classes", min=1, help="Classes, for architecture names (ImageNet ResNets default to 1000)."),
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma list of batch sizes."),
-    runtimes: str = typer.Option("ort-cpu,torch-cpu", "--runtimes", help="Comma list: ort-cpu, torch-cpu, ort-cuda, torch-cuda."),
+    runtimes: str = typer.Option("ort-cpu,torch-cpu", "--runtimes", help="Comma list: ort-cpu, torch-cpu, ort-cuda, torch-cuda, torch-cuda-graph "
+                                  "(the forward replayed as a CUDA graph)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for torch and onnxruntime."),
     min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Minimum seconds of timed runs per setting."),
     by_module: bool = typer.Option(False, "--by-module", help="Show GMACs per module."),
@@ -75,9 +76,12 @@ def profile(
         stderr.print(f"note: {note}")
     if prof.gpu_latency:
         gpu_rows = [[lat["runtime"], str(lat["batch_size"]), f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['cold_ms']:.2f}",
-                     f"{100 * lat['cv']:.1f}%", str(lat["runs"]), f"{lat['images_per_s']:,.0f}"] for lat in result["gpu_latency"]["runs"]]
-        stdout.print(table(f"GPU latency ({prof.gpu_latency['device']}, fp32, CUDA events after warm-up)",
-                           ["runtime", "batch", "median ms", "p90 ms", "cold ms", "CV", "runs", "img/s"], gpu_rows))
+                     f"{100 * lat['cv']:.1f}%", str(lat["runs"]), f"{lat['images_per_s']:,.0f}",
+                     f"{lat.get('precision', 'fp32')}, {lat.get('memory_format', 'contiguous')}", lat.get("label", "")]
+                    for lat in result["gpu_latency"]["runs"]]
+        stdout.print(table(f"GPU latency ({prof.gpu_latency['device']}, CUDA events around one call after warm-up)",
+                           ["runtime", "batch", "median ms", "p90 ms", "cold ms", "CV", "runs", "img/s", "arithmetic", "what it is"],
+                           gpu_rows))
     for note in prof.gpu_notes:
         stdout.print(f"[dim]note: {note}[/dim]")
     env = prof.environment

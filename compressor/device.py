@@ -110,6 +110,11 @@ class Speed:
             raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
 
 
+def channels_last_for(speed: Speed, device: torch.device) -> bool:
+    """Whether a run with ``speed`` on ``device`` keeps activations channels_last (None: on CUDA only)."""
+    return device.type == "cuda" if speed.channels_last is None else bool(speed.channels_last)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
     cuda = device.type == "cuda"

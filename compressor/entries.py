@@ -56,9 +56,10 @@ class StudentEntry:
     int8: Int8Entry | None = None
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict(), with CUDA only
     gmacs_conv_linear: float | None = None  # convolutions and matrix products alone (torchvision's convention)
+    distill: dict[str, Any] | None = None  # how it was trained: {"cuda_graphs": GraphStatus.to_dict()}
 
     def to_dict(self) -> dict[str, Any]:
-        return _without_none(asdict(self), ("derived", "int8", "gpu_latency"))
+        return _without_none(asdict(self), ("derived", "int8", "gpu_latency", "distill"))
 
 
 @dataclass

@@ -7,11 +7,15 @@ latency work from CPU copies of the models (``to_onnx``), so the caller's models
 device they are. With ``int8`` each student is also quantized (static QDQ, calibrated on training
 images) and its INT8 accuracy and latency join its entry.
 
-With CUDA present, every model is also timed on the GPU (``profiling.latency.gpu_latency``: torch
-CUDA at batch 1 and a throughput batch, timed with CUDA events after warm-up; onnxruntime's CUDA
-provider too when onnxruntime-gpu is installed). Those figures go to each entry's ``gpu_latency``;
-the CPU figures keep their keys. Without CUDA the entries have no ``gpu_latency`` and
-``latency["gpu_notes"]`` says why.
+With CUDA present, every model is also timed on the GPU (``profiling.latency.gpu_latency``: PyTorch
+at the precision and memory format the students were trained in, at batch 1 and a throughput
+batch, as the eager forward and as a replayed CUDA graph; onnxruntime's CUDA provider too when a
+one-op model truly runs on it). Those figures go to each entry's ``gpu_latency``; the CPU figures
+keep their keys. Without CUDA the entries have no ``gpu_latency`` and ``latency["gpu_notes"]`` says
+why. A GPU timing that fails is a note, never an error after training.
+
+Each student's entry also says what its training step ran as (``distill.cuda_graphs``, from
+``DistilledStudent.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from compressor.data.images import ImageData
 from compressor.derive.candidates import Candidate
+from compressor.device import Speed
 from compressor.distill.student import DistilledStudent
 from compressor.entries import Int8Entry, Measurements, StudentEntry, TeacherEntry
 from compressor.events import SILENT, Reporter
@@ -33,6 +39,7 @@ from compressor.models.spec import ModelSpec
 from compressor.profiling.counts import count_macs, count_params
 from compressor.profiling.latency import (
     GPU_BATCH_SIZES,
+    GpuFormat,
     Latency,
     SpeedUp,
     Timing,
@@ -41,15 +48,17 @@ from compressor.profiling.latency import (
     gpu_latency,
     gpu_status,
     measure_latency,
+    trained_format,
 )
 
 
 def measure(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, students: list[DistilledStudent], candidates: list[Candidate],
             out: Path, *, threads: int | None = None, int8_data: ImageData | None = None, gpu: bool | None = None,
-            reporter: Reporter = SILENT) -> Measurements:
+            speed: Speed | None = None, reporter: Reporter = SILENT) -> Measurements:
     """Export and time every student against the teacher (one teacher export serves them all); with
     ``int8_data`` (the training images that calibrate it) also quantize each student; with CUDA
-    (``gpu``: None = detect) also time every model on the GPU. Paths in the entries are relative to ``out``."""
+    (``gpu``: None = detect) also time every model on the GPU, in the precision and memory format a
+    run with ``speed`` trains in (None: fp32, contiguous). Paths in the entries are relative to ``out``."""
     with tempfile.TemporaryDirectory() as tmp:
         t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
         t_count = count_macs(teacher, t_spec.input_size)
@@ -64,7 +73,8 @@ def measure(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, students: list
                 entry.int8 = int8_entry(t_onnx, res, out / entry.onnx, int8_data, t_spec, t_top1, threads, out, reporter)
             entries.append(entry)
         models = [(t_spec.name, teacher, t_onnx)] + [(s.name, r.model, r.dir / "student.onnx") for s, r in zip(entries, students)]
-        gpu_entries, gpu_meta = gpu_figures(models, t_spec.input_size, threads, cuda=gpu, reporter=reporter)
+        fmt = trained_format(speed) if speed is not None and torch.cuda.is_available() else GpuFormat()
+        gpu_entries, gpu_meta = gpu_figures(models, t_spec.input_size, threads, cuda=gpu, reporter=reporter, fmt=fmt)
     t_gpu, *s_gpu = gpu_entries or [None] * (1 + len(entries))
     for s, g in zip(entries, s_gpu):
         s.gpu_latency = g
@@ -77,11 +87,12 @@ def measure(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, students: list
 def gpu_figures(models: list[tuple[str, nn.Module, Path | None]], input_size: tuple[int, int, int], threads: int | None = None,
                 *, cuda: bool | None = None, ort_cuda: bool | None = None,
                 measure: Callable[..., Latency] | None = None, device_name: str | None = None,
-                reporter: Reporter = SILENT) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """GPU latency of each ``(name, model, onnx file)``: ``([gpu_latency entry per model], latency-section keys)``.
+                reporter: Reporter = SILENT, fmt: GpuFormat = GpuFormat()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """GPU latency of each ``(name, model, onnx file)``: ``([gpu_latency entry per model], latency-section keys)``;
+    the PyTorch runtimes in ``fmt`` (precision, memory format).
 
     Without CUDA the list is empty and the section holds ``gpu_notes`` saying why; with CUDA it
-    holds ``gpu`` (device, runtimes, batch sizes) and the notes of what was left out. ``cuda``,
+    holds ``gpu`` (device, runtimes, batch sizes, format) and the notes of what was left out. ``cuda``,
     ``ort_cuda``, ``measure`` and ``device_name`` stand in for the machine in tests."""
     runtimes, notes = gpu_status(cuda, ort_cuda)
     if not runtimes:
@@ -91,14 +102,17 @@ def gpu_figures(models: list[tuple[str, nn.Module, Path | None]], input_size: tu
     for name, model, onnx_path in models:
         reporter.info(f"{name}: GPU latency ({', '.join(runtimes)}; batch {', '.join(map(str, GPU_BATCH_SIZES))})")
         g = gpu_latency(model, input_size, onnx_path, GPU_BATCH_SIZES, runtimes=runtimes, threads=threads, measure=measure,
-                        device_name=device_name)
+                        device_name=device_name, fmt=fmt)
         device = g.device
         notes += [n for n in g.notes if n not in notes]
         entries.append({k: v for k, v in g.to_dict().items() if k != "notes"})  # notes: once, in the latency section
     for n in notes:
         reporter.info(n)
     return entries, {"gpu": {"device": device, "runtimes": runtimes, "batch_sizes": list(GPU_BATCH_SIZES),
-                             "timing": "CUDA events after warm-up (torch); I/O binding on the GPU (onnxruntime)"},
+                             "precision": fmt.precision, "memory_format": fmt.memory_format,
+                             "timing": "CUDA events around one call after warm-up (torch-cuda: the eager forward, launches "
+                                       "included; torch-cuda-graph: one CUDA-graph replay); I/O binding on the GPU "
+                                       "(onnxruntime, fp32)"},
                      "gpu_notes": notes}
 
 
@@ -119,7 +133,7 @@ def student_entry(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: f
         onnx=str(onnx_path.relative_to(out)), onnx_parity_max_abs_diff={str(k): v for k, v in parity.max_abs_diff.items()},
         onnx_parity_max_rel_diff={str(k): v for k, v in parity.max_rel_diff.items()},
         train_seconds=res.train_seconds, epochs=res.epochs, attention_pairs=res.pairs, init=res.init,
-        gmacs_conv_linear=cand.gmacs_conv_linear)
+        gmacs_conv_linear=cand.gmacs_conv_linear, distill={"cuda_graphs": res.cuda_graphs} if res.cuda_graphs else None)
     if res.spec.plan is not None:  # a derived student: its shape and, after a search, target vs achieved
         plan = res.spec.plan
         search = plan.search.to_dict() if plan.search is not None else {}

@@ -130,7 +130,8 @@ def _measure_and_report(loaded: TeacherAndData, candidates: list[Candidate], don
     t_spec, data = loaded.spec, loaded.data
     try:
         measured = measure(loaded.model, t_spec, done.teacher_top1, done.students, candidates, out, threads=options.threads,
-                           int8_data=data if options.int8 and isinstance(data, ImageData) else None, reporter=reporter)
+                           int8_data=data if options.int8 and isinstance(data, ImageData) else None, speed=options.speed,
+                           reporter=reporter)
         report = build_report(measured, cfg, method, data, options.command)
         _publish_primary(out, done.students[0])
         write_report(out, report)

@@ -22,12 +22,12 @@ from compressor.config import Config
 from compressor.data.images import Augment, Batches, DeviceBatches, ImageData, Shard
 from compressor.data.open import Dataset
 from compressor.data.streaming import StreamingData, make_streaming_batches
-from compressor.device import Speed, autocast_dtype, pick_device
+from compressor.device import Speed, autocast_dtype, channels_last_for, pick_device
 from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
 from compressor.distill.losses import Objective
 from compressor.distill.runtime import Runtime, Teacher, make_runtime, prepare_runtime
 from compressor.distill.state import TrainingState, run_identity
-from compressor.distill.step import EpochStats, GraphStatus, graph_device
+from compressor.distill.step import EpochStats, GraphStatus, graph_capture_applies, graph_device
 from compressor.errors import ConfigError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
@@ -194,14 +194,17 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
     on this rank's shard, evaluation covers the whole test set across ranks, and rank 0 alone
     reports and writes metrics and state."""
     # Setup: device, precision, memory format, batches, optimizer.
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = device or pick_device()
     objective = objective or objective_from(cfg, "none")
     resume, tag, on_epoch = options.resume, options.tag, options.on_epoch
     speed, rank = options.speed or Speed(), distributed.current()
     reporter = reporter if rank.is_main else SILENT  # rank 0 alone reports and writes
     amp = autocast_dtype(speed.precision, device)
+    # --cuda-graphs that cannot be honoured fails here, before anything is written (make_runtime decides again)
+    graph_capture_applies(device, speed.cuda_graphs, objective, True if amp == torch.float16 else None, rank.world_size,
+                          not isinstance(data, StreamingData), speed.compile)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     channels_last = _place(student, teacher, device, speed)
     train_b, test_b = make_batches(data, cfg, mean, std, device, Shard(rank.rank, rank.world_size), channels_last, speed.workers)
     opt, sched = make_optimizer(student, cfg, device, fused=amp != torch.float16)
@@ -225,7 +228,8 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                     stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, teacher, beta_at(cfg, epoch), amp,
                                             stats, reporter, runtime, control)
                     record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
-                    record["cuda_graphs"] = runtime.step.status.state
+                    graphs = runtime.step.status
+                    record |= {"cuda_graphs": graphs.state, "cuda_graph_captures": graphs.captures}
                 state.epoch_done(record, time.perf_counter() - began)
                 if on_epoch is not None and rank.is_main:
                     on_epoch(record)
@@ -252,7 +256,7 @@ def _place(student: nn.Module, teacher: Teacher | None, device: torch.device | N
             if m is not None:
                 m.to(memory_format=torch.contiguous_format)
         return False
-    channels_last = device.type == "cuda" if speed.channels_last is None else speed.channels_last
+    channels_last = channels_last_for(speed, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if device.type == "cuda" and speed.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest

@@ -39,7 +39,8 @@ def train_model(arch: str, data: Dataset, cfg: Config, out_path: str | Path, dev
     result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(), reporter=reporter,
                  options=options)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
-               "data": data.name, "preset": cfg.preset, "epochs": cfg.train.epochs}
+               "data": data.name, "preset": cfg.preset, "epochs": cfg.train.epochs,
+               "cuda_graphs": result.cuda_graphs.to_dict()}
     if result.compile_seconds:
         metrics["compile_seconds"] = result.compile_seconds
     if distributed.is_main():

@@ -32,7 +32,9 @@ class DistilledStudent:
     """A trained student as the measure step needs it: the model (on the CPU), how to rebuild it, the
     folder its files are in, and what its training gave: last-epoch test top-1 (%), the per-epoch
     history, the training seconds (without compilation), how it started (``init``) and the AT pairs
-    it was trained with. ``metrics()`` is the dict stored in its checkpoint."""
+    it was trained with, and what its training step ran as (``cuda_graphs``: ``GraphStatus.to_dict()``,
+    captured with the count, off with why, failed with the first line of the error; None for a
+    checkpoint from before atc recorded it). ``metrics()`` is the dict stored in its checkpoint."""
 
     model: nn.Module
     spec: ModelSpec
@@ -46,12 +48,15 @@ class DistilledStudent:
     init: str | None = None
     pairs: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
+    cuda_graphs: dict[str, Any] | None = None
 
     def metrics(self) -> dict[str, Any]:
         d = {"top1": self.top1, "history": self.history, "train_seconds": self.train_seconds, "method": self.method,
              "teacher": self.teacher, "epochs": self.epochs, "init": self.init, "pairs": self.pairs}
         if self.compile_seconds:
             d["compile_seconds"] = self.compile_seconds
+        if self.cuda_graphs is not None:
+            d["cuda_graphs"] = self.cuda_graphs
         return d
 
     @classmethod
@@ -61,7 +66,7 @@ class DistilledStudent:
         those of the run that reuses it."""
         return cls(model, spec, folder, float(metrics["top1"]), method, teacher, epochs, list(metrics.get("history", [])),
                    metrics.get("train_seconds"), metrics.get("init"), list(metrics.get("pairs", [])),
-                   float(metrics.get("compile_seconds", 0.0)))
+                   float(metrics.get("compile_seconds", 0.0)), metrics.get("cuda_graphs"))
 
 
 def student_dir(out: Path, cand: Candidate, method: str) -> Path:
@@ -98,7 +103,7 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
     done = DistilledStudent(model.cpu(), spec, sdir, result.final["test_top1"], method, t_spec.name, cfg.train.epochs,
                             result.history, result.seconds, init,
                             ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in pairs],
-                            result.compile_seconds)
+                            result.compile_seconds, result.cuda_graphs.to_dict())
     if distributed.is_main():
         save_checkpoint(ckpt, done.model, spec, done.metrics())
     return done

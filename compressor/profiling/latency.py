@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.device import autocast, cpu_copy, onnxruntime, ort_session
+from compressor.device import Speed, autocast, autocast_dtype, channels_last_for, cpu_copy, onnxruntime, ort_session
 from compressor.errors import ConfigError
 
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda", "torch-cuda-graph")
@@ -66,6 +66,13 @@ class GpuFormat:
     @property
     def memory_format(self) -> str:
         return "channels_last" if self.channels_last else "contiguous"
+
+
+def trained_format(speed: Speed) -> GpuFormat:
+    """The arithmetic a CUDA run with ``speed`` trains in (autocast dtype, memory format): what its
+    models are timed in on the GPU. Needs CUDA (bf16 support is asked of the device)."""
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    return GpuFormat.of_run(autocast_dtype(speed.precision, cuda), channels_last_for(speed, cuda))
 
 
 @dataclass

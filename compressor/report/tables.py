@@ -75,7 +75,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-GPU_COLUMNS = ("model", "role", "runtime", "batch", "median ms", "img/s")
+GPU_COLUMNS = ("model", "role", "runtime", "batch", "median ms", "img/s", "arithmetic", "what it is")
 
 
 def gpu_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -85,8 +85,26 @@ def gpu_rows(report: dict[str, Any]) -> list[list[str]]:
     for m, role in models:
         for run in (m.get("gpu_latency") or {}).get("runs", []):
             out.append([m["name"], role, run["runtime"], str(run["batch_size"]), f"{run['median_ms']:.3f}",
-                        f"{run['images_per_s']:,.0f}"])
+                        f"{run['images_per_s']:,.0f}", f"{run.get('precision', 'fp32')}, {run.get('memory_format', 'contiguous')}",
+                        run.get("label", "")])
     return out
+
+
+def graph_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's line on what each student's training step ran as (``distill.cuda_graphs``)."""
+    said = []
+    for s in report["students"]:
+        g = (s.get("distill") or {}).get("cuda_graphs")
+        if not g:
+            continue
+        if g["state"] == "captured":
+            what = f"a CUDA graph ({plural(g['captures'], 'capture')}, {g['replays']:,} replays)"
+        elif g["state"] == "failed":
+            what = f"eager after a failed CUDA graph ({g['why']})"
+        else:
+            what = f"eager ({g['why']})" if g.get("why") else "eager"
+        said.append(f"{s['name']}: {what}")
+    return [f"Training step: {'; '.join(said)}.", ""] if said else []
 
 
 def gpu_lines(report: dict[str, Any]) -> list[str]:
@@ -96,8 +114,9 @@ def gpu_lines(report: dict[str, Any]) -> list[str]:
     if not (table := gpu_rows(report)):
         return [*notes, ""] if notes else []
     gpu = lat.get("gpu", {})
-    return ["## GPU latency", "", f"{gpu.get('device', 'CUDA')}, fp32 (PyTorch's default TF32 convolutions); "
-            f"{gpu.get('timing', 'CUDA events after warm-up')}.", "",
+    return ["## GPU latency", "", f"{gpu.get('device', 'CUDA')}; {gpu.get('timing', 'CUDA events after warm-up')}. "
+            "PyTorch runs in the precision and memory format the students were trained in (fp32 convolutions use "
+            "PyTorch's default TF32).", "",
             "| " + " | ".join(GPU_COLUMNS) + " |", "|" + "---|" * len(GPU_COLUMNS),
             *("| " + " | ".join(r) + " |" for r in table), "", *notes, *([""] if notes else [])]
 
@@ -118,7 +137,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"latency × is the median per-round ratio, (min–max) over rounds.", "",
               *([noisy_latency_note(report), ""] if noisy_latency(report) else []),
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
-              f"onnxruntime {env.get('onnxruntime', '?')}.", "", *gpu_lines(report)]
+              f"onnxruntime {env.get('onnxruntime', '?')}.", "", *graph_lines(report), *gpu_lines(report)]
     return "\n".join(lines)
 
 

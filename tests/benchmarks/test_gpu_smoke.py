@@ -115,6 +115,19 @@ def test_a_failed_step_keeps_its_stderr_and_skips_the_steps_that_need_it(tmp_pat
     assert third["returncode"] == 3 and failed == {"train", "derive", "other"}
 
 
+def test_the_json_says_what_the_training_step_ran_as_and_cuda_needs_one_capture():
+    failures = _load().graph_failures
+    captured = {"state": "captured", "captures": 1, "replays": 900, "why": ""}
+    assert failures(captured, "cuda", "the step") == [] and failures(captured, "cpu", "the step") == []
+    assert failures({**captured, "captures": 3}, "cuda", "the step") == ["the step was captured 3 times, not once"]
+    assert failures({"state": "failed", "captures": 1, "why": "self-check failed: …"}, "cuda", "the step") == [
+        "the step did not run as a CUDA graph (failed: self-check failed: …)"]
+    off = {"state": "off", "captures": 0, "why": "training on cpu, not on a CUDA device"}
+    assert failures(off, "cpu", "the step") == [] and failures(off, "cuda", "the step")[0].startswith("the step did not run")
+    assert failures(None, "cpu", "the step") == ["the step does not say whether it ran as a CUDA graph"]
+    assert failures({"state": None, "captures": None}, "cpu", "the step") == failures(None, "cpu", "the step")
+
+
 @pytest.mark.slow
 def test_whole_sequence_on_cpu_on_tiny_data(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=32)
@@ -133,5 +146,7 @@ def test_whole_sequence_on_cpu_on_tiny_data(tmp_path):
     assert steps["compress"]["checks"]["onnx_parity_max_abs_diff"] < 1e-4
     assert {"torch-cpu/b1", "ort-cpu/b1"} <= set(steps["profile"]["checks"]["latency_ms"])
     assert (work / "compress" / "student.onnx").is_file() and (work / "maps.png").is_file()
+    assert result["cuda_graphs"]["teacher"] == {"state": "off", "captures": 0}
+    assert result["cuda_graphs"]["student"]["state"] == "off" and "cpu" in result["cuda_graphs"]["student"]["why"]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_smoke: 9/9 steps passed in ") and last.endswith(f"on cpu -> {out}")

@@ -177,3 +177,18 @@ def test_script_same_architecture_beta_grid_and_concurrent_throughput(tmp_path):
     assert not (out / "measure").exists()
     again = _script(data, out, *args)
     assert again.returncode == 0 and "+ atc" not in again.stdout and "already measured" in again.stdout
+
+
+def test_images_per_s_counts_epoch_one_and_the_cells_say_what_the_step_ran_as():
+    pg = _module()
+    history = [{"epoch": 1, "images_per_s": 10_000.0, "cuda_graphs": "captured", "cuda_graph_captures": 1},
+               {"epoch": 2, "images_per_s": 40_000.0, "cuda_graphs": "captured", "cuda_graph_captures": 1},
+               {"epoch": 3, "images_per_s": 40_000.0, "cuda_graphs": "captured", "cuda_graph_captures": 1}]
+    # the same images each epoch: all images over all seconds is the harmonic mean, epoch 1 (capture) included
+    assert pg.images_per_s(history) == pytest.approx(3 / (1 / 10_000 + 2 / 40_000)) == pytest.approx(20_000)
+    assert pg.steady_images_per_s(history) == pytest.approx(40_000) and pg.steady_images_per_s(history[:1]) is None
+    assert pg.graph_record(history) == {"state": "captured", "captures": 1, "epochs_captured": 3, "epochs": 3}
+    assert pg._graph_cell(pg.graph_record(history)) == "CUDA graph, 1 capture(s), 3/3 epochs"
+    eager = [{"epoch": 1, "images_per_s": 5.0, "cuda_graphs": "off", "cuda_graph_captures": 0}]
+    assert pg.graph_record(eager)["state"] == "off" and pg._graph_cell(pg.graph_record(eager)) == "off"
+    assert pg.graph_record([{"epoch": 1, "images_per_s": 5.0}]) is None and pg.images_per_s([]) is None

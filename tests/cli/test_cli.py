@@ -36,6 +36,12 @@ def test_train_then_compress_writes_full_output_set(tiny_folder, tmp_path):
     assert s["latency_speedup"] > 0 and s["mac_ratio"] == t["gmacs"] / s["gmacs"]
     assert max(s["onnx_parity_max_abs_diff"].values()) <= 1e-4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # what the training step ran as: said in report.json, metrics.jsonl, the checkpoint and report.md
+    cpu = {"state": "off", "captures": 0, "replays": 0, "why": "training on cpu, not on a CUDA device"}
+    assert s["distill"] == {"cuda_graphs": cpu}
+    assert [json.loads(line)["cuda_graphs"] for line in (out / "metrics.jsonl").read_text().splitlines()] == ["off"] * 2
+    assert load_model(out / "student.pt")[2]["cuda_graphs"] == cpu and load_model(teacher)[2]["cuda_graphs"] == cpu
+    assert "Training step: wrn-10-0.5: eager (training on cpu, not on a CUDA device)." in (out / "report.md").read_text()
 
     model, spec, _ = load_model(out / "student.pt")
     sess = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
@@ -52,3 +58,14 @@ def test_non_empty_out_is_refused(tiny_folder, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "--overwrite" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cuda_graphs_asked_for_where_they_cannot_run_is_a_one_line_error(tiny_folder, tmp_path):
+    out = tmp_path / "teacher.pt"
+    r = run_atc("train", "--arch", "wrn-10-1", "--data", str(tiny_folder), "--preset", "demo", "--epochs", "1",
+                "--device", "cpu", "--cuda-graphs", "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == ["error: --cuda-graphs cannot be honoured here: training on cpu, not on a CUDA device; drop --cuda-graphs "
+                      "to train with the eager step"]
+    assert not out.exists() and not (tmp_path / "teacher.pt.state").exists()  # refused before anything was written

@@ -94,7 +94,8 @@ def test_throughput_benchmark_runs_every_part_on_the_cpu(tmp_path):
     out = json.loads((tmp_path / "t.json").read_text())
     assert set(out["images_per_s"]) == {"reference", "atc_before", "atc", "teacher_forward", "student_ce_step"}
     assert all(v > 0 for v in out["images_per_s"].values()) and out["product_images_per_s"] > 0
-    assert out["batch_size"] == 8 and out["device"] and out["cuda_graphs"] is False
+    cpu = {"state": "off", "captures": 0, "replays": 0, "why": "training on cpu, not on a CUDA device"}
+    assert out["batch_size"] == 8 and out["device"] and out["cuda_graphs"] == cpu and out["product"]["cuda_graphs"] == cpu
     assert "CPU: sync-free loop" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("throughput: atc ")
 
 

@@ -131,3 +131,21 @@ def test_the_probe_model_is_a_valid_one_op_model():
     checker.check_model(onnx.load_from_string(captured["model"]))
     out = ort.InferenceSession(captured["model"], providers=["CPUExecutionProvider"]).run(None, {"x": -np.ones((1, 4), np.float32)})
     assert out[0].tolist() == [[0.0] * 4]
+
+
+def test_gpu_figures_time_every_model_in_the_trained_format_and_say_so():
+    from compressor.measure import gpu_figures
+    from compressor.report.tables import GPU_COLUMNS, gpu_lines, gpu_rows
+
+    models = [("t", _model(), None), ("s", _model(), None)]
+    entries, meta = gpu_figures(models, SIZE, cuda=True, ort_cuda=False, measure=_fake, device_name="Fake GPU",
+                                fmt=GpuFormat("bf16", True))
+    runs = [(r["runtime"], r["precision"], r["memory_format"]) for r in entries[1]["runs"]]
+    assert runs == [("torch-cuda", "bf16", "channels_last")] * 2  # the graph runtime failed: a note, not an error
+    assert (meta["gpu"]["precision"], meta["gpu"]["memory_format"]) == ("bf16", "channels_last")
+    assert any(n.startswith("torch-cuda-graph at batch 1: not timed (RuntimeError") for n in meta["gpu_notes"])
+    report = {"teacher": {"name": "t", "gpu_latency": entries[0]}, "students": [{"name": "s", "gpu_latency": entries[1]}],
+              "latency": meta}
+    assert gpu_rows(report)[0][6:] == ["bf16, channels_last", "eager forward, launches included"]
+    lines = gpu_lines(report)
+    assert "| " + " | ".join(GPU_COLUMNS) + " |" in lines and any("torch-cuda-graph at batch 1: not timed" in n for n in lines)
