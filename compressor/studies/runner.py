@@ -27,11 +27,13 @@ reported with its error (the traceback goes to ``error.txt`` in its folder) and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -40,7 +42,7 @@ from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from compressor import fileio
 from compressor.errors import AtcError, ConfigError, Interrupted, OutputError
@@ -61,14 +63,16 @@ class Engine:
     ``gpus_per_run``: the share of one GPU a run takes, in (0, 1] (None: 1 when there are GPUs, or the
     share that spreads ``jobs`` evenly over them). ``ray``: None (no Ray), ``"local"`` (a Ray started for
     this run) or a cluster address (``auto``, ``HOST:6379``, ``ray://HOST:10001``). ``cpus_per_run``:
-    CPU cores each run reserves (Ray's ``num_cpus``; the torch threads of a worker process).
+    CPU cores each run reserves (Ray's ``num_cpus``) and the torch threads it computes with (None: this
+    process's own thread count, in this process and in worker processes; 1 CPU on Ray). On the CPU the
+    thread count changes the rounding, so results agree across engines when the threads do.
     ``gpus``: GPUs of this node (None: ask torch; 0 when the cells train on the CPU).
     """
 
     jobs: int | None = None
     gpus_per_run: float | None = None
     ray: str | None = None
-    cpus_per_run: int = 1
+    cpus_per_run: int | None = None
     resume: bool = False
     gpus: int | None = None
 
@@ -78,7 +82,7 @@ class Engine:
         if self.gpus_per_run is not None and not 0 < self.gpus_per_run <= 1:
             raise ConfigError(f"--gpus-per-run must be above 0 and at most 1, got {self.gpus_per_run:g}: a sweep run "
                               "trains on one GPU (use atc train --nproc to spread one run over several)")
-        if self.cpus_per_run < 1:
+        if self.cpus_per_run is not None and self.cpus_per_run < 1:
             raise ConfigError(f"CPUs per run must be at least 1, got {self.cpus_per_run}")
 
     @property
@@ -141,11 +145,11 @@ class Blob:
 @dataclass
 class CellContext:
     """What a running cell gets besides its payload: its shared files (``path(name)``), whether it may
-    continue from a saved state (``resume``), the CPU cores it may use, and a dict that lives as long as
+    continue from a saved state (``resume``), the torch threads it runs with, and a dict that lives as long as
     its worker process (to load a teacher once for several cells; key it by the file's ``sha256``)."""
 
     resume: bool
-    cpus: int
+    threads: int | None  # torch threads the cell runs with (None: as this process has them)
     blobs: Mapping[str, Blob]
     scratch: Path  # a private temporary folder, removed when the cell ends
     cache: dict[str, Any]
@@ -189,6 +193,12 @@ def visible_device(index: int, parent: str | None) -> str:
     if parent is None or not parent.strip():
         return str(index)
     return [d.strip() for d in parent.split(",") if d.strip()][index]
+
+
+def _own_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def count_gpus() -> int:
@@ -261,7 +271,7 @@ def _one_line(exc: BaseException) -> str:
     return first if isinstance(exc, AtcError) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
-def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, cpus: int) -> dict[str, Any]:
+def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, threads: int | None) -> dict[str, Any]:
     """Run one cell where this is called; never raises for the cell's own errors: returns
     ``{"status": "done", "value": …}``, or ``failed``/``stopped`` with the error line."""
     began = time.time()
@@ -269,8 +279,8 @@ def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, cpu
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryDirectory(prefix="atc-cell-") as tmp:
-            ctx = CellContext(resume=resume, cpus=cpus, blobs=blobs, scratch=Path(tmp), cache=_PROCESS_CACHE)
+        with tempfile.TemporaryDirectory(prefix="atc-cell-") as tmp, _torch_threads(threads):
+            ctx = CellContext(resume=resume, threads=threads, blobs=blobs, scratch=Path(tmp), cache=_PROCESS_CACHE)
             value = work(task.payload, ctx)
         if not isinstance(value, dict):
             raise TypeError(f"a cell's work must return a dict, got {type(value).__name__}")
@@ -290,24 +300,40 @@ def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, cpu
     return {"status": "done", "value": value, "seconds": seconds, "where": _where()}
 
 
-def _slot_init(env: dict[str, str], blobs: Mapping[str, Blob], cpus: int) -> None:
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads where torch is loaded already (a worker that imports it later
+    reads ``OMP_NUM_THREADS``, which its engine set)."""
+    torch = sys.modules.get("torch")
+    if threads is None or torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _slot_init(env: dict[str, str], blobs: Mapping[str, Blob], threads: int) -> None:
     """A local worker process starts: pin its GPU before anything touches CUDA, take the blobs once."""
     os.environ.update(env)  # torch reads OMP_NUM_THREADS when the cell imports it, CUDA its devices when first used
-    _SLOT.update(blobs=dict(blobs), cpus=cpus)
+    _SLOT.update(blobs=dict(blobs), threads=threads)
     # Idle workers ignore Ctrl-C (the driver handles it); training installs its own handler, which saves the state.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _slot_execute(work: Work, task: Task, resume: bool) -> dict[str, Any]:
-    return execute(work, task, _SLOT["blobs"], resume, _SLOT["cpus"])
+    return execute(work, task, _SLOT["blobs"], resume, _SLOT["threads"])
 
 
-def _ray_execute(work: Work, task: Task, blob_refs: dict[str, tuple[str, str, Any]], resume: bool, cpus: int) -> dict[str, Any]:
+def _ray_execute(work: Work, task: Task, blob_refs: dict[str, tuple[str, str, Any]], resume: bool, threads: int) -> dict[str, Any]:
     import ray
 
     # Ray has set CUDA_VISIBLE_DEVICES to the task's GPU and OMP_NUM_THREADS to its num_cpus.
     blobs = {key: Blob(name, sha, ray.get(ref)) for key, (name, sha, ref) in blob_refs.items()}
-    return execute(work, task, blobs, resume, cpus)
+    return execute(work, task, blobs, resume, threads)
 
 
 # --------------------------------------------------------------------------------------- executors
@@ -349,7 +375,8 @@ class _Processes:
         self.slots = gpu_slots(engine.jobs or 1, gpus, engine.gpus_per_run)
         self.capacity = len(self.slots)
         parent = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self.envs = [{"OMP_NUM_THREADS": str(engine.cpus_per_run)} |
+        self.threads = engine.cpus_per_run or _own_threads()  # as many as a cell in this process would have
+        self.envs = [{"OMP_NUM_THREADS": str(self.threads)} |
                      ({"CUDA_VISIBLE_DEVICES": visible_device(g, parent)} if g is not None else {}) for g in self.slots]
         self.context = multiprocessing.get_context("spawn")
         self.pools: dict[int, ProcessPoolExecutor] = {}
@@ -362,7 +389,7 @@ class _Processes:
     def _pool(self, slot: int) -> ProcessPoolExecutor:
         if slot not in self.pools:
             self.pools[slot] = ProcessPoolExecutor(1, mp_context=self.context, initializer=_slot_init,
-                                                   initargs=(self.envs[slot], self.blobs, self.engine.cpus_per_run))
+                                                   initargs=(self.envs[slot], self.blobs, self.threads))
         return self.pools[slot]
 
     def submit(self, task: Task) -> None:
@@ -452,13 +479,14 @@ class _Ray:
         self.share = share_per_run(engine, cluster_gpus)
         self.capacity = engine.jobs or 1 << 30
         self.refs = {k: (b.name, b.sha256, ray.put(b.data)) for k, b in blobs.items()}  # once, whatever the number of tasks
-        self.remote = ray.remote(_ray_execute).options(num_cpus=engine.cpus_per_run, num_gpus=self.share)
+        self.cpus = engine.cpus_per_run or 1
+        self.remote = ray.remote(_ray_execute).options(num_cpus=self.cpus, num_gpus=self.share)
         self.running: dict[Any, Task] = {}
         reporter.info(f"Ray at {ray.get_runtime_context().gcs_address}: {resources.get('CPU', 0):g} CPUs, {cluster_gpus} GPUs; "
-                      f"each run takes {engine.cpus_per_run} CPU(s)" + (f" and {self.share:g} GPU" if self.share else ""))
+                      f"each run takes {self.cpus} CPU(s)" + (f" and {self.share:g} GPU" if self.share else ""))
 
     def submit(self, task: Task) -> None:
-        self.running[self.remote.remote(self.work, task, self.refs, self.engine.resume, self.engine.cpus_per_run)] = task
+        self.running[self.remote.remote(self.work, task, self.refs, self.engine.resume, self.cpus)] = task
 
     def wait(self) -> list[tuple[Task, dict[str, Any]]]:
         done, _ = self.ray.wait(list(self.running), num_returns=1)

@@ -19,8 +19,8 @@ import pytest
 from compressor.errors import ConfigError, Interrupted, OutputError
 from compressor.studies import runner
 from compressor.studies.runner import CELL_FILE, ERROR_FILE, Blob, Engine, Task, gpu_slots, read_record, run_cells
-from tests.conftest import ROOT
-from tests.runner_cells import echo
+from tests.helpers import ROOT
+from tests.studies.runner_cells import echo
 
 
 def test_runs_land_round_robin_on_a_fake_four_gpu_node():
@@ -147,7 +147,7 @@ DRIVER = """
 import sys
 from pathlib import Path
 from compressor.studies.runner import Engine, Task, run_cells
-from tests.runner_cells import echo
+from tests.studies.runner_cells import echo
 root, resume, release = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 tasks = [Task(f"c{i}", root / f"c{i}", {"name": f"c{i}", "log": str(root / "ran.txt"),
               **({"wait_for": release} if i >= 2 else {})}) for i in range(4)]

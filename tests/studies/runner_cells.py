@@ -35,16 +35,18 @@ def train_digits(payload: dict[str, Any], ctx) -> dict[str, Any]:
     import torch
 
     from compressor.config import load_config
-    from compressor.derive.candidates import choose_students
-    from compressor.pipeline import distill_student, load_teacher_and_data
+    from compressor.derive.candidates import StudentChoice, choose_students
+    from compressor.distill.student import distill_student
+    from compressor.load import load_teacher_and_data
+    from compressor.options import RunOptions
 
     cfg = load_config("demo", payload["overrides"])
     key = ("digits-teacher", ctx.sha256("teacher"))
     if key not in ctx.cache:
         ctx.cache[key] = load_teacher_and_data(ctx.path("teacher"), "digits", cfg)
     loaded = ctx.cache[key]
-    cand = choose_students(loaded.spec, cfg, [payload["student"]])[0]
+    cand = choose_students(loaded.spec, cfg, StudentChoice(names=(payload["student"],)))[0]
     torch.manual_seed(cfg.train.seed)
-    res = distill_student(cand, loaded.model, loaded.spec, loaded.data, cfg, payload["method"], Path(payload["out"]),
-                          torch.device("cpu"), resume=ctx.resume)
-    return {"top1": float(res.metrics["top1"]), "pid": os.getpid()}
+    res = distill_student(cand, loaded, cfg, payload["method"], Path(payload["out"]), torch.device("cpu"),
+                          options=RunOptions(resume=ctx.resume))
+    return {"top1": float(res.top1), "pid": os.getpid()}
