@@ -13,6 +13,7 @@ import traceback
 import typer
 
 from cli import compress, inspect, studies, train
+from cli.common import OptionalValues
 from compressor.errors import AtcError, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -27,7 +28,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show full traceba
 
 for command in (train.train, compress.compress, inspect.derive, inspect.profile, inspect.export, inspect.report,
                 compress.demo, studies.attention, studies.sweep, inspect.models):
-    app.command()(command)
+    app.command(cls=OptionalValues)(command)
 
 
 def run() -> None:

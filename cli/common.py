@@ -19,6 +19,27 @@ if not stdout.is_terminal:
     stdout = Console(width=200)  # pipes and CI logs: keep tables whole instead of truncating cells
 
 
+OPTIONAL_VALUES = {"--ray": "local"}  # options whose value may be left out, and what that means
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """``--ray`` alone (at the end, or before another option) means ``--ray local``: click options cannot
+    take an optional value through Typer, so the missing value is written in before parsing."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
+class OptionalValues(typer.core.TyperCommand):
+    """A command whose ``OPTIONAL_VALUES`` options may be given without their value."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, fill_optional_values(args))
+
+
 def overrides_from(overrides: list[str] | None, **flags: Any) -> dict[str, dict[str, Any]]:
     """``--set`` overrides, then named flags (``section__key=value``; None = not given), as preset sections."""
     from compressor.config import parse_overrides

@@ -78,12 +78,25 @@ def attention(
 
 def sweep(
     teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint (atc format)."),
-    data: str = typer.Option(..., "--data", help="Dataset folder, 'digits' or 'shapes'."),
-    out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder; finished runs in it are reused."),
+    data: str = typer.Option(..., "--data", help="Dataset folder, 'digits' or 'shapes'; with --ray, a path every node can read."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder: one folder per run under runs/ (with --ray, on "
+                             "storage every node shares)."),
     grid: List[str] = typer.Option(..., "--grid", help="Axis key=v1,v2 (repeatable), e.g. beta=0,1e3 or attention=sum-p:2,gradient."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per cell (preset seed, +1, …)."),
-    jobs: int = typer.Option(1, "--jobs", min=1, help="Runs trained at once, each in its own process (small students leave a GPU "
-                             "mostly idle; several side by side raise the total throughput)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs trained at once, each in its own worker process, placed "
+                                       "round-robin on the GPUs of this machine (default 1; with --ray, as many as the cluster "
+                                       "has room for)."),
+    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="Share of one GPU each run takes, e.g. "
+                                                 "0.25 packs four small students per GPU (default: 1, or what spreads --jobs "
+                                                 "evenly over the GPUs)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]", help="Run each cell as a Ray task: on the cluster at "
+                                      "ADDRESS (auto, HOST:6379, ray://HOST:10001) or, without one, on a Ray started for this "
+                                      "sweep on this machine (needs pip install 'atc[ray]')."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="CPU cores each run reserves and computes with (Ray's "
+                                          "num_cpus and torch threads, at least 1), also its DataLoader processes for data "
+                                          "too large for the device (default: this process's threads; 1 CPU with --ray)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a sweep in --out: finished runs are kept, half-done ones go "
+                                "on from their last epoch, failed ones are tried again."),
     preset: str = PRESET,
     overrides: Optional[List[str]] = SET,
     method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
@@ -95,19 +108,30 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Print sweep.json to stdout."),
 ) -> None:
     """Distil a student for every grid cell and seed; write sweep.json, sweep.md and sweep.png."""
+    from compressor.device import Speed
     from compressor.options import RunOptions
     from compressor.report.tables import table_rows
+    from compressor.studies.runner import Engine
     from compressor.studies.sweep import run_sweep
 
     merged = overrides_from(overrides, train__epochs=epochs, data__train_subset=train_subset)
-    result = run_sweep(teacher, data, out, preset, grid, overrides=merged, seeds=seeds, method=method, student=student, jobs=jobs,
-                       options=RunOptions(device=device, trust=trust_checkpoint, arch=arch, command=command_line()),
-                       reporter=RichReporter())
+    engine = Engine(jobs=jobs, gpus_per_run=gpus_per_run, ray=ray,
+                    cpus_per_run=None if workers is None else max(1, workers))
+    options = RunOptions(device=device, speed=Speed(workers=workers), resume=resume, trust=trust_checkpoint, arch=arch,
+                         command=command_line())
+    result = run_sweep(teacher, data, out, preset, grid, overrides=merged, seeds=seeds, method=method, student=student,
+                       engine=engine, options=options, reporter=RichReporter())
     if as_json:
         print(json.dumps(result, indent=2))
-        return
-    head, rows = table_rows(result)
-    t = result["teacher"]
-    stdout.print(table(f"{result['data']['name']}: {t['name']} ({t['top1']:.2f}%) → {result['student']}, {result['method']}, "
-                        f"{plural(result['epochs'], 'epoch')}; top-1 %", head, rows))
-    stderr.print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
+    else:
+        head, rows = table_rows(result)
+        t = result["teacher"]
+        stdout.print(table(f"{result['data']['name']}: {t['name']} ({t['top1']:.2f}%) → {result['student']}, {result['method']}, "
+                           f"{plural(result['epochs'], 'epoch')}; top-1 %", head, rows))
+        stderr.print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
+    if result["failed"]:
+        first = result["failed"][0]
+        stderr.print(f"error: {len(result['failed'])} run(s) did not finish ({first['run']}: {first['error']}"
+                     f"{'; …' if len(result['failed']) > 1 else ''}); tracebacks in each run's error.txt; fix the cause and "
+                     "run the same command with --resume", highlight=False, markup=False)
+        raise typer.Exit(1)

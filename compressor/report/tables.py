@@ -176,4 +176,8 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Top-1 in %; std is the sample standard deviation over seeds. At β = 0 the attention mechanism has no "
               "effect, so those cells share one run per seed.", ""]
+    if result.get("failed"):
+        lines += [f"**Runs that did not finish ({len(result['failed'])})**, left out of the table above; the same command with "
+                  "`--resume` tries them again:", ""]
+        lines += [f"- `{f['run']}` ({f['status']}): {f['error']}" for f in result["failed"]] + [""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ checked, so every cell trains against the same teacher even if the original file
 Data is never shipped: a payload names where the data is and every worker reads it there.
 
 A cell that finishes writes ``cell.json`` into its folder (from the worker, atomically). With
-``Engine(resume=True)`` a cell with a ``cell.json`` is not run again (its recorded value is returned),
+``run_cells(..., resume=True)`` a cell with a ``cell.json`` is not run again (its recorded value is returned),
 and a half-done one is run again with ``context.resume`` set so that it continues from its own saved
 state; without it, a cell folder that already holds anything is refused. A cell that raises is
 reported with its error (the traceback goes to ``error.txt`` in its folder) and the others go on.
@@ -73,7 +73,6 @@ class Engine:
     gpus_per_run: float | None = None
     ray: str | None = None
     cpus_per_run: int | None = None
-    resume: bool = False
     gpus: int | None = None
 
     def __post_init__(self) -> None:
@@ -144,15 +143,19 @@ class Blob:
 
 @dataclass
 class CellContext:
-    """What a running cell gets besides its payload: its shared files (``path(name)``), whether it may
-    continue from a saved state (``resume``), the torch threads it runs with, and a dict that lives as long as
-    its worker process (to load a teacher once for several cells; key it by the file's ``sha256``)."""
+    """What a running cell gets besides its payload: its key and folder, its shared files (``path(name)``),
+    whether it may continue from a saved state (``resume``), the torch threads it runs with, a reporter
+    (the caller's in this process, silent elsewhere) and a dict that lives as long as its worker process
+    (to load a teacher once for several cells; key it by the file's ``sha256``)."""
 
+    key: str
+    folder: Path | None
     resume: bool
     threads: int | None  # torch threads the cell runs with (None: as this process has them)
     blobs: Mapping[str, Blob]
     scratch: Path  # a private temporary folder, removed when the cell ends
-    cache: dict[str, Any]
+    cache: dict[Any, Any]
+    reporter: Reporter = SILENT
 
     def sha256(self, name: str) -> str:
         return self._blob(name).sha256
@@ -256,7 +259,7 @@ def _refuse_earlier_runs(tasks: Sequence[Task]) -> None:
 
 # ------------------------------------------------------------------------------- inside the worker
 
-_PROCESS_CACHE: dict[str, Any] = {}  # per process: what cells of one worker share (a loaded teacher)
+_PROCESS_CACHE: dict[Any, Any] = {}  # per process: what cells of one worker share (a loaded teacher)
 _SLOT: dict[str, Any] = {}  # per worker process of the local pool: its blobs and threads
 
 
@@ -271,7 +274,13 @@ def _one_line(exc: BaseException) -> str:
     return first if isinstance(exc, AtcError) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
-def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, threads: int | None) -> dict[str, Any]:
+def runner_cache() -> dict[Any, Any]:
+    """This process's cache that cells see as ``context.cache`` (a caller may seed it with what it loaded)."""
+    return _PROCESS_CACHE
+
+
+def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, threads: int | None,
+            reporter: Reporter = SILENT) -> dict[str, Any]:
     """Run one cell where this is called; never raises for the cell's own errors: returns
     ``{"status": "done", "value": …}``, or ``failed``/``stopped`` with the error line."""
     began = time.time()
@@ -280,7 +289,7 @@ def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, thr
         folder.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="atc-cell-") as tmp, _torch_threads(threads):
-            ctx = CellContext(resume=resume, threads=threads, blobs=blobs, scratch=Path(tmp), cache=_PROCESS_CACHE)
+            ctx = CellContext(task.key, folder, resume, threads, blobs, Path(tmp), _PROCESS_CACHE, reporter)
             value = work(task.payload, ctx)
         if not isinstance(value, dict):
             raise TypeError(f"a cell's work must return a dict, got {type(value).__name__}")
@@ -341,13 +350,13 @@ def _ray_execute(work: Work, task: Task, blob_refs: dict[str, tuple[str, str, An
 class _Sequential:
     """Cells one after another in this process."""
 
-    def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine):
-        self.work, self.blobs, self.engine = work, blobs, engine
+    def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine, resume: bool, reporter: Reporter):
+        self.work, self.blobs, self.engine, self.resume, self.reporter = work, blobs, engine, resume, reporter
         self.capacity = 1
         self.ready: list[tuple[Task, dict[str, Any]]] = []
 
     def submit(self, task: Task) -> None:
-        self.ready.append((task, execute(self.work, task, self.blobs, self.engine.resume, self.engine.cpus_per_run)))
+        self.ready.append((task, execute(self.work, task, self.blobs, self.resume, self.engine.cpus_per_run, self.reporter)))
 
     def wait(self) -> list[tuple[Task, dict[str, Any]]]:
         out, self.ready = self.ready, []
@@ -367,10 +376,10 @@ class _Processes:
     """One single-worker process pool per slot, so that every slot keeps its GPU (and its loaded teacher)
     and a worker that dies takes only its own cell with it."""
 
-    def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine, reporter: Reporter):
+    def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine, resume: bool, reporter: Reporter):
         import multiprocessing
 
-        self.work, self.blobs, self.engine = work, blobs, engine
+        self.work, self.blobs, self.engine, self.resume = work, blobs, engine, resume
         gpus = count_gpus() if engine.gpus is None else engine.gpus
         self.slots = gpu_slots(engine.jobs or 1, gpus, engine.gpus_per_run)
         self.capacity = len(self.slots)
@@ -395,7 +404,7 @@ class _Processes:
     def submit(self, task: Task) -> None:
         busy = {slot for slot, _ in self.running.values()}
         slot = next(s for s in range(self.capacity) if s not in busy)
-        self.running[self._pool(slot).submit(_slot_execute, self.work, task, self.engine.resume)] = (slot, task)
+        self.running[self._pool(slot).submit(_slot_execute, self.work, task, self.resume)] = (slot, task)
 
     def wait(self) -> list[tuple[Task, dict[str, Any]]]:
         done, _ = wait_futures(list(self.running), return_when=FIRST_COMPLETED)
@@ -461,9 +470,9 @@ def start_local_ray(cpus: int | None = None, gpus: int | None = None):
 class _Ray:
     """Cells as Ray tasks: ``num_gpus`` = the run's GPU share, ``num_cpus`` = its CPUs; the blobs put once."""
 
-    def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine, reporter: Reporter):
+    def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine, resume: bool, reporter: Reporter):
         self.ray = ray = import_ray()
-        self.work, self.engine = work, engine
+        self.work, self.engine, self.resume = work, engine, resume
         self.owned = not ray.is_initialized()
         if self.owned and engine.ray == "local":
             start_local_ray(gpus=0 if engine.gpus == 0 else None)
@@ -486,7 +495,7 @@ class _Ray:
                       f"each run takes {self.cpus} CPU(s)" + (f" and {self.share:g} GPU" if self.share else ""))
 
     def submit(self, task: Task) -> None:
-        self.running[self.remote.remote(self.work, task, self.refs, self.engine.resume, self.cpus)] = task
+        self.running[self.remote.remote(self.work, task, self.refs, self.resume, self.cpus)] = task
 
     def wait(self) -> list[tuple[Task, dict[str, Any]]]:
         done, _ = self.ray.wait(list(self.running), num_returns=1)
@@ -514,10 +523,13 @@ class _Ray:
 
 # -------------------------------------------------------------------------------------- the runner
 
-def run_cells(work: Work, tasks: Sequence[Task], engine: Engine = Engine(), *, shared: Mapping[str, Blob] | None = None,
-              reporter: Reporter = SILENT, on_outcome: Callable[[Outcome], None] | None = None,
-              keep_launching: Callable[[], bool] | None = None) -> list[Outcome]:
+def run_cells(work: Work, tasks: Sequence[Task], engine: Engine = Engine(), *, resume: bool = False,
+              shared: Mapping[str, Blob] | None = None, reporter: Reporter = SILENT,
+              on_outcome: Callable[[Outcome], None] | None = None, keep_launching: Callable[[], bool] | None = None) -> list[Outcome]:
     """Run every task not finished yet; return one ``Outcome`` per task, in the order given.
+
+    ``resume``: a task whose folder holds a ``cell.json`` is reused, the others run with ``context.resume``
+    set (they continue from what they saved); without it a task folder that holds anything is refused.
 
     ``shared``: files every cell reads (``context.path(name)``), e.g. ``{"teacher": Blob.read(path)}``.
     ``on_outcome`` is called as each cell ends (to rewrite a results file); once ``keep_launching()``
@@ -529,12 +541,12 @@ def run_cells(work: Work, tasks: Sequence[Task], engine: Engine = Engine(), *, s
     folders = [str(t.folder) for t in tasks if t.folder is not None]
     if len(set(folders)) != len(folders):
         raise ValueError("run_cells: two tasks share a folder")
-    if not engine.resume:
+    if not resume:
         _refuse_earlier_runs(tasks)
     outcomes: dict[str, Outcome] = {}
     todo: list[Task] = []
     for t in tasks:
-        record = read_record(t.folder, t.key) if engine.resume and t.folder is not None else None
+        record = read_record(t.folder, t.key) if resume and t.folder is not None else None
         if record is not None:
             outcomes[t.key] = Outcome(t.key, "reused", record["value"], seconds=record.get("seconds"), where=record.get("where"))
         else:
@@ -544,7 +556,7 @@ def run_cells(work: Work, tasks: Sequence[Task], engine: Engine = Engine(), *, s
     for o in outcomes.values():
         _notify(on_outcome, o)
     if todo:
-        _schedule(work, todo, engine, dict(shared or {}), reporter, outcomes, on_outcome, keep_launching, len(tasks))
+        _schedule(work, todo, engine, resume, dict(shared or {}), reporter, outcomes, on_outcome, keep_launching, len(tasks))
     return [outcomes[k] for k in keys]
 
 
@@ -553,15 +565,12 @@ def _notify(on_outcome: Callable[[Outcome], None] | None, outcome: Outcome) -> N
         on_outcome(outcome)
 
 
-def _make_executor(work: Work, blobs: dict[str, Blob], engine: Engine, reporter: Reporter):
-    if engine.kind == "ray":
-        return _Ray(work, blobs, engine, reporter)
-    if engine.kind == "processes":
-        return _Processes(work, blobs, engine, reporter)
-    return _Sequential(work, blobs, engine)
+def _make_executor(work: Work, blobs: dict[str, Blob], engine: Engine, resume: bool, reporter: Reporter):
+    kind = {"ray": _Ray, "processes": _Processes, "sequential": _Sequential}[engine.kind]
+    return kind(work, blobs, engine, resume, reporter)
 
 
-def _schedule(work: Work, todo: list[Task], engine: Engine, blobs: dict[str, Blob], reporter: Reporter,
+def _schedule(work: Work, todo: list[Task], engine: Engine, resume: bool, blobs: dict[str, Blob], reporter: Reporter,
               outcomes: dict[str, Outcome], on_outcome, keep_launching, total: int) -> None:
     """Launch ready cells (every ``after`` cell finished) while the executor has room, in the order given;
     record each result as it arrives."""
@@ -569,7 +578,7 @@ def _schedule(work: Work, todo: list[Task], engine: Engine, blobs: dict[str, Blo
     for t in todo:
         if missing := [d for d in t.after if d not in known]:
             raise ValueError(f"run_cells: {t.key!r} waits for {missing[0]!r}, which is not a task")
-    executor = _make_executor(work, blobs, engine, reporter)
+    executor = _make_executor(work, blobs, engine, resume, reporter)
     pending, running = list(todo), set()
 
     def record(task: Task, result: dict[str, Any], status: str | None = None) -> None:

@@ -20,7 +20,7 @@ import json
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,14 +31,15 @@ from compressor.config import SECTIONS, Config, load_config, parse_attention, pa
 from compressor.derive.candidates import Candidate, StudentChoice, choose
 from compressor.device import pick_device
 from compressor.distill.loop import make_batches
-from compressor.distill.student import DistilledStudent, distill_student
+from compressor.distill.student import distill_student
 from compressor.errors import ConfigError, OutputError
 from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
-from compressor.load import load_teacher_and_data
+from compressor.load import TeacherAndData, load_teacher_and_data
 from compressor.options import RunOptions
 from compressor.report.plots import plot_sweep
 from compressor.report.tables import sweep_markdown as markdown
+from compressor.studies.runner import Blob, CellContext, Engine, Task, import_ray, run_cells, runner_cache
 
 SHORTHAND = {"beta": "distill.beta", "p": "distill.p", "method": "distill.method", "alpha": "distill.alpha",
              "at_form": "distill.at_form", "at_layers": "distill.at_layers", "beta_schedule": "distill.beta_schedule",
@@ -146,18 +147,21 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
 
 def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
               *, overrides: dict[str, dict[str, Any]] | None = None, seeds: int = 1, method: str | None = None,
-              student: str | None = None, jobs: int = 1, options: RunOptions = RunOptions(),
+              student: str | None = None, engine: Engine = Engine(), options: RunOptions = RunOptions(),
               reporter: Reporter = SILENT) -> dict[str, Any]:
-    """Train every (cell, seed) not finished yet in ``out_dir``, then write sweep.json, sweep.md and sweep.png.
+    """Train every (cell, seed) of the grid in ``out_dir``, then write sweep.json, sweep.md and sweep.png.
 
-    ``jobs`` > 1 trains that many runs at once, each in its own process with its own copy of the
-    teacher and the data: small students leave a GPU (or a many-core CPU) mostly idle, and
-    several of them side by side raise the total throughput. From ``options``: ``device``, how to
-    read the teacher (``arch``, ``trust``) and the ``command`` recorded in sweep.json."""
-    if jobs < 1:
-        raise ConfigError("--jobs must be at least 1")
+    ``engine`` says where the runs train (``compressor.studies.runner``): one after another here, in
+    worker processes placed on the node's GPUs (small students leave a GPU mostly idle, and several side by
+    side raise the total throughput), or as Ray tasks. The teacher is read once and every run gets the same
+    bytes. ``options.resume`` continues a sweep in ``out_dir``: finished runs are kept, half-done ones go on
+    from their last epoch, failed ones are tried again; without it an ``out_dir`` holding runs is refused.
+    A run that fails is reported (sweep.json ``failed``) and the others go on. From ``options`` also:
+    ``device``, how to read the teacher (``arch``, ``trust``) and the ``command`` recorded in sweep.json."""
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    if engine.ray is not None:
+        import_ray()  # before an hour of loading and checking, not after
     axes = parse_grid(grid)
     base = {s: dict(v) for s, v in (overrides or {}).items()}
     base_cfg = load_config(preset, base)
@@ -167,14 +171,14 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
-    out.mkdir(parents=True, exist_ok=True)
     loaded = load_teacher_and_data(teacher_path, data_spec, base_cfg, options, reporter=reporter)
-    teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
+    teacher_bytes = Blob.read(teacher_path)  # what every run trains against, even if the file changes meanwhile
+    t_spec, data = loaded.spec, loaded.data
     mean, std = loaded.mean_std
     dev = pick_device(options.device)
     cand = choose(loaded, base_cfg, StudentChoice(names=(student,) if student else ()), reporter)[0]
     _, test_b = make_batches(data, base_cfg, mean, std, dev)
-    t_top1 = evaluate(teacher.to(dev), test_b).top1
+    t_top1 = evaluate(loaded.model.to(dev), test_b).top1
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name} ({len(data.test_y)} test images)")
     cells = expand(axes)
     seed_list = [base_cfg.train.seed + i for i in range(seeds)]
@@ -183,60 +187,43 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
         for s in seed_list:
             cfg, slug = cell_config(preset, base, cell, method, s)
             schedule.append((cell, s, cfg, out / "runs" / slug / f"seed-{s}"))
-    unique = {str(d) for *_, d in schedule}
-    reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(schedule)} runs, {len(unique)} distinct (β = 0 cells share theirs); "
-                  f"student {cand.name}, method {method}")
-    todo = {}
-    for i, (cell, s, cfg, run_dir) in enumerate(schedule, 1):
-        if str(run_dir) not in todo:
-            _check_run_config(run_dir, cfg, method, cand.name)
-            todo[str(run_dir)] = (i, cell, s, cfg, run_dir)
-    runs = RunSpec(teacher_path, data_spec, base_cfg, options, cand, method)
-    if jobs > 1 and len(todo) > 1:
-        done = _train_in_processes(runs, list(todo.values()), jobs, len(schedule), reporter)
-    else:
-        done = {}
-        for key, (i, cell, s, cfg, run_dir) in todo.items():
-            reporter.info(f"[{i}/{len(schedule)}] {_describe(cell)} seed {s}")
-            torch.manual_seed(s)
-            res = distill_student(cand, loaded, cfg, method, run_dir, dev, options=RESUMING, reporter=reporter)
-            done[key] = _run_entry(res, s)
+    spec = RunSpec(data_spec, base_cfg, options, cand, method)
+    tasks: dict[str, Task] = {}
     for cell, s, cfg, run_dir in schedule:
-        entry = dict(done[str(run_dir)])
-        entry["dir"], entry["checkpoint"] = str(Path(entry["dir"]).relative_to(out)), str(Path(entry["checkpoint"]).relative_to(out))
-        cell.runs.append(entry)
+        key = run_dir.relative_to(out).as_posix()
+        if key not in tasks:
+            _check_run_config(run_dir, cfg, method, cand.name)
+            tasks[key] = Task(key, run_dir, SweepRun(spec, cfg, s))
+    reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(schedule)} runs, {len(tasks)} distinct (β = 0 cells share theirs); "
+                  f"student {cand.name}, method {method}")
+    out.mkdir(parents=True, exist_ok=True)
+    cache_teacher(spec, teacher_bytes.sha256, loaded)  # runs in this process reuse the teacher and data loaded here
+    engine = replace(engine, gpus=0) if dev.type == "cpu" else engine
+    outcomes = {o.key: o for o in run_cells(train_run, list(tasks.values()), engine, resume=options.resume,
+                                            shared={"teacher": teacher_bytes}, reporter=reporter)}
+    for cell, s, cfg, run_dir in schedule:
+        o = outcomes[run_dir.relative_to(out).as_posix()]
+        if o.finished:
+            cell.runs.append(o.value)
+    failed = [{"run": o.key, "status": o.status, "error": o.error} for o in outcomes.values() if not o.finished]
     result = {
         "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": options.command,
-        "teacher": {"name": t_spec.name, "top1": t_top1, "path": str(teacher_path)}, "student": cand.name, "method": method,
-        "preset": base_cfg.preset, "epochs": base_cfg.train.epochs, "seeds": seed_list,
+        "teacher": {"name": t_spec.name, "top1": t_top1, "path": str(teacher_path), "sha256": teacher_bytes.sha256},
+        "student": cand.name, "method": method, "preset": base_cfg.preset, "epochs": base_cfg.train.epochs, "seeds": seed_list,
         "grid": {a.key: list(a.values) for a in axes},
         "data": {"name": data.name, "train": len(data.train_y), "test": len(data.test_y)},
         "cells": [{"params": c.params, **summarize(c.top1s), "runs": c.runs} for c in cells],
-        "config": base_cfg.to_dict(),
+        "failed": failed, "config": base_cfg.to_dict(),
     }
     write_outputs(out, result)
     return result
 
 
-def _describe(cell: Cell) -> str:
-    return " ".join(f"{k}={v}" for k, v in cell.params.items())
-
-
-RESUMING = RunOptions(resume=True)  # a sweep run whose student is finished is reused, an unfinished one continues
-
-
-def _run_entry(res: DistilledStudent, seed: int) -> dict[str, Any]:
-    """One finished run as sweep.json lists it (absolute paths; made relative by the caller)."""
-    return {"seed": seed, "top1": float(res.top1), "dir": str(res.dir), "train_seconds": res.train_seconds,
-            "checkpoint": str(res.dir / "student.pt")}
-
-
 @dataclass(frozen=True)
 class RunSpec:
-    """What a worker process needs to train runs of a sweep on its own: where the teacher and data
-    are and how to load them, the student and the method."""
+    """What every run of a sweep shares: where the data is and how to read it, the sweep's base recipe, the
+    student and the method. The teacher travels apart, as bytes (``runner.Blob``)."""
 
-    teacher_path: str | Path
     data_spec: str | Path
     base_cfg: Config
     options: RunOptions
@@ -244,35 +231,42 @@ class RunSpec:
     method: str
 
 
-_WORKER: dict[str, Any] = {}  # per worker process: the teacher and data it loaded once
+@dataclass(frozen=True)
+class SweepRun:
+    """One run: the shared spec, the recipe of its cell and its seed."""
+
+    spec: RunSpec
+    cfg: Config
+    seed: int
 
 
-def _train_one(runs: RunSpec, cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
-    if "loaded" not in _WORKER:
-        _WORKER["loaded"] = load_teacher_and_data(runs.teacher_path, runs.data_spec, runs.base_cfg, runs.options)
-    loaded = _WORKER["loaded"]
-    torch.manual_seed(seed)
-    res = distill_student(runs.student, loaded, cfg, runs.method, run_dir, pick_device(runs.options.device), options=RESUMING)
-    return _run_entry(res, seed)
+def _teacher_key(spec: RunSpec, sha256: str) -> tuple:
+    return ("sweep-teacher", sha256, str(spec.data_spec), json.dumps(spec.base_cfg.to_dict()["data"], sort_keys=True),
+            spec.options.arch, spec.options.trust)
 
 
-def _train_in_processes(runs: RunSpec, todo: list, jobs: int, total: int, reporter: Reporter) -> dict[str, dict[str, Any]]:
-    """Train ``todo`` on ``jobs`` worker processes (spawned: CUDA cannot be forked); report each run as it ends."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    reporter.info(f"training {len(todo)} runs, {min(jobs, len(todo))} at a time in separate processes")
-    done: dict[str, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_one, runs, cfg, s, run_dir): (i, cell, s, run_dir) for i, cell, s, cfg, run_dir in todo}
-        for fut in as_completed(futures):
-            i, cell, s, run_dir = futures[fut]
-            done[str(run_dir)] = entry = fut.result()
-            reporter.info(f"[{i}/{total}] {_describe(cell)} seed {s}: top-1 {entry['top1']:.2f}%")
-    return done
+def cache_teacher(spec: RunSpec, sha256: str, loaded: TeacherAndData) -> None:
+    runner_cache()[_teacher_key(spec, sha256)] = loaded
 
 
-def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> None:
+def train_run(run: SweepRun, ctx: CellContext) -> dict[str, Any]:
+    """Train one run of a sweep wherever the runner put it; the teacher and data are loaded once per process."""
+    spec = run.spec
+    run_dir = ctx.folder
+    _check_run_config(run_dir, run.cfg, spec.method, spec.student.name, write=True)
+    key = _teacher_key(spec, ctx.sha256("teacher"))
+    if key not in ctx.cache:
+        ctx.cache[key] = load_teacher_and_data(ctx.path("teacher"), spec.data_spec, spec.base_cfg, spec.options)
+    torch.manual_seed(run.seed)
+    res = distill_student(spec.student, ctx.cache[key], run.cfg, spec.method, run_dir, pick_device(spec.options.device),
+                          options=replace(spec.options, resume=ctx.resume), reporter=ctx.reporter)
+    student = f"{ctx.key}/{res.dir.relative_to(run_dir).as_posix()}"  # relative to the sweep folder, as the key is
+    return {"seed": run.seed, "top1": float(res.top1), "dir": student, "train_seconds": res.train_seconds,
+            "checkpoint": f"{student}/student.pt"}
+
+
+def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str, write: bool = False) -> None:
+    """A run folder trained with other settings is refused; ``write``: record the settings of a new one."""
     want = {"config": cfg.to_dict(), "method": method, "student": student}
     path = run_dir / "run.json"
     if path.exists():
@@ -280,7 +274,7 @@ def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str) -> 
         if have != json.loads(json.dumps(want)):
             raise OutputError(f"{run_dir} was trained with other settings (preset, --set, --method or --student changed); "
                               "use another --out for this sweep or delete that folder")
-    else:
+    elif write:
         fileio.write_json(path, want)
 
 

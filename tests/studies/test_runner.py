@@ -85,7 +85,7 @@ def test_a_raising_cell_is_reported_while_the_others_finish(tmp_path, jobs):
     assert sorted(o.key for o in seen) == ["c0", "c1", "c2", "c3"]
     # --resume runs only the failed cell again; fixed, it finishes and its error file goes.
     tasks[1] = Task("c1", tasks[1].folder, {"name": "c1"})
-    again = run_cells(echo, tasks, Engine(jobs=jobs, gpus=0, resume=True))
+    again = run_cells(echo, tasks, Engine(jobs=jobs, gpus=0), resume=True)
     assert [o.status for o in again] == ["reused", "done", "reused", "reused"]
     assert not (tasks[1].folder / ERROR_FILE).exists() and again[0].value == out[0].value
 
@@ -96,15 +96,15 @@ def test_earlier_runs_are_refused_without_resume_and_reused_with_it(tmp_path):
     run_cells(echo, tasks, Engine())
     with pytest.raises(OutputError, match="pass --resume"):
         run_cells(echo, tasks, Engine())
-    out = run_cells(echo, tasks, Engine(resume=True))
+    out = run_cells(echo, tasks, Engine(), resume=True)
     assert [o.status for o in out] == ["reused"] * 3 and log.read_text().split() == ["c0", "c1", "c2"]
     # A damaged record names its file and field instead of being trusted.
     (tasks[2].folder / CELL_FILE).write_text(json.dumps({"key": "c2", "value": [1]}))
     with pytest.raises(OutputError, match=r"cell\.json: field 'value'.*delete"):
-        run_cells(echo, tasks, Engine(resume=True))
+        run_cells(echo, tasks, Engine(), resume=True)
     (tasks[2].folder / CELL_FILE).write_text(json.dumps({"key": "c9", "value": {}}))
     with pytest.raises(OutputError, match="records cell 'c9', not 'c2'"):
-        run_cells(echo, tasks, Engine(resume=True))
+        run_cells(echo, tasks, Engine(), resume=True)
 
 
 def test_dependencies_run_first_and_a_failed_one_skips_its_dependents(tmp_path):
@@ -151,7 +151,7 @@ from tests.studies.runner_cells import echo
 root, resume, release = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 tasks = [Task(f"c{i}", root / f"c{i}", {"name": f"c{i}", "log": str(root / "ran.txt"),
               **({"wait_for": release} if i >= 2 else {})}) for i in range(4)]
-out = run_cells(echo, tasks, Engine(jobs=2, gpus=0, resume=resume))
+out = run_cells(echo, tasks, Engine(jobs=2, gpus=0), resume=resume)
 print(" ".join(o.status for o in out))
 """
 

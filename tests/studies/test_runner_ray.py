@@ -1,13 +1,18 @@
-"""The sweep runner on a real local Ray (``ray.init(num_cpus=2)``, one session for the module): the same
-per-cell top-1 as one cell after another, a raising cell reported while the others finish, and the
-teacher's bytes put into the object store once."""
+"""The sweep runner on a real local Ray (``ray.init(num_cpus=2)``, one session for the module): a 4-cell
+digits sweep with the same per-cell top-1 as ``--jobs 1`` and the teacher's bytes put into the object store
+once; a raising cell reported while the others finish."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from compressor.studies.runner import CELL_FILE, Blob, Engine, Task, read_record, run_cells
-from tests.studies.runner_cells import echo, train_digits
+from compressor.options import RunOptions
+from compressor.studies.runner import CELL_FILE, Engine, Task, read_record, run_cells
+from compressor.studies.sweep import run_sweep
+from tests.studies.runner_cells import echo
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra atc[ray] (part of atc[dev])")
 
@@ -28,25 +33,29 @@ def digits_teacher(tiny_teacher):
     return tiny_teacher("wrn-10-1", classes=10, class_names=[str(i) for i in range(10)])
 
 
-def _digits_tasks(root, methods=("none", "kd", "at", "at+kd")):
-    overrides = {"train": {"epochs": 1, "batch_size": 64}, "data": {"train_subset": 320, "test_subset": 200}}
-    return [Task(m, root / m, {"overrides": overrides, "student": "wrn-10-1", "method": m, "out": str(root / m)}) for m in methods]
+DIGITS = dict(overrides={"train": {"epochs": 1, "batch_size": 64}, "data": {"train_subset": 320, "test_subset": 200}},
+              seeds=1, method="at", student="wrn-10-1", options=RunOptions(device="cpu"))
 
 
-def test_a_four_cell_digits_sweep_on_ray_matches_one_cell_after_another(local_ray, digits_teacher, tmp_path, monkeypatch):
-    shared = {"teacher": Blob.read(digits_teacher)}
-    # One torch thread per run in both: on the CPU the thread count changes the rounding.
-    one = run_cells(train_digits, _digits_tasks(tmp_path / "one"), Engine(gpus=0, cpus_per_run=1), shared=shared)
+def test_a_four_cell_digits_sweep_on_ray_matches_jobs_1(local_ray, digits_teacher, tmp_path, monkeypatch):
+    """``atc sweep --ray`` against ``--jobs 1``, one torch thread per run in both (on the CPU the thread count
+    changes the rounding): the same per-cell top-1, and the teacher put into the object store once."""
+    grid = ["beta=0,1e2,1e3,3e3"]
+    one = run_sweep(digits_teacher, "digits", tmp_path / "one", "demo", grid, engine=Engine(cpus_per_run=1), **DIGITS)
     puts = []
     real_put = local_ray.put
     monkeypatch.setattr(local_ray, "put", lambda value, **kw: puts.append(len(value)) or real_put(value, **kw))
-    on_ray = run_cells(train_digits, _digits_tasks(tmp_path / "ray"), Engine(ray="local", gpus=0, cpus_per_run=1), shared=shared)
-    assert [o.status for o in on_ray] == ["done"] * 4, [o.error for o in on_ray]
-    assert [o.value["top1"] for o in on_ray] == [o.value["top1"] for o in one]
-    assert len({o.value["top1"] for o in one}) > 1  # the methods really trained different students
-    assert puts == [digits_teacher.stat().st_size]  # the teacher went into the object store once, not per task
-    assert all(o.value["pid"] != on_ray[0].value["pid"] or o is on_ray[0] for o in on_ray[:2])  # two workers at once
-    assert all((tmp_path / "ray" / m / CELL_FILE).exists() for m in ("none", "kd", "at", "at+kd"))
+    on_ray = run_sweep(digits_teacher, "digits", tmp_path / "ray", "demo", grid, engine=Engine(ray="local", cpus_per_run=1),
+                       **DIGITS)
+    assert on_ray["failed"] == [] and [c["n"] for c in on_ray["cells"]] == [1, 1, 1, 1]
+    tops = [c["runs"][0]["top1"] for c in on_ray["cells"]]
+    assert tops == [c["runs"][0]["top1"] for c in one["cells"]]
+    assert len(set(tops)) > 1  # the cells really trained different students
+    assert puts == [digits_teacher.stat().st_size]  # the teacher's bytes went into the object store once, not per task
+    pids = {json.loads((tmp_path / "ray" / r["dir"]).parent.parent.joinpath(CELL_FILE).read_text())["where"]
+            for c in on_ray["cells"] for r in c["runs"]}
+    assert len(pids) >= 2  # Ray workers (two at once: num_cpus=2, one CPU per run), none of them this process
+    assert not any(f"pid {os.getpid()}" in p for p in pids)
 
 
 def test_a_raising_cell_on_ray_is_reported_while_the_others_finish(local_ray, tmp_path):
@@ -57,5 +66,5 @@ def test_a_raising_cell_on_ray_is_reported_while_the_others_finish(local_ray, tm
     assert out[2].error == "ValueError: bad grid point"
     assert all(o.value["threads"] == "1" for o in out if o.value)  # Ray gives each task its num_cpus as threads
     assert read_record(tasks[3].folder, "c3")["value"]["name"] == "c3"
-    again = run_cells(echo, tasks[:2], Engine(ray="local", resume=True))
+    again = run_cells(echo, tasks[:2], Engine(ray="local"), resume=True)
     assert [o.status for o in again] == ["reused", "reused"]

@@ -8,6 +8,7 @@ import pytest
 
 from compressor.errors import ConfigError, OutputError
 from compressor.options import RunOptions
+from compressor.studies.runner import Engine
 from compressor.studies.sweep import Cell, cell_config, expand, parse_grid, summarize
 from tests.helpers import make_image_folder
 
@@ -91,17 +92,21 @@ def test_tiny_sweep_end_to_end_and_rerun(teacher_and_data, tmp_path):
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "sweep.json").read_text())["cells"] == json.loads(json.dumps(cells))
 
-    # Re-run through the CLI: nothing is trained again.
+    # Re-run through the CLI: refused without --resume; with it nothing is trained again.
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("student.pt")}
-    r = CliRunner().invoke(app, ["sweep", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--preset", "demo",
-                                 "--grid", grid[0], "--grid", grid[1], "--seeds", "2", "--method", "at", "--student", "wrn-10-1",
-                                 "--epochs", "1", "--set", "train.batch_size=8", "--json"])
+    argv = ["sweep", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--preset", "demo", "--grid", grid[0],
+            "--grid", grid[1], "--seeds", "2", "--method", "at", "--student", "wrn-10-1", "--epochs", "1",
+            "--set", "train.batch_size=8", "--json"]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 1 and isinstance(r.exception, OutputError) and "pass --resume" in str(r.exception)
+    r = CliRunner().invoke(app, argv + ["--resume"])
     assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cells"] == json.loads(json.dumps(cells))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("student.pt")} == mtimes and len(mtimes) == 6
     # Changing the recipe under the same --out is refused instead of mixing results.
     with pytest.raises(OutputError, match="other settings"):
         run_sweep(teacher, data, out, "demo", grid, overrides={"train": {"epochs": 1, "batch_size": 8, "lr": 0.2}}, seeds=1,
-                  method="at", student="wrn-10-1")
+                  method="at", student="wrn-10-1", options=RunOptions(resume=True))
 
 
 def test_jobs_train_runs_in_processes_with_the_same_results(teacher_and_data, tmp_path):
@@ -111,10 +116,10 @@ def test_jobs_train_runs_in_processes_with_the_same_results(teacher_and_data, tm
     kwargs = dict(overrides={"train": {"epochs": 1, "batch_size": 8}}, seeds=1, method="at", student="wrn-10-1",
                   options=RunOptions(device="cpu"))
     one = run_sweep(teacher, data, tmp_path / "one", "demo", ["beta=1e2,1e3"], **kwargs)
-    two = run_sweep(teacher, data, tmp_path / "two", "demo", ["beta=1e2,1e3"], jobs=2, **kwargs)
+    two = run_sweep(teacher, data, tmp_path / "two", "demo", ["beta=1e2,1e3"], engine=Engine(jobs=2), **kwargs)
     assert [c["params"] for c in two["cells"]] == [c["params"] for c in one["cells"]]
     # Each process seeds the run as the sequential loop does, so the CPU results agree exactly.
     assert [r["top1"] for c in two["cells"] for r in c["runs"]] == [r["top1"] for c in one["cells"] for r in c["runs"]]
     assert all((tmp_path / "two" / r["checkpoint"]).exists() for c in two["cells"] for r in c["runs"])
     with pytest.raises(ConfigError, match="--jobs must be at least 1"):
-        run_sweep(teacher, data, tmp_path / "three", "demo", ["beta=1e2"], jobs=0, **kwargs)
+        Engine(jobs=0)
