@@ -18,8 +18,11 @@ script only plans, schedules and reads the JSON files atc writes (``report.json`
    part 1's AT cell, reused).
 
 A plan of cells: the teachers (``atc train``) first, then the student cells (``atc compress``)
-that need them; up to ``--jobs`` cells run at once as separate processes on the one GPU (small
-WRNs are bound by kernel launches and leave most of an H100 idle). A cell with a report.json (a
+that need them, on atc's sweep runner (``compressor/studies/runner.py``, the one ``atc sweep`` uses):
+up to ``--jobs`` cells at once, each in a worker process placed round-robin on the GPUs of the
+machine (small WRNs are bound by kernel launches and leave most of an H100 idle, so several share
+one GPU; ``--gpus-per-run`` sets the share), or as Ray tasks with ``--ray [ADDRESS]`` (every node
+needs this checkout at the same path, and the data and ``--out`` on shared storage). A cell with a report.json (a
 teacher with its checkpoint) is skipped; a half-done one continues with ``--resume``. After
 ``--time-budget`` seconds no new cell starts; cells still running get ``--grace`` more seconds,
 then SIGTERM (atc saves its training state, and the next invocation resumes them). The script
@@ -82,8 +85,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATC = [sys.executable, "-m", "cli"]
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the library beside it
+    sys.path.insert(0, str(ROOT))
+
+from compressor.errors import Interrupted  # noqa: E402  (after the path line above)
+from compressor.events import Reporter  # noqa: E402
+from compressor.studies.runner import Engine, Outcome, Task, run_cells  # noqa: E402
+
+ATC = [sys.executable, "-m", "cli"]
 METHODS = ("none", "kd", "at", "at+kd")
 LABELS = {"none": "student alone", "kd": "KD", "at": "AT", "at+kd": "AT+KD"}
 DEFAULT_BETA, DEFAULT_ATTENTION = 1000.0, "sum-p:2"  # the cifar preset's (cells with these omit the flags)
@@ -263,97 +273,127 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-class Scheduler:
-    """Runs cells as subprocesses, at most ``jobs`` at once, in plan order as their dependencies finish."""
+class CellFailed(Exception):
+    """An atc command ended without its cell's output (a non-zero exit, say)."""
 
-    def __init__(self, root: Path, jobs: int, launch_until: float, stop_at: float, on_finish=None):
-        self.root, self.jobs, self.launch_until, self.stop_at = root, jobs, launch_until, stop_at
-        self.on_finish = on_finish or (lambda: None)
-        self.running: dict[str, tuple[subprocess.Popen, float, Cell, bool, Any]] = {}
-        self.failed: set[str] = set()
-        self.interrupted: set[str] = set()
 
-    def _launch(self, cell: Cell) -> None:
-        argv = cell.command()
-        resumed = "--resume" in argv
-        print("+ atc " + shlex.join(argv), flush=True)
-        _log_dir(self.root).mkdir(parents=True, exist_ok=True)
-        log = open(_log_dir(self.root) / f"{cell.name}.log", "a")
-        log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} atc {shlex.join(argv)}\n")
+@dataclass(frozen=True)
+class Launch:
+    """What a worker needs to run one cell: the cell, its atc arguments, the plan's folder, when to stop it."""
+
+    cell: Cell
+    argv: list[str]
+    root: Path
+    stop_at: float
+
+
+def run_cell(launch: Launch, ctx) -> dict[str, Any]:
+    """Run one cell's atc command where the runner put it (a worker process on its GPU, or a Ray task); its output
+    goes to ``log/NAME.log``, each attempt to ``log/NAME.json``. At ``stop_at``, or when the worker is told to stop
+    (SIGTERM, Ctrl-C, a Ray cancel), the command gets SIGTERM (atc saves its training state), 30 s later SIGKILL."""
+    cell, root = launch.cell, launch.root
+    _log_dir(root).mkdir(parents=True, exist_ok=True)
+    log_path = _log_dir(root) / f"{cell.name}.log"
+    asked: list[int] = []
+    with open(log_path, "a") as log, _passing_signals_on(asked):
+        log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} atc {shlex.join(launch.argv)}\n")
         log.flush()
-        # Same process group as this script: whatever kills the group (a timeout) kills the cells too.
-        proc = subprocess.Popen(ATC + argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
-        self.running[cell.name] = (proc, time.time(), cell, resumed, log)
-
-    def _reap(self) -> None:
-        for name, (proc, began, cell, resumed, log) in list(self.running.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            log.close()
-            wall = time.time() - began
-            attempts = _attempts(self.root, name) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(began)),
-                                                      "wall_seconds": round(wall, 2), "returncode": rc, "resumed": resumed}]
-            _write_json(_log_dir(self.root) / f"{name}.json", attempts)
-            del self.running[name]
-            if cell.done():
-                print(f"  done {name} in {wall:.0f} s", flush=True)
-            elif name in self.interrupted:
-                print(f"  stopped {name} after {wall:.0f} s (time budget); the next run resumes it", flush=True)
-            else:
-                self.failed.add(name)
-                print(f"  FAILED {name} (exit {rc}) after {wall:.0f} s; see {_log_dir(self.root) / (name + '.log')}", flush=True)
-            self.on_finish()
-
-    def _stop_all(self, sig=signal.SIGTERM) -> None:
-        for name, (proc, *_rest) in self.running.items():
-            self.interrupted.add(name)
-            if proc.poll() is None:
-                proc.send_signal(sig)
-
-    signalled = False  # class-wide: a SIGINT/SIGTERM during one run (--measure-jobs) stops the later ones too
-
-    def run(self, cells: list[Cell]) -> list[Cell]:
-        """Run what is not done; return the cells left undone."""
-        by_name = {c.name: c for c in cells}
-        pending = [c for c in cells if not c.done()]
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def on_signal(signum, _frame):
-            Scheduler.signalled = True
-            print(f"received signal {signum}: stopping the running cells (their state is saved) and writing the results",
-                  flush=True)
-
-        for s in old:
-            signal.signal(s, on_signal)
+        began = time.time()
+        proc = subprocess.Popen(ATC + launch.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
         term_sent = None
-        try:
-            while True:
-                self._reap()
-                pending = [c for c in pending if c.name not in self.running and not c.done() and c.name not in self.failed]
-                now = time.time()
-                blocked = {c.name for c in pending if any(d in self.failed or d not in by_name for d in c.deps)}
-                if now < self.launch_until and not self.signalled:
-                    for c in pending:
-                        if len(self.running) >= self.jobs:
-                            break
-                        if c.name not in self.running and c.name not in blocked and all(by_name[d].done() for d in c.deps):
-                            self._launch(c)
-                waiting = [c for c in pending if c.name not in self.running and c.name not in blocked]
-                if not self.running and (not waiting or now >= self.launch_until or self.signalled
-                                         or not any(all(by_name[d].done() for d in c.deps) for c in waiting)):
-                    break
-                if self.running and (now >= self.stop_at or self.signalled) and term_sent is None:
-                    print(f"stopping {len(self.running)} running cell(s) (SIGTERM: atc saves its training state)", flush=True)
-                    self._stop_all()
-                    term_sent = now
-                if term_sent is not None and now > term_sent + 30:  # one that did not stop in 30 s: --resume uses its last epoch
-                    self._stop_all(signal.SIGKILL)
-                time.sleep(0.2)
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-        return [c for c in cells if not c.done()]
+        while proc.poll() is None:
+            now = time.time()
+            if (now >= launch.stop_at or asked) and term_sent is None:
+                proc.send_signal(signal.SIGTERM)
+                term_sent = now
+            if term_sent is not None and now > term_sent + 30:  # one that did not stop in 30 s: --resume uses its last epoch
+                proc.kill()
+            time.sleep(0.2)
+    wall = time.time() - began
+    attempts = _attempts(root, cell.name) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(began)),
+                                              "wall_seconds": round(wall, 2), "returncode": proc.returncode,
+                                              "resumed": "--resume" in launch.argv}]
+    _write_json(_log_dir(root) / f"{cell.name}.json", attempts)
+    if cell.done():
+        return {"wall_seconds": round(wall, 2)}
+    if term_sent is not None:
+        raise Interrupted(f"stopped after {wall:.0f} s ({'a signal' if asked else 'the time budget'}); the next run resumes it",
+                          signal.SIGTERM)
+    raise CellFailed(f"exit {proc.returncode} after {wall:.0f} s; see {log_path}")
+
+
+class _passing_signals_on:
+    """While a cell's command runs, SIGTERM/SIGINT to its worker (and a Ray cancel) are recorded in ``asked``, and
+    the loop passes them on as one SIGTERM; outside the main thread (nothing to catch) it does nothing."""
+
+    def __init__(self, asked: list[int]):
+        self.asked, self.old = asked, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.old[sig] = signal.signal(sig, lambda signum, frame: self.asked.append(signum))
+            except ValueError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class _Print(Reporter):
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+
+
+STOPPED = {"by_signal": False}  # a signal during one run of cells (--measure-jobs) stops the later ones too
+
+
+def run_plan(cells: list[Cell], root: Path, engine: Engine, launch_until: float, stop_at: float,
+             on_finish=None) -> tuple[list[Cell], set[str]]:
+    """Run the cells not done yet on the sweep runner, at most ``engine.jobs`` at once, in plan order as their
+    dependencies finish; no new cell after ``launch_until``, running ones stopped at ``stop_at``. Returns the cells
+    left undone and the names of those that failed."""
+    names = {c.name for c in cells}
+    todo = [c for c in cells if not c.done() and all(d in names for d in c.deps)]
+    keys = {c.name for c in todo}
+    tasks = [Task(c.name, None, Launch(c, c.command(), root, stop_at), after=tuple(d for d in c.deps if d in keys)) for c in todo]
+    failed: set[str] = set()
+
+    def finished(outcome: Outcome) -> None:
+        if outcome.status in ("failed", "skipped"):
+            failed.add(outcome.key)
+        if on_finish is not None:
+            on_finish()
+
+    def launching() -> bool:
+        return time.time() < launch_until and not STOPPED["by_signal"]
+
+    try:
+        run_cells(run_cell, tasks, engine, reporter=_Print(), on_outcome=finished, keep_launching=launching,
+                  on_start=lambda t: print("+ atc " + shlex.join(t.payload.argv), flush=True))
+    except Interrupted as exc:
+        print(exc, flush=True)
+        if time.time() < stop_at:  # not the time budget: a signal to this script
+            STOPPED["by_signal"] = True
+    return [c for c in cells if not c.done()], failed
+
+
+def visible_gpus() -> int:
+    """GPUs on this machine for the workers' placement, without importing torch (it takes seconds, and the cells
+    should start at once): CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
 # ------------------------------------------------------------------------------------ reading results
@@ -705,9 +745,12 @@ def measure_jobs(args, cells: list[Cell], deadline: float) -> None:
                                                    "--student", student, "--method", "at+kd", "--epochs", str(args.measure_epochs),
                                                    "--seed", "0", "--threads", "1", *extra], out)
 
+    def one_gpu(jobs: int) -> Engine:  # the measurement is of N runs sharing one GPU, whatever the node has
+        return Engine(jobs=jobs, gpus=min(1, visible_gpus()), cpus_per_run=1)
+
     def batch(group: list[Cell]) -> dict[str, Any]:
         began = time.time()
-        left = Scheduler(args.out, len(group), deadline, deadline + args.grace, None).run(group)
+        left, _ = run_plan(group, args.out, one_gpu(len(group)), deadline, deadline + args.grace)
         wall = time.time() - began
         histories = [read_jsonl(c.out / "metrics.jsonl") for c in group]
         rates = [images_per_s(h) for h in histories]
@@ -716,7 +759,7 @@ def measure_jobs(args, cells: list[Cell], deadline: float) -> None:
                 "cuda_graphs": [graph_record(h) for h in histories]}
 
     print(f"measuring throughput: one {student} ← {teacher_arch} AT+KD run, then {args.measure_jobs} at once", flush=True)
-    if runs and Scheduler(args.out, 1, deadline, deadline + args.grace, None).run(runs):
+    if runs and run_plan(runs, args.out, one_gpu(1), deadline, deadline + args.grace)[0]:
         print("the measuring teacher did not finish; no throughput recorded", flush=True)
         return
     runs = []
@@ -773,7 +816,13 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--betas", default="300,1000,3000", help="part 4 β values")
     ap.add_argument("--attentions", default="sum-p:2,max-p:2", help="part 4 attention maps")
     ap.add_argument("--beta-method", default="at", help="part 4 method (at: β acts alone; at+kd)")
-    ap.add_argument("--jobs", type=int, default=4, help="cells at once on the one GPU")
+    ap.add_argument("--jobs", type=int, default=4, help="cells at once, placed round-robin on the GPUs of this machine "
+                                                        "(with --ray: at most this many in flight on the cluster)")
+    ap.add_argument("--gpus-per-run", type=float, default=None, help="share of one GPU a cell takes (default: 1, or what "
+                                                                     "spreads --jobs evenly over the GPUs)")
+    ap.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="run the cells as Ray tasks on the cluster at ADDRESS, or on a Ray started here without one "
+                         "(every node needs this checkout at the same path, the data and --out on shared storage)")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds after which no new cell starts")
     ap.add_argument("--grace", type=float, default=60.0, help="seconds running cells get after the budget before SIGTERM")
     ap.add_argument("--measure-jobs", type=int, default=0, help="first measure throughput: one run alone, then N at once")
@@ -794,6 +843,8 @@ def parse_args(argv: list[str] | None = None):
     args.data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data  # the cells run from the project root
     if args.jobs < 1 or args.seeds < 1:
         ap.error("--jobs and --seeds must be at least 1")
+    if args.gpus_per_run is not None and not 0 < args.gpus_per_run <= 1:
+        ap.error("--gpus-per-run must be above 0 and at most 1")
     return args
 
 
@@ -821,8 +872,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.measure_jobs:
         measure_jobs(args, cells, launch_until)
-    scheduler = Scheduler(args.out, args.jobs, launch_until, stop_at, refresh)
-    left = scheduler.run(cells)
+    # Worker processes only wait on their atc command (which sets its own threads): one CPU each.
+    engine = Engine(jobs=args.jobs, gpus_per_run=args.gpus_per_run, ray=args.ray, cpus_per_run=1,
+                    gpus=None if args.ray else visible_gpus())
+    left, failed = run_plan(cells, args.out, engine, launch_until, stop_at, refresh)
     refresh(final=True)
     device = probe.result()
     print(f"device: {device.get('gpu') or device.get('torch_gpu') or 'no GPU'}, torch {device.get('torch', '?')}, "
@@ -844,8 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     if "3" in t and t["3"]["closest"]:
         summary.append(f"part 3 closest {t['3']['closest']} {t['3']['closest_gap_points']:+.2f} pts from the teacher")
     print(f"summary: {result['summary']['done']}/{result['summary']['cells']} cells done; " + "; ".join(summary), flush=True)
-    if scheduler.failed:
-        print(f"error: {len(scheduler.failed)} cell(s) failed: {', '.join(sorted(scheduler.failed))}", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(sorted(failed))}", file=sys.stderr)
         return 1
     return 0
 

@@ -329,8 +329,13 @@ def _slot_init(env: dict[str, str], blobs: Mapping[str, Blob], threads: int) -> 
     """A local worker process starts: pin its GPU before anything touches CUDA, take the blobs once."""
     os.environ.update(env)  # torch reads OMP_NUM_THREADS when the cell imports it, CUDA its devices when first used
     _SLOT.update(blobs=dict(blobs), threads=threads)
-    # Idle workers ignore Ctrl-C (the driver handles it); training installs its own handler, which saves the state.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Idle workers let Ctrl-C pass (the driver handles it); training installs its own handler, which saves the state.
+    # A handler rather than SIG_IGN: an ignored signal stays ignored in the programs a cell starts.
+    signal.signal(signal.SIGINT, _ignore)
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 def _slot_execute(work: Work, task: Task, resume: bool) -> dict[str, Any]:
@@ -440,8 +445,13 @@ class _Processes:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def import_ray():
-    """Ray, or the one-line error that says how to install it."""
+def import_ray(local: bool = False):
+    """Ray, or the one-line error that says how to install it. ``local``: Ray is for this machine alone, so it
+    is told so before it is imported (it reads these settings once, at import; a user's own settings win):
+    bound to the loopback address, and no usage report."""
+    if local:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for "this node only": 127.0.0.1
     try:
         import ray
     except ImportError:
@@ -450,14 +460,11 @@ def import_ray():
 
 
 def start_local_ray(cpus: int | None = None, gpus: int | None = None):
-    """A Ray for this machine alone: bound to the loopback address, no dashboard, no usage report (these
-    environment variables are read when Ray starts; a user's own settings win). Ray's token authentication
-    stays on; its note that it is on is not repeated on every sweep."""
+    """A Ray for this machine alone: loopback only (see ``import_ray``), no dashboard, no usage report. Ray's
+    token authentication stays on; its note that it is on is not repeated on every sweep."""
     import logging
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for "this node only": 127.0.0.1
-    ray = import_ray()
+    ray = import_ray(local=True)
     note = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = note.level
     note.setLevel(logging.ERROR)
@@ -471,7 +478,7 @@ class _Ray:
     """Cells as Ray tasks: ``num_gpus`` = the run's GPU share, ``num_cpus`` = its CPUs; the blobs put once."""
 
     def __init__(self, work: Work, blobs: Mapping[str, Blob], engine: Engine, resume: bool, reporter: Reporter):
-        self.ray = ray = import_ray()
+        self.ray = ray = import_ray(local=engine.ray == "local")
         self.work, self.engine, self.resume = work, engine, resume
         self.owned = not ray.is_initialized()
         if self.owned and engine.ray == "local":
@@ -525,15 +532,16 @@ class _Ray:
 
 def run_cells(work: Work, tasks: Sequence[Task], engine: Engine = Engine(), *, resume: bool = False,
               shared: Mapping[str, Blob] | None = None, reporter: Reporter = SILENT,
-              on_outcome: Callable[[Outcome], None] | None = None, keep_launching: Callable[[], bool] | None = None) -> list[Outcome]:
+              on_outcome: Callable[[Outcome], None] | None = None, keep_launching: Callable[[], bool] | None = None,
+              on_start: Callable[[Task], None] | None = None) -> list[Outcome]:
     """Run every task not finished yet; return one ``Outcome`` per task, in the order given.
 
     ``resume``: a task whose folder holds a ``cell.json`` is reused, the others run with ``context.resume``
     set (they continue from what they saved); without it a task folder that holds anything is refused.
 
     ``shared``: files every cell reads (``context.path(name)``), e.g. ``{"teacher": Blob.read(path)}``.
-    ``on_outcome`` is called as each cell ends (to rewrite a results file); once ``keep_launching()``
-    returns False no new cell starts. Ctrl-C (or SIGTERM) stops the running cells, which save their
+    ``on_start`` is called (here) as each cell is launched, ``on_outcome`` as each one ends (to rewrite a
+    results file); once ``keep_launching()`` returns False no new cell starts. Ctrl-C (or SIGTERM) stops the running cells, which save their
     state, and is raised again once they have; ``--resume`` continues from there."""
     keys = [t.key for t in tasks]
     if len(set(keys)) != len(keys):
@@ -556,8 +564,16 @@ def run_cells(work: Work, tasks: Sequence[Task], engine: Engine = Engine(), *, r
     for o in outcomes.values():
         _notify(on_outcome, o)
     if todo:
-        _schedule(work, todo, engine, resume, dict(shared or {}), reporter, outcomes, on_outcome, keep_launching, len(tasks))
+        hooks = _Hooks(on_start, on_outcome, keep_launching)
+        _schedule(work, todo, engine, resume, dict(shared or {}), reporter, outcomes, hooks, len(tasks))
     return [outcomes[k] for k in keys]
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    on_start: Callable[[Task], None] | None
+    on_outcome: Callable[[Outcome], None] | None
+    keep_launching: Callable[[], bool] | None
 
 
 def _notify(on_outcome: Callable[[Outcome], None] | None, outcome: Outcome) -> None:
@@ -571,7 +587,7 @@ def _make_executor(work: Work, blobs: dict[str, Blob], engine: Engine, resume: b
 
 
 def _schedule(work: Work, todo: list[Task], engine: Engine, resume: bool, blobs: dict[str, Blob], reporter: Reporter,
-              outcomes: dict[str, Outcome], on_outcome, keep_launching, total: int) -> None:
+              outcomes: dict[str, Outcome], hooks: _Hooks, total: int) -> None:
     """Launch ready cells (every ``after`` cell finished) while the executor has room, in the order given;
     record each result as it arrives."""
     known = {t.key for t in todo} | set(outcomes)
@@ -587,13 +603,13 @@ def _schedule(work: Work, todo: list[Task], engine: Engine, resume: bool, blobs:
         outcomes[o.key] = o
         running.discard(o.key)
         reporter.info(f"[{len(outcomes)}/{total}] {o.key}: " + _describe(o))
-        _notify(on_outcome, o)
+        _notify(hooks.on_outcome, o)
 
     stop: list[int] = []  # the signal that stopped the study, once one did
     try:
         with _SigtermAsInterrupt():
             while pending or running:
-                launching = not stop and (keep_launching is None or keep_launching())
+                launching = not stop and (hooks.keep_launching is None or hooks.keep_launching())
                 for t in list(pending):
                     if lost := [d for d in t.after if d in outcomes and not outcomes[d].finished]:
                         pending.remove(t)
@@ -601,6 +617,8 @@ def _schedule(work: Work, todo: list[Task], engine: Engine, resume: bool, blobs:
                     elif launching and len(running) < executor.capacity and all(d in outcomes for d in t.after):
                         pending.remove(t)
                         running.add(t.key)
+                        if hooks.on_start is not None:
+                            hooks.on_start(t)
                         executor.submit(t)
                 if not running:
                     break

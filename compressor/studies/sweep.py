@@ -3,10 +3,12 @@
 A grid axis is ``key=v1,v2,…``. Keys: ``beta``, ``attention`` (``sum-p:P``, ``max-p:P``,
 ``gradient``), the shorthands in ``SHORTHAND`` or any ``section.key`` of the config (not
 ``data.*``: every cell trains on the same images). Runs live in
-``OUT/runs/<cell>/seed-<s>/`` with a ``run.json`` of the configuration they train with; a run
-whose student checkpoint exists is reused, so re-running a sweep only trains what is missing
-(and an interrupted run resumes from its last epoch). At β = 0 the attention mechanism cannot
-change training, so those cells share one run per seed instead of training identical students.
+``OUT/runs/<cell>/seed-<s>/`` with a ``run.json`` of the configuration they train with and, once
+finished, the runner's ``cell.json``. The runs train on ``compressor.studies.runner`` (one after
+another, in worker processes on the node's GPUs, or as Ray tasks); with ``resume`` a sweep keeps its
+finished runs and continues the half-done ones from their last epoch. At β = 0 the attention
+mechanism cannot change training, so those cells share one run per seed instead of training
+identical students.
 
 Outputs: ``sweep.json`` (every run and every cell's n, mean, sample std and median top-1),
 ``sweep.md`` (the table) and ``sweep.png`` (top-1 against β on a log axis, one line per
@@ -161,7 +163,7 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     if engine.ray is not None:
-        import_ray()  # before an hour of loading and checking, not after
+        import_ray(local=engine.ray == "local")  # before an hour of loading and checking, not after
     axes = parse_grid(grid)
     base = {s: dict(v) for s, v in (overrides or {}).items()}
     base_cfg = load_config(preset, base)

@@ -16,6 +16,8 @@ def echo(payload: dict[str, Any], ctx) -> dict[str, Any]:
             f.write(payload["name"] + "\n")
     if payload.get("raise"):
         raise ValueError(payload["raise"])
+    if payload.get("die"):
+        os._exit(3)  # as a segfault or the OOM killer would: no exception, no goodbye
     release = payload.get("wait_for")
     deadline = time.time() + payload.get("sleep", 0)
     while time.time() < deadline or (release and not Path(release).exists()):

@@ -90,6 +90,14 @@ def test_a_raising_cell_is_reported_while_the_others_finish(tmp_path, jobs):
     assert not (tasks[1].folder / ERROR_FILE).exists() and again[0].value == out[0].value
 
 
+def test_a_worker_that_dies_takes_only_its_own_cell(tmp_path):
+    tasks = _tasks(tmp_path, 4)
+    tasks[0] = Task("c0", tasks[0].folder, {"name": "c0", "die": True})
+    out = run_cells(echo, tasks, Engine(jobs=2, gpus=0))
+    assert [o.status for o in out] == ["failed", "done", "done", "done"]
+    assert "worker process died" in out[0].error
+
+
 def test_earlier_runs_are_refused_without_resume_and_reused_with_it(tmp_path):
     log = tmp_path / "ran.txt"
     tasks = _tasks(tmp_path, 3, log=str(log))

@@ -9,12 +9,16 @@ import os
 
 import pytest
 
+from compressor.errors import ConfigError
 from compressor.options import RunOptions
-from compressor.studies.runner import CELL_FILE, Engine, Task, read_record, run_cells
+from compressor.studies.runner import CELL_FILE, Engine, Task, import_ray, read_record, run_cells
 from compressor.studies.sweep import run_sweep
 from tests.studies.runner_cells import echo
 
-ray = pytest.importorskip("ray", reason="Ray is the optional extra atc[ray] (part of atc[dev])")
+try:  # imported the way a local sweep imports it: told first that it serves this machine alone (loopback)
+    ray = import_ray(local=True)
+except ConfigError:
+    pytest.skip("Ray is the optional extra atc[ray] (part of atc[dev])", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,7 @@ def test_a_four_cell_digits_sweep_on_ray_matches_jobs_1(local_ray, digits_teache
             for c in on_ray["cells"] for r in c["runs"]}
     assert len(pids) >= 2  # Ray workers (two at once: num_cpus=2, one CPU per run), none of them this process
     assert not any(f"pid {os.getpid()}" in p for p in pids)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # nothing listens beyond this machine
 
 
 def test_a_raising_cell_on_ray_is_reported_while_the_others_finish(local_ray, tmp_path):
