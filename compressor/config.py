@@ -17,7 +17,12 @@ import tomllib
 
 from compressor.errors import ConfigError
 
-METHODS = ("none", "kd", "at", "at+kd")
+# Distillation methods: at most one feature term (AT or FitNet hints) and at most one logit term
+# (KD or DKD), joined with "+"; "none" trains on the labels alone. METHODS lists every valid
+# combination in its canonical spelling (feature term first).
+FEATURE_METHODS = ("at", "fitnet")
+LOGIT_METHODS = ("kd", "dkd")
+METHODS = ("none", *LOGIT_METHODS, *FEATURE_METHODS, *(f"{f}+{g}" for f in FEATURE_METHODS for g in LOGIT_METHODS))
 ATTENTIONS = ("sum-p", "max-p", "gradient")
 
 
@@ -55,6 +60,17 @@ class DistillConfig:
     at_layers: str = "all"
     beta_schedule: str = "constant"
     flip_beta: float = 0.0  # weight of the student's horizontal-flip symmetry term; used by gradient AT only
+    # FitNet hints (Romero et al. 2015): weight 100 on one stage, trained jointly with CE, as RepDistiller's
+    # CIFAR scripts (train_student.py --distill hint -r 1 -a 0 -b 100) and mdistiller's FITNET.LOSS.FEAT_WEIGHT.
+    fitnet_weight: float = 100.0
+    fitnet_stage: str = "middle"  # middle | an attention pair's index (0 = highest resolution) | a stage's module name
+    fitnet_regressor: str = "auto"  # auto: 1x1 conv + BN only where channels differ; always: also where they match
+    fitnet_stage1_epochs: int = 0  # the paper's stage 1: epochs training the student's lower half on the hint alone
+    # DKD (Zhao et al. 2022), mdistiller's CIFAR-100 settings: alpha*TCKD + beta*NCKD at T = 4, linear warm-up over 20 epochs.
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_temperature: float = 4.0
+    dkd_warmup_epochs: int = 20
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,36 @@ def parse_attention(text: str) -> tuple[str, float | None]:
     return name, value
 
 
+def parse_method(text: str) -> tuple[str, ...]:
+    """``"at+kd"`` → ``("at", "kd")``, feature term first; ``"none"`` → ``()``. Refuses, in one line, an
+    unknown name, a name given twice, two logit terms (``kd+dkd``), two feature terms (``at+fitnet``)
+    and ``none`` combined with anything."""
+    parts = [p.strip() for p in str(text).strip().lower().split("+")]
+    names = ", ".join(("none", *LOGIT_METHODS, *FEATURE_METHODS))
+    where = f"method '{text}'"
+    unknown = [p for p in parts if p not in ("none", *LOGIT_METHODS, *FEATURE_METHODS)]
+    if unknown:
+        raise ConfigError(f"{where}: unknown name '{unknown[0]}'; combine {names} with +, e.g. at+kd")
+    if parts == ["none"]:
+        return ()
+    if "none" in parts:
+        raise ConfigError(f"{where}: none cannot be combined with another method; use none alone")
+    twice = sorted({p for p in parts if parts.count(p) > 1})
+    if twice:
+        raise ConfigError(f"{where} names {twice[0]} twice; give each method once")
+    for kind, group in (("logit", LOGIT_METHODS), ("feature", FEATURE_METHODS)):
+        both = [p for p in group if p in parts]
+        if len(both) > 1:
+            raise ConfigError(f"{where}: {' and '.join(both)} are both {kind} distillation; choose one of them "
+                              f"(e.g. {'at+' + both[-1] if kind == 'logit' else both[0] + '+kd'})")
+    return tuple(p for p in (*FEATURE_METHODS, *LOGIT_METHODS) if p in parts)
+
+
+def canonical_method(text: str) -> str:
+    """The method's canonical spelling (``kd+at`` → ``at+kd``), or a ``ConfigError``."""
+    return "+".join(parse_method(text)) or "none"
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["train.epochs=3", "distill.beta=1e3"]`` → nested dict (values still strings)."""
     out: dict[str, dict[str, Any]] = {}
@@ -185,8 +231,17 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def _validate(cfg: Config) -> None:
     d, t = cfg.distill, cfg.train
-    if d.method not in METHODS:
-        raise ConfigError(f"distill.method '{d.method}' is unknown; choose one of {', '.join(METHODS)}")
+    if canonical_method(d.method) != d.method:
+        raise ConfigError(f"distill.method '{d.method}' is spelled differently; write {canonical_method(d.method)}")
+    if d.fitnet_regressor not in ("auto", "always"):
+        raise ConfigError(f"distill.fitnet_regressor '{d.fitnet_regressor}' is unknown; choose auto or always")
+    if not d.fitnet_stage.strip():
+        raise ConfigError("distill.fitnet_stage is empty; use middle, a pair index (0, 1, ...) or a stage's module name")
+    if d.dkd_temperature <= 0:
+        raise ConfigError("distill.dkd_temperature must be positive")
+    if "fitnet" in parse_method(d.method) and d.fitnet_stage1_epochs >= t.epochs:
+        raise ConfigError(f"distill.fitnet_stage1_epochs {d.fitnet_stage1_epochs} leaves no epoch for the joint objective "
+                          f"of {t.epochs} epochs; use fewer than train.epochs")
     if d.attention not in ATTENTIONS:
         raise ConfigError(f"distill.attention '{d.attention}' is unknown; choose one of {', '.join(ATTENTIONS)}")
     if d.at_form not in ("code", "paper"):
@@ -226,9 +281,19 @@ def scaled_milestones(milestones, preset_epochs: int, epochs: int) -> list[int]:
     return out
 
 
+EPOCH_COUNTS = ("dkd_warmup_epochs", "fitnet_stage1_epochs")  # distill keys counted in epochs
+
+
+def scaled_epochs(count: int, preset_epochs: int, epochs: int) -> int:
+    """An epoch count of the preset's schedule (DKD's warm-up, FitNet's stage 1) moved proportionally to
+    ``epochs``, rounded to the nearest epoch: 20 of 200 → 2 of 20, → 0 of 2 (no warm-up at all)."""
+    return int(round(count * epochs / max(1, preset_epochs)))
+
+
 def load_config(preset: str | Path = "cifar", overrides: Mapping[str, Any] | list[str] | None = None) -> Config:
-    """Read a preset, apply overrides, validate. Milestones follow an overridden epoch count
-    (``scaled_milestones``) unless the overrides set them too."""
+    """Read a preset, apply overrides, validate. Milestones, DKD's warm-up and FitNet's stage 1 follow an
+    overridden epoch count (``scaled_milestones``, ``scaled_epochs``) unless the overrides set them too.
+    The method is stored in its canonical spelling (``kd+at`` → ``at+kd``)."""
     name, raw = _read_preset(preset)
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     _merge(values, raw, f"preset {name}")
@@ -238,9 +303,15 @@ def load_config(preset: str | Path = "cifar", overrides: Mapping[str, Any] | lis
         overrides = parse_overrides(overrides)
     user = {s: dict(v) for s, v in (overrides or {}).items()}
     _merge(values, user, "override")
-    train_user = user.get("train", {})
+    train_user, distill_user = user.get("train", {}), user.get("distill", {})
     if "epochs" in train_user and "milestones" not in train_user:
         values["train"]["milestones"] = tuple(scaled_milestones(preset_milestones, preset_epochs, values["train"]["epochs"]))
+    if "epochs" in train_user:  # epoch counts of the method's own schedule shrink with the run, as milestones do
+        for key in EPOCH_COUNTS:
+            if key not in distill_user:
+                preset_value = values["distill"].get(key, getattr(DistillConfig, key))
+                values["distill"][key] = scaled_epochs(preset_value, preset_epochs, values["train"]["epochs"])
+    values["distill"]["method"] = canonical_method(values["distill"].get("method", DistillConfig.method))
     cfg = Config(preset=name, description=str(raw.get("description", "")),
                  **{s: cls(**values[s]) for s, cls in SECTIONS.items()})
     _validate(cfg)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressor import distributed
-from compressor.config import Config
+from compressor.config import Config, canonical_method
 from compressor.data.images import Augment, Batches, DeviceBatches, ImageData, Shard
 from compressor.data.open import Dataset
 from compressor.data.streaming import StreamingData, make_streaming_batches
@@ -36,8 +36,9 @@ from compressor.events import SILENT, Reporter
 def objective_from(cfg: Config, method: str | None = None) -> Objective:
     d = cfg.distill
     p, reduce = d.p, "max" if d.attention == "max-p" else "mean"
-    return Objective(method or d.method, d.alpha, d.temperature, d.beta, p, d.at_form, reduce,  # type: ignore[arg-type]
-                     gradient=d.attention == "gradient", flip_beta=d.flip_beta)
+    return Objective(canonical_method(method or d.method), d.alpha, d.temperature, d.beta, p, d.at_form, reduce,  # type: ignore[arg-type]
+                     gradient=d.attention == "gradient", flip_beta=d.flip_beta, hint_weight=d.fitnet_weight,
+                     dkd_alpha=d.dkd_alpha, dkd_beta=d.dkd_beta, dkd_temperature=d.dkd_temperature)
 
 
 LOG_EVERY = 50  # steps between reads of the device-side totals (progress fields, non-finite check)

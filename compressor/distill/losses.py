@@ -22,6 +22,15 @@ horizontal-flip term ``||J − flip(J)||`` weighted by its own β.
 
 KD (Hinton et al. 2015): ``KL(softmax(t/T) || softmax(s/T)) · T²``, averaged over the batch,
 mixed as ``α·KD + (1-α)·CE``.
+
+FitNet hints (Romero et al. 2015): ``mean((r(S) − T)²)`` over every element of one stage's output, ``r``
+the learned regressor (``compressor.distill.hints``), the mean of ``nn.MSELoss`` as RepDistiller's
+``HintLoss`` and mdistiller's FitNet use it; added to the full CE with its own weight (100).
+
+DKD (Zhao et al. 2022): KD split at temperature T into the target-class term TCKD (KL between the
+binary distributions ``[p_gt, 1 − p_gt]`` of teacher and student) and the non-target term NCKD (KL
+between the distributions over the non-target classes alone, renormalised), each batch-mean × T²;
+the objective is ``CE + w·(α·TCKD + β·NCKD)``, ``w`` the warm-up factor ``min(epoch / warm-up, 1)``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from compressor.config import parse_method
 
 AtForm = Literal["code", "paper"]
 
@@ -118,9 +129,43 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     return F.kl_div(log_s, p_t, reduction="batchmean") * T * T
 
 
+def hint_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """FitNet's hint: the mean squared difference over every element, in fp32; ``s`` is the student's
+    stage output already through the regressor, pooled like AT where the sizes still differ."""
+    s, t = match_spatial(s, t)
+    return (s.float() - t.float()).pow(2).mean()
+
+
+def _log_binary(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """log [p_gt, 1 − p_gt] of softmax(z) per sample (B×2), from log-sum-exps, never log(1 − p)."""
+    whole = z.logsumexp(1)
+    others = z.masked_fill(gt, float("-inf")).logsumexp(1)
+    return torch.stack([(z * gt).sum(1) - whole, others - whole], dim=1)
+
+
+def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+              T: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's (TCKD, NCKD), unweighted: each a batch-mean KL(teacher ‖ student) at temperature T, times T²."""
+    zs, zt = student_logits.float() / T, teacher_logits.float() / T
+    gt = F.one_hot(targets, zs.shape[1]).bool()
+    bs, bt = _log_binary(zs, gt), _log_binary(zt, gt)
+    tckd = (bt.exp() * (bt - bs)).sum(1).mean()
+    ls, lt = (z.masked_fill(gt, float("-inf")).log_softmax(1) for z in (zs, zt))
+    nckd = (lt.exp() * torch.where(gt, 0.0, lt - ls)).sum(1).mean()  # the target entry (-inf − -inf) left out
+    return tckd * T * T, nckd * T * T
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+             alpha: float = 1.0, beta: float = 8.0, T: float = 4.0) -> torch.Tensor:
+    """DKD: ``α·TCKD + β·NCKD`` (no warm-up, no CE)."""
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, targets, T)
+    return alpha * tckd + beta * nckd
+
+
 @dataclass(frozen=True)
 class Objective:
-    """Which terms the loss has and their weights; ``method`` is none|kd|at|at+kd."""
+    """Which terms the loss has and their weights. ``method`` joins at most one feature term (at, fitnet)
+    and one logit term (kd, dkd) with ``+``, or is ``none`` (``compressor.config.parse_method``)."""
 
     method: str = "at+kd"
     alpha: float = 0.9
@@ -131,29 +176,53 @@ class Objective:
     reduce: Reduce = "mean"
     gradient: bool = False  # gradient-based AT on input gradients instead of activation maps
     flip_beta: float = 0.0  # weight of the student's flip-symmetry term (gradient AT only)
+    hint_weight: float = 100.0  # FitNet
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        parse_method(self.method)  # an invalid combination fails here, in one line
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return parse_method(self.method)
 
     @property
     def uses_kd(self) -> bool:
-        return "kd" in self.method.split("+")
+        return "kd" in self.parts
 
     @property
     def uses_at(self) -> bool:
-        return "at" in self.method.split("+")
+        return "at" in self.parts
+
+    @property
+    def uses_fitnet(self) -> bool:
+        return "fitnet" in self.parts
+
+    @property
+    def uses_dkd(self) -> bool:
+        return "dkd" in self.parts
 
     @property
     def needs_teacher(self) -> bool:
-        return self.uses_kd or self.uses_at
+        return bool(self.parts)
 
 
 def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: torch.Tensor,
                        teacher_logits: torch.Tensor | None = None,
                        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
                        beta: float | None = None,
-                       input_grads: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Every weighted loss term by name plus their sum under ``"loss"``.
+                       input_grads: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       hint: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       dkd_scale: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every weighted loss term by name plus their sum under ``"loss"``: ``ce``, and as the method asks
+    ``kd``, ``tckd`` and ``nckd`` (DKD), ``at`` (and ``flip``), ``hint`` (FitNet).
 
     ``beta`` overrides ``obj.beta`` for schedules that change it during training. With
     ``obj.gradient`` the AT term uses ``input_grads = (J_student, J_teacher)`` instead of ``pairs``.
+    ``hint`` is FitNet's ``(regressed student stage output, teacher stage output)``; ``dkd_scale`` DKD's
+    warm-up factor (1 when None), a number or a device scalar.
     """
     ce = F.cross_entropy(student_logits.float(), targets)
     terms: dict[str, torch.Tensor] = {}
@@ -163,6 +232,12 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
         terms["kd"] = obj.alpha * kd_loss(student_logits, teacher_logits, obj.temperature)
     else:
         terms["ce"] = ce
+    if obj.uses_dkd:
+        assert teacher_logits is not None
+        tckd, nckd = dkd_parts(student_logits, teacher_logits, targets, obj.dkd_temperature)
+        w = 1.0 if dkd_scale is None else dkd_scale
+        terms["tckd"] = w * obj.dkd_alpha * tckd
+        terms["nckd"] = w * obj.dkd_beta * nckd
     if obj.uses_at:
         b = obj.beta if beta is None else beta
         if obj.gradient:
@@ -175,5 +250,9 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
         else:
             at_sum = sum(pair_weight(obj.form, s, t) * at_loss(s, t, obj.p, obj.form, obj.reduce) for s, t in pairs)
             terms["at"] = b * at_sum if pairs else ce.new_zeros(())
+    if obj.uses_fitnet:
+        if hint is None:
+            raise ValueError("FitNet needs hint=(regressed student stage output, teacher stage output)")
+        terms["hint"] = obj.hint_weight * hint_loss(*hint)
     terms["loss"] = sum(terms.values())
     return terms
