@@ -18,7 +18,7 @@ def compress(
     data: str = typer.Option(..., "--data", help="Dataset folder or 'digits'."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (required unless --dry-run)."),
     preset: str = opt.PRESET, overrides: Optional[List[str]] = opt.SET,
-    method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
+    method: Optional[str] = typer.Option(None, "--method", help="none, or a feature term (at | fitnet) and/or a logit term (kd | dkd) joined with +: at+kd, fitnet+kd, at+dkd, dkd, … (default: the preset's)."),
     student: Optional[List[str]] = typer.Option(None, "--student", help="Student architecture (repeatable); default: preset policy."),
     width_ratio: Optional[str] = typer.Option(None, "--width-ratio", help="Derive the student by thinning the teacher's own layers "
                                               "(Torch-Pruning, channels rounded to multiples of 8): e.g. 0.5, or per stage 0.75,layer4=0.5."),
@@ -97,7 +97,9 @@ def _print_dry_run(dry) -> None:
         c = s.student
         stderr.print(f"\nstudent {c.name}: {c.params:,} params ({c.param_ratio:.2f}x fewer), {c.gmacs:.4f} GMACs ({c.mac_ratio:.2f}x fewer)")
         _print_derived(s, dry.init)
-        for p in s.pairs:
+        if s.hint:
+            stderr.print(f"  hint pair  {s.hint}; the regressor trains with the student and is not exported")
+        for p in s.pairs if not s.hint else []:
             stderr.print(f"  AT pair  {p.describe()}")
         stderr.print("  initial loss terms: " + ", ".join(f"{k} {v:.4g}" for k, v in s.initial_terms.items()))
     stderr.print("\ndry run: nothing trained or written")

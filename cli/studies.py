@@ -99,7 +99,7 @@ def sweep(
                                 "on from their last epoch, failed ones are tried again."),
     preset: str = PRESET,
     overrides: Optional[List[str]] = SET,
-    method: Optional[str] = typer.Option(None, "--method", help="none | kd | at | at+kd (default: the preset's)."),
+    method: Optional[str] = typer.Option(None, "--method", help="none, or a feature term (at | fitnet) and/or a logit term (kd | dkd) joined with +: at+kd, fitnet+kd, at+dkd, dkd, … (default: the preset's)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student architecture (default: the preset's policy)."),
     epochs: Optional[int] = EPOCHS,
     train_subset: Optional[int] = SUBSET,

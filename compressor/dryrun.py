@@ -1,6 +1,7 @@
 """The dry run: what ``compress`` would do, with nothing trained or written. The teacher's size and,
-per student, its shape (stages beside the teacher's), its attention pairs and the loss terms on one
-training batch before any training (a check that β and α are sane).
+per student, its shape (stages beside the teacher's), its attention pairs (for FitNet the hint pair and
+its regressor's shape) and the loss terms on one training batch before any training (a check that β and
+α, or the hint's weight, are sane).
 
 Device rule: every tensor made here (example inputs, the batch) is made on the device of the model
 it feeds, so a teacher already on CUDA meets CUDA tensors.
@@ -18,15 +19,16 @@ from compressor.config import Config
 from compressor.data.open import Dataset
 from compressor.derive.candidates import Candidate, StudentChoice, choose
 from compressor.derive.thinning import describe_stages
-from compressor.device import example_input, model_device
+from compressor.device import model_device
 from compressor.distill.loop import make_batches, objective_from
 from compressor.distill.losses import distillation_terms, input_gradient
+from compressor.distill.student import describe_hint, teacher_ties
 from compressor.events import SILENT, Reporter
 from compressor.load import load_teacher_and_data, normalization
 from compressor.models.plan import StageRow
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
-from compressor.pair import AttentionPair, find_pairs, tapped
+from compressor.pair import AttentionPair, tapped
 from compressor.profiling.counts import count_macs, count_params
 
 
@@ -39,6 +41,7 @@ class DryRunStudent:
     pairs: list[AttentionPair]
     initial_terms: dict[str, float]
     stages: list[StageRow] = field(default_factory=list)
+    hint: str | None = None  # FitNet: the hint pair and the regressor's shape (``distill.student.describe_hint``)
 
 
 @dataclass
@@ -55,22 +58,31 @@ class DryRunReport:
 
 
 def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: Dataset, cfg: Config,
-                  mean, std, method: str) -> dict[str, float]:
+                  mean, std, method: str, hint: AttentionPair | None = None, regressor: nn.Module | None = None
+                  ) -> dict[str, float]:
     """The loss terms on one training batch before any training, computed by ``distill.losses`` as
-    training computes them. The batch is made on the teacher's device; the student must be there too."""
+    training computes them (FitNet's hint through ``regressor``, fresh and in training mode, as the
+    first step sees it). The batch is made on the teacher's device; the student must be there too."""
     train_b, _ = make_batches(data, cfg, mean, std, model_device(teacher))
     x, y = next(iter(train_b))
+    obj, grads, hinted = objective_from(cfg, method), None, None
+    if obj.uses_fitnet:
+        if hint is None or regressor is None:
+            raise ValueError("FitNet's initial terms need the hint pair and its regressor")
+        pairs = [hint]
     s_names, t_names = [p.student.module for p in pairs], [p.teacher.module for p in pairs]
     student.train(), teacher.eval()
     with tapped(student, s_names) as s_taps, tapped(teacher, t_names) as t_taps:
         with torch.no_grad():
             t_logits, logits = teacher(x), student(x)
-        obj, grads = objective_from(cfg, method), None
-        maps = list(zip(s_taps.take(s_names), t_taps.take(t_names)))
+            maps = list(zip(s_taps.take(s_names), t_taps.take(t_names)))
+            if obj.uses_fitnet:
+                (fs, ft), maps = maps[0], []
+                hinted = (regressor.to(x.device).train()(fs), ft)
         if obj.gradient and obj.uses_at:
             xg = x.clone().requires_grad_(True)
             grads = (input_gradient(student, xg, y)[0], input_gradient(teacher, xg, y)[0])
-        terms = distillation_terms(obj, logits, y, t_logits, maps, input_grads=grads)
+        terms = distillation_terms(obj, logits, y, t_logits, maps, input_grads=grads, hint=hinted)
     return {k: float(v) for k, v in terms.items()}
 
 
@@ -82,10 +94,11 @@ def try_students(teacher: nn.Module, t_spec: ModelSpec, data: Dataset, cfg: Conf
     for cand in candidates:
         torch.manual_seed(cfg.train.seed)
         student = cand.spec.build().to(model_device(teacher))
-        pairs = find_pairs(student, teacher, example_input(teacher, t_spec.input_size), cfg.distill.at_layers)
+        ties = teacher_ties(student, teacher, t_spec.input_size, cfg, objective_from(cfg, method))
         plan = cand.spec.plan
         stages = (plan.stages if plan is not None else []) or describe_stages(teacher, student, t_spec.input_size)
-        out.append(DryRunStudent(cand, pairs, initial_terms(student, teacher, pairs, data, cfg, mean, std, method), stages))
+        terms = initial_terms(student, teacher, list(ties.pairs), data, cfg, mean, std, method, ties.hint, ties.regressor)
+        out.append(DryRunStudent(cand, list(ties.pairs), terms, stages, describe_hint(ties)))
     return out
 
 

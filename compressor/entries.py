@@ -57,9 +57,11 @@ class StudentEntry:
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict(), with CUDA only
     gmacs_conv_linear: float | None = None  # convolutions and matrix products alone (torchvision's convention)
     distill: dict[str, Any] | None = None  # how it was trained: {"cuda_graphs": GraphStatus.to_dict()}
+    loss_terms: dict[str, float] | None = None  # the last epoch's training mean of each weighted loss term, by name
+    hint: str | None = None  # FitNet: the hint pair and its regressor (trained with the student, not part of it)
 
     def to_dict(self) -> dict[str, Any]:
-        return _without_none(asdict(self), ("derived", "int8", "gpu_latency", "distill"))
+        return _without_none(asdict(self), ("derived", "int8", "gpu_latency", "distill", "loss_terms", "hint"))
 
 
 @dataclass

@@ -116,6 +116,16 @@ def gpu_figures(models: list[tuple[str, nn.Module, Path | None]], input_size: tu
                      "gpu_notes": notes}
 
 
+def final_terms(history: list[dict[str, float]]) -> dict[str, float] | None:
+    """The last epoch's training mean of every loss term (``train_ce``, ``train_hint``, ``train_tckd``, …) by term
+    name, the total last; None without a history."""
+    if not history:
+        return None
+    last = history[-1]
+    terms = {k[len("train_"):]: float(v) for k, v in last.items() if k.startswith("train_") and k != "train_top1"}
+    return {**{k: v for k, v in terms.items() if k != "loss"}, **({"loss": terms["loss"]} if "loss" in terms else {})}
+
+
 def student_entry(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: float, res: DistilledStudent, cand: Candidate,
                   out: Path, threads: int | None, reporter: Reporter = SILENT) -> tuple[StudentEntry, SpeedUp]:
     """One student exported (parity checked) and timed against the teacher's ONNX file."""
@@ -133,7 +143,8 @@ def student_entry(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: f
         onnx=str(onnx_path.relative_to(out)), onnx_parity_max_abs_diff={str(k): v for k, v in parity.max_abs_diff.items()},
         onnx_parity_max_rel_diff={str(k): v for k, v in parity.max_rel_diff.items()},
         train_seconds=res.train_seconds, epochs=res.epochs, attention_pairs=res.pairs, init=res.init,
-        gmacs_conv_linear=cand.gmacs_conv_linear, distill={"cuda_graphs": res.cuda_graphs} if res.cuda_graphs else None)
+        gmacs_conv_linear=cand.gmacs_conv_linear, distill={"cuda_graphs": res.cuda_graphs} if res.cuda_graphs else None,
+        loss_terms=final_terms(res.history), hint=res.hint)
     if res.spec.plan is not None:  # a derived student: its shape and, after a search, target vs achieved
         plan = res.spec.plan
         search = plan.search.to_dict() if plan.search is not None else {}

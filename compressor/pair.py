@@ -124,6 +124,28 @@ def find_pairs(student: nn.Module, teacher: nn.Module, example: torch.Tensor, la
     return select_pairs(pair_stages(find_stages(student, example), find_stages(teacher, example)), layers)
 
 
+def hint_pair(pairs: Sequence[AttentionPair], stage: str = "middle") -> AttentionPair:
+    """FitNet's hint pair among all stage pairs (highest resolution first, not narrowed by ``at_layers``):
+    ``middle`` (the middle one; of an even count the deeper of the two middle ones, so a network's
+    middle resolution stage as RepDistiller's hint layer 2 of three groups), an index (0-based, negative
+    from the deepest) or a student or teacher stage's module name."""
+    if not pairs:
+        raise ModelError("no spatial feature maps found to give a hint between; use --method kd, dkd or none")
+    text = str(stage).strip()
+    if text == "middle":
+        return pairs[len(pairs) // 2]
+    if text.lstrip("-").isdigit():
+        i = int(text)
+        if not -len(pairs) <= i < len(pairs):
+            raise ConfigError(f"distill.fitnet_stage {text}: there are {len(pairs)} stage pairs; use 0..{len(pairs) - 1} or middle")
+        return pairs[i]
+    chosen = [p for p in pairs if text in (p.student.module, p.teacher.module)]
+    if not chosen:
+        names = ", ".join(p.student.module for p in pairs)
+        raise ConfigError(f"distill.fitnet_stage {text}: choose middle, a pair index or a stage name ({names})")
+    return chosen[0]
+
+
 class Taps:
     """Forward hooks that keep the latest output of named modules during training."""
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compressor import distributed, fileio
-from compressor.config import Config
+from compressor.config import Config, canonical_method
 from compressor.data.images import ImageData
 from compressor.data.open import open_dataset
 from compressor.derive.candidates import Candidate, StudentChoice, choose, resolve_init
@@ -79,13 +79,13 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     measures and writes the report, and the other ranks return None. With ``options.int8`` each
     student is also quantized (static QDQ, calibrated on training images) and its INT8 accuracy and
     latency join the report. ``options.tensorboard``: a folder for every student's per-epoch scalars.
-    ``method``: none, kd, at or at+kd (default: the preset's).
+    ``method``: none, or at/fitnet and kd/dkd joined with + (``compressor.config.parse_method``; default: the preset's).
     """
     onnxruntime()  # the report needs it: a missing or mixed install fails now, not after training
     if options.tensorboard is not None:
         check_tensorboard()
     out = fileio.prepare_output(out_dir, options.overwrite, options.resume, create=False)
-    method = method or cfg.distill.method
+    method = canonical_method(method or cfg.distill.method)
     dev = pick_device(options.device)
     loaded = load_teacher_and_data(teacher_path, data_spec, cfg, options, reporter=reporter, device=dev)
     if options.int8 and not isinstance(loaded.data, ImageData):

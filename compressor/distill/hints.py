@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.pair import AttentionPair
+
 RegressorMode = Literal["auto", "always"]
 
 
@@ -31,7 +33,8 @@ class HintRegressor(nn.Module):
 
     ``student_shape`` and ``teacher_shape`` are one sample's C, H, W (``compressor.pair.Stage.shape``)."""
 
-    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], mode: RegressorMode = "auto"):
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], mode: RegressorMode = "auto",
+                 generator: torch.Generator | None = None):
         super().__init__()
         (cs, hs, ws), (ct, ht, wt) = tuple(student_shape), tuple(teacher_shape)
         self.student_shape, self.teacher_shape = (cs, hs, ws), (ct, ht, wt)
@@ -40,7 +43,9 @@ class HintRegressor(nn.Module):
         self.proj: nn.Sequential | None = None
         if cs != ct or mode == "always":
             conv = nn.Conv2d(cs, ct, kernel_size=1, bias=False)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as the WRN/ResNet convs
+            # as the WRN/ResNet convs; drawn from its own generator, so that adding a regressor leaves the
+            # global random stream (and with it everything else in the run) as other methods have it
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu", generator=generator)
             self.proj = nn.Sequential(conv, nn.BatchNorm2d(ct))
 
     @property
@@ -65,3 +70,10 @@ class HintRegressor(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def make_regressor(pair: AttentionPair, mode: RegressorMode = "auto", seed: int = 0) -> HintRegressor:
+    """The regressor of a hint pair, its weights drawn from a generator seeded with ``seed``."""
+    if mode not in ("auto", "always"):
+        raise ValueError(f"regressor mode {mode!r}: use auto or always")
+    return HintRegressor(pair.student.shape, pair.teacher.shape, mode, torch.Generator().manual_seed(seed))

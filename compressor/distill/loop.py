@@ -10,7 +10,7 @@ of (seed, epoch, step), and the state holds model, optimizer, scheduler and RNGs
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ from compressor.data.open import Dataset
 from compressor.data.streaming import StreamingData, make_streaming_batches
 from compressor.device import Speed, autocast_dtype, channels_last_for, pick_device
 from compressor.distill.failures import StopFlag, StopRequested, stopped, training_failures
+from compressor.distill.hints import make_regressor
 from compressor.distill.losses import Objective
 from compressor.distill.runtime import Runtime, Teacher, make_runtime, prepare_runtime
 from compressor.distill.state import TrainingState, run_identity
@@ -207,26 +208,41 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     channels_last = _place(student, teacher, device, speed)
+    regressor = _hint_regressor(teacher, objective, cfg, device, channels_last)
     train_b, test_b = make_batches(data, cfg, mean, std, device, Shard(rank.rank, rank.world_size), channels_last, speed.workers)
-    opt, sched = make_optimizer(student, cfg, device, fused=amp != torch.float16)
+    # FitNet's regressor trains with the student, in the same optimizer (so also its momentum resumes)
+    trained = student if regressor is None else nn.ModuleList([student, regressor])
+    opt, sched = make_optimizer(trained, cfg, device, fused=amp != torch.float16)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     # Resume: the saved state, or a clean folder.
-    state = TrainingState(out_dir, student, opt, sched, scaler, run_identity(cfg, data), writes=rank.is_main)
+    state = TrainingState(out_dir, student, opt, sched, scaler, run_identity(cfg, data), writes=rank.is_main, regressor=regressor)
     at = state.start(resume, reporter, tag)
     stats = EpochStats(**at.stats) if at.stats else None
     example = torch.randn(2, *data.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    model, runtime, compile_s = prepare_runtime(student, teacher, objective, speed, device, train_b, amp, reporter, opt, scaler,
-                                                example.contiguous(memory_format=torch.channels_last) if channels_last else example)
+    example = example.contiguous(memory_format=torch.channels_last) if channels_last else example
+    phases = _phases(cfg, objective)
+    runtime: Runtime | None = None
+    compile_s, running = 0.0, None
     # The epochs: train, evaluate, save.
     try:
         with StopFlag() as stop:
             for epoch in range(at.epoch, cfg.train.epochs):
                 began = time.perf_counter()
+                phase = phases(epoch)
+                if phase is not running:  # the first epoch, or FitNet's stage 1 over: a step for the new objective
+                    if runtime is not None:
+                        runtime.close()
+                    model, runtime, seconds = prepare_runtime(student, teacher, phase, speed, device, train_b, amp, reporter,
+                                                              opt, scaler, example)
+                    compile_s, running = compile_s + seconds, phase
+                    _say_phase(cfg, phase, objective, epoch, reporter)
+                if phase.uses_dkd:
+                    runtime.set_dkd_scale(dkd_scale_at(cfg, epoch))
                 train_b.set_epoch(epoch, at.step if epoch == at.epoch else 0)
                 reporter.task(f"{tag} epoch {epoch + 1}/{cfg.train.epochs}".strip(), len(train_b))
                 with training_failures(epoch + 1, cfg.train.batch_size, device, state.kept, state.path, reporter):
                     control = EpochControl(stop, lambda e, s, st: state.save(e - 1, s, asdict(st)))
-                    stats = train_one_epoch(model, train_b, opt, objective, epoch + 1, teacher, beta_at(cfg, epoch), amp,
+                    stats = train_one_epoch(model, train_b, opt, phase, epoch + 1, teacher, beta_at(cfg, epoch), amp,
                                             stats, reporter, runtime, control)
                     record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
                     graphs = runtime.step.status
@@ -239,13 +255,54 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                 if stop.raised is not None and epoch + 1 < cfg.train.epochs:  # arrived during evaluation: stop at the boundary
                     raise stopped(stop.raised, f"after epoch {epoch + 1}", state.path)
     finally:
-        runtime.close()  # the hooks, where stage outputs were taken with them
-    graphs = runtime.step.status
+        if runtime is not None:
+            runtime.close()  # the hooks, where stage outputs were taken with them
+    graphs = runtime.step.status if runtime is not None else GraphStatus("off", why="no epoch left to train")
     if graphs.state != "off" or graph_device(device):  # a CPU run has nothing to say
         reporter.info(f"{tag}: {graphs.line()}" if tag else graphs.line())
     distributed.check_same_weights(student, device)
     _place(student, teacher, None, speed)
     return FitResult(state.history, state.history[-1] if state.history else {}, state.train_seconds, compile_s, graphs)
+
+
+def dkd_scale_at(cfg: Config, epoch: int) -> float:
+    """DKD's warm-up factor in ``epoch`` (0-based): ``min((epoch + 1) / warm-up, 1)``, mdistiller's
+    ``min(epoch / WARMUP, 1)`` with its epochs counted from 1; 1 throughout without a warm-up."""
+    warm = cfg.distill.dkd_warmup_epochs
+    return 1.0 if warm <= 0 else min((epoch + 1) / warm, 1.0)
+
+
+def _phases(cfg: Config, objective: Objective) -> Callable[[int], Objective]:
+    """The objective of each epoch (0-based): FitNet's stage 1 (the hint alone) for the first
+    ``distill.fitnet_stage1_epochs`` epochs, the objective itself after (and for every other method)."""
+    stage1 = cfg.distill.fitnet_stage1_epochs if objective.uses_fitnet else 0
+    if stage1 and distributed.active():
+        raise ConfigError("distill.fitnet_stage1_epochs needs a single process (in stage 1 the student's upper half gets no "
+                          "gradient, which data-parallel training refuses); set it to 0 or train without torchrun")
+    hint_only = replace(objective, hint_only=True)
+    return lambda epoch: hint_only if epoch < stage1 else objective
+
+
+def _say_phase(cfg: Config, phase: Objective, objective: Objective, epoch: int, reporter: Reporter) -> None:
+    if phase.hint_only:
+        reporter.info(f"FitNet stage 1: epochs {epoch + 1}-{cfg.distill.fitnet_stage1_epochs} train the student up to the "
+                      "hint stage (and the regressor) on the hint alone")
+    elif objective.uses_fitnet and cfg.distill.fitnet_stage1_epochs and epoch == cfg.distill.fitnet_stage1_epochs:
+        reporter.info(f"FitNet stage 2: from epoch {epoch + 1} the whole student trains on {objective.method}")
+
+
+def _hint_regressor(teacher: Teacher | None, objective: Objective, cfg: Config, device: torch.device,
+                    channels_last: bool) -> nn.Module | None:
+    """FitNet's regressor on ``device`` in training mode (made from ``teacher.hint`` where the caller gave
+    none), or None for other methods."""
+    if teacher is None or not objective.uses_fitnet:
+        return None
+    if teacher.hint is None:
+        raise ConfigError("FitNet needs a hint pair: pass Teacher(model, hint=compressor.pair.hint_pair(pairs))")
+    if teacher.regressor is None:
+        teacher.regressor = make_regressor(teacher.hint, cfg.distill.fitnet_regressor, cfg.train.seed)  # type: ignore[arg-type]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return teacher.regressor.to(device, memory_format=fmt).train()
 
 
 def _place(student: nn.Module, teacher: Teacher | None, device: torch.device | None, speed: Speed) -> bool:

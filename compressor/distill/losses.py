@@ -180,6 +180,7 @@ class Objective:
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0
     dkd_temperature: float = 4.0
+    hint_only: bool = False  # FitNet's stage 1: the hint alone trains the student's lower half (and the regressor)
 
     def __post_init__(self) -> None:
         parse_method(self.method)  # an invalid combination fails here, in one line
@@ -224,6 +225,11 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
     ``hint`` is FitNet's ``(regressed student stage output, teacher stage output)``; ``dkd_scale`` DKD's
     warm-up factor (1 when None), a number or a device scalar.
     """
+    if obj.hint_only:
+        if hint is None:
+            raise ValueError("FitNet's stage 1 needs hint=(regressed student stage output, teacher stage output)")
+        h = obj.hint_weight * hint_loss(*hint)
+        return {"hint": h, "loss": h}
     ce = F.cross_entropy(student_logits.float(), targets)
     terms: dict[str, torch.Tensor] = {}
     if obj.uses_kd:

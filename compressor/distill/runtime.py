@@ -29,10 +29,13 @@ from compressor.pair import AttentionPair, StageOutputs, stage_outputs
 
 @dataclass
 class Teacher:
-    """A frozen teacher and the attention pairs that tie it to the student."""
+    """A frozen teacher and what ties it to the student: the attention pairs and, for FitNet, the hint
+    pair and its regressor (trained with the student, never part of it; ``fit`` makes one where it is None)."""
 
     model: nn.Module
     pairs: Sequence[AttentionPair] = ()
+    hint: AttentionPair | None = None
+    regressor: nn.Module | None = None
 
 
 @dataclass
@@ -44,6 +47,10 @@ class Runtime:
     student: nn.Module
     teacher: nn.Module | None = None
     notes: list[str] = field(default_factory=list)
+
+    def set_dkd_scale(self, value: float) -> None:
+        """DKD's warm-up factor for the coming steps (a device scalar the step, captured or not, reads)."""
+        getattr(self.step, "eager", self.step).set_dkd_scale(value)
 
     def close(self) -> None:
         for m in (self.student, self.teacher):
@@ -62,6 +69,13 @@ def make_runtime(student: nn.Module, teacher: Teacher | None, objective: Objecti
     notes: list[str] = []
     grad_at = teacher is not None and objective.uses_at and objective.gradient
     pairs = list(teacher.pairs) if teacher is not None and objective.uses_at and not grad_at else []
+    regressor = None
+    if teacher is not None and objective.uses_fitnet:  # one stage output per side: the hint's (AT and FitNet exclude each other)
+        if teacher.hint is None or teacher.regressor is None:
+            raise ValueError("FitNet needs Teacher.hint (compressor.pair.hint_pair) and Teacher.regressor")
+        pairs, regressor = [teacher.hint], teacher.regressor
+        if distributed.active() and any(p.requires_grad for p in regressor.parameters()):
+            regressor = distributed.wrap_student(regressor, device)  # its gradients averaged over the ranks too
     ddp = isinstance(student, nn.parallel.DistributedDataParallel) or distributed.active()
     plain = unwrap(student)
     if ddp:  # DDP runs the forward (compiled as a whole with --compile); hooks on the module inside it take the maps
@@ -80,7 +94,7 @@ def make_runtime(student: nn.Module, teacher: Teacher | None, objective: Objecti
         s_run = s_run if ddp else torch.compile(s_run, backend=backend)
         t_run = torch.compile(t_run, backend=backend) if t_run is not None else None
     eager = EagerStep(s_run, t_run, optimizer, objective, device, amp, scaler, plain_student=student,
-                      plain_teacher=teacher.model if teacher is not None else None)
+                      plain_teacher=teacher.model if teacher is not None else None, regressor=regressor)
     applies, why = graph_capture_applies(device, speed.cuda_graphs, objective, scaler, distributed.current().world_size,
                                          device_resident, compile_)
     eager.why_off = why

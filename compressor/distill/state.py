@@ -1,5 +1,5 @@
-"""The resumable training state of one run: model, optimizer, scheduler, fp16 loss scale, RNGs,
-epoch, step within the epoch, the epoch's running sums, the history, and the run's identity
+"""The resumable training state of one run: model (and FitNet's regressor), optimizer, scheduler, fp16
+loss scale, RNGs, epoch, step within the epoch, the epoch's running sums, the history, and the run's identity
 (recipe and data size), written atomically after every epoch and when a stop signal arrives.
 Only the process that writes (rank 0) touches the files."""
 
@@ -51,6 +51,7 @@ class TrainingState:
     writes: bool = True  # rank 0 of a data-parallel run alone writes
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0  # training time of the epochs before a resume, so the total counts them too
+    regressor: nn.Module | None = None  # FitNet's hint regressor: trained with the model, saved here only
 
     @property
     def path(self) -> Path:
@@ -76,6 +77,7 @@ class TrainingState:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "run": self.identity, "train_seconds": self.train_seconds,
+            "regressor": None if self.regressor is None else self.regressor.state_dict(),
         })
 
     def epoch_done(self, record: dict[str, float], seconds: float) -> None:
@@ -106,6 +108,10 @@ class TrainingState:
                                   "start again without --resume") from exc
         self._check_same_run(st.get("run"))
         self.model.load_state_dict(st["model"])
+        if self.regressor is not None:
+            if st.get("regressor") is None:
+                raise CheckpointError(f"the training state {self.path} holds no FitNet regressor; start again without --resume")
+            self.regressor.load_state_dict(st["regressor"])
         load_optimizer_state(self.optimizer, st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler is not None and st.get("scaler"):

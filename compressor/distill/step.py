@@ -156,14 +156,19 @@ class EagerStep:
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, objective: Objective,
                  device: torch.device, amp: bool | torch.dtype | None, scaler: torch.amp.GradScaler | None = None,
-                 plain_student: nn.Module | None = None, plain_teacher: nn.Module | None = None, why_off: str = ""):
+                 plain_student: nn.Module | None = None, plain_teacher: nn.Module | None = None, why_off: str = "",
+                 regressor: nn.Module | None = None):
         self.student, self.teacher, self.optimizer, self.objective = student, teacher, optimizer, objective
         self.device, self.amp, self.scaler = device, amp, scaler
         self.plain_student, self.plain_teacher = plain_student, plain_teacher
         self.grad_at = plain_teacher is not None and objective.uses_at and objective.gradient
+        self.regressor = regressor  # FitNet: maps the student's hint stage output onto the teacher's
+        if objective.uses_fitnet and teacher is not None and regressor is None:
+            raise ValueError("a FitNet step needs the hint regressor (compressor.distill.hints.HintRegressor)")
         self.meter = Meter(device)
         self.beta: torch.Tensor | None = None  # β on the device (AT objectives), made by the first set_beta
         self._beta_value: float | None = None
+        self.dkd_scale: torch.Tensor | None = None  # DKD's warm-up factor on the device, made by the first set_dkd_scale
         self.why_off = why_off
 
     @property
@@ -180,6 +185,14 @@ class EagerStep:
         elif value != self._beta_value:
             self.beta.fill_(value)
         self._beta_value = value
+
+    def set_dkd_scale(self, value: float) -> None:
+        """DKD's warm-up factor for the coming steps, filled into the device scalar the step reads (in place,
+        as β: a captured graph keeps reading the same tensor)."""
+        if self.dkd_scale is None:
+            self.dkd_scale = torch.full((), float(value), dtype=torch.float32, device=self.device)  # a fill, not a host copy
+        else:
+            self.dkd_scale.fill_(float(value))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, beta: float | None = None) -> dict[str, torch.Tensor]:
         self.set_beta(beta)
@@ -199,7 +212,11 @@ class EagerStep:
                     with torch.inference_mode():  # frozen: no autograd records, no version counters
                         t_logits, t_maps = self.teacher(x)
                 logits, s_maps = self.student(x)
-        terms = distillation_terms(self.objective, logits, y, t_logits, list(zip(s_maps, t_maps)), self.beta, grads)
+            hint = None
+            if self.objective.uses_fitnet and t_maps:  # the one stage output is the hint's, not an AT pair's
+                hint, s_maps, t_maps = (self.regressor(s_maps[0]), t_maps[0]), [], []
+        terms = distillation_terms(self.objective, logits, y, t_logits, list(zip(s_maps, t_maps)), self.beta, grads, hint,
+                                   self.dkd_scale)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             terms["loss"].backward()
@@ -219,6 +236,7 @@ class EagerStep:
         opt_state = [t for p in params for t in self.optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
         module = self.plain_student if self.plain_student is not None else self.student
         buffers = list(module.buffers()) if isinstance(module, nn.Module) else []
+        buffers += list(self.regressor.buffers()) if self.regressor is not None else []  # FitNet's BN statistics
         return {"parameters": params, "optimizer state": opt_state, "buffers": buffers, "meter": self.meter.tensors()}
 
 

@@ -16,7 +16,9 @@ from compressor.config import Config
 from compressor.derive.candidates import Candidate, resolve_init
 from compressor.derive.thinning import inherit
 from compressor.device import example_input, model_device
+from compressor.distill.hints import make_regressor
 from compressor.distill.loop import FitOptions, fit, objective_from
+from compressor.distill.losses import Objective
 from compressor.distill.runtime import Teacher
 from compressor.distill.tensorboard import epoch_logger
 from compressor.events import SILENT, Reporter
@@ -24,7 +26,7 @@ from compressor.load import TeacherAndData, normalization
 from compressor.models.checkpoint import load_model, save_checkpoint
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
-from compressor.pair import find_pairs
+from compressor.pair import find_pairs, hint_pair, select_pairs
 
 
 @dataclass
@@ -49,6 +51,7 @@ class DistilledStudent:
     pairs: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
     cuda_graphs: dict[str, Any] | None = None
+    hint: str | None = None  # FitNet: the hint pair and its regressor (training machinery, not in the model)
 
     def metrics(self) -> dict[str, Any]:
         d = {"top1": self.top1, "history": self.history, "train_seconds": self.train_seconds, "method": self.method,
@@ -57,6 +60,8 @@ class DistilledStudent:
             d["compile_seconds"] = self.compile_seconds
         if self.cuda_graphs is not None:
             d["cuda_graphs"] = self.cuda_graphs
+        if self.hint:
+            d["hint"] = self.hint
         return d
 
     @classmethod
@@ -66,7 +71,27 @@ class DistilledStudent:
         those of the run that reuses it."""
         return cls(model, spec, folder, float(metrics["top1"]), method, teacher, epochs, list(metrics.get("history", [])),
                    metrics.get("train_seconds"), metrics.get("init"), list(metrics.get("pairs", [])),
-                   float(metrics.get("compile_seconds", 0.0)), metrics.get("cuda_graphs"))
+                   float(metrics.get("compile_seconds", 0.0)), metrics.get("cuda_graphs"), metrics.get("hint"))
+
+
+def teacher_ties(student: nn.Module, teacher: nn.Module, input_size, cfg: Config, objective: Objective) -> Teacher:
+    """The teacher with its attention pairs (``distill.at_layers`` of all stage pairs) and, for FitNet, the
+    hint pair (``distill.fitnet_stage``, chosen among all stage pairs) and a fresh regressor for it."""
+    every = find_pairs(student, teacher, example_input(teacher, input_size))
+    ties = Teacher(teacher, select_pairs(every, cfg.distill.at_layers))
+    if objective.uses_fitnet:
+        ties.hint = hint_pair(every, cfg.distill.fitnet_stage)
+        ties.regressor = make_regressor(ties.hint, cfg.distill.fitnet_regressor, cfg.train.seed)  # type: ignore[arg-type]
+    return ties
+
+
+def describe_hint(ties: Teacher) -> str | None:
+    """``group1 32×16×16 → 1×1 conv 32→64 + BN (2,176 parameters) ↔ group1 64×16×16``, or None without a hint."""
+    if ties.hint is None or ties.regressor is None:
+        return None
+    s, t = ties.hint.student, ties.hint.teacher
+    return (f"{s.module} {'×'.join(map(str, s.shape))} → {ties.regressor.describe()} ↔ "
+            f"{t.module} {'×'.join(map(str, t.shape))}")
 
 
 def student_dir(out: Path, cand: Candidate, method: str) -> Path:
@@ -96,14 +121,14 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
     if init == "inherit":
         model.load_state_dict(inherit(teacher, spec.plan).state_dict())
     model.to(model_device(teacher))
-    pairs = find_pairs(model, teacher, example_input(teacher, spec.input_size), cfg.distill.at_layers)
+    objective = objective_from(cfg, method)
+    ties = teacher_ties(model, teacher, spec.input_size, cfg, objective)
     fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, epoch_logger(options.tensorboard, sdir.name))
-    result = fit(model, data, cfg, sdir, mean, std, Teacher(teacher, pairs), objective_from(cfg, method), device, reporter,
-                 fit_options)
+    result = fit(model, data, cfg, sdir, mean, std, ties, objective, device, reporter, fit_options)
     done = DistilledStudent(model.cpu(), spec, sdir, result.final["test_top1"], method, t_spec.name, cfg.train.epochs,
                             result.history, result.seconds, init,
-                            ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in pairs],
-                            result.compile_seconds, result.cuda_graphs.to_dict())
+                            ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in ties.pairs],
+                            result.compile_seconds, result.cuda_graphs.to_dict(), describe_hint(ties))
     if distributed.is_main():
         save_checkpoint(ckpt, done.model, spec, done.metrics())
     return done

@@ -121,6 +121,20 @@ def gpu_lines(report: dict[str, Any]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in table), "", *notes, *([""] if notes else [])]
 
 
+def _term_lines(report: dict[str, Any]) -> list[str]:
+    """Per student, its loss terms by name (the last epoch's training means, as weighted in the loss) and
+    FitNet's hint pair."""
+    out = []
+    for s in report["students"]:
+        if s.get("loss_terms"):
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in s["loss_terms"].items())
+            out.append(f"- {s['name']} ({s['method']}): loss terms in the last epoch (training means, weighted): {terms}")
+        if s.get("hint"):
+            out.append(f"- {s['name']} hint pair: {s['hint']}; the regressor trained with the student and is not part of "
+                       "the exported model, its parameter count or its latency")
+    return ["", *out] if out else []
+
+
 def markdown(report: dict[str, Any]) -> str:
     lat = report.get("latency", {})
     lines = [f"# atc report: {report['teacher']['name']} → {', '.join(s['name'] for s in report['students'])}", "",
@@ -130,6 +144,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     env = report.get("environment", {})
     notes = report["data"].get("notes") or []
+    lines += _term_lines(report)
     lines += ["", "Top-1 is the test accuracy after the last epoch, not the best epoch's.",
               *([f"Data: {'; '.join(notes)}."] if notes else []),
               "", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
@@ -154,14 +169,21 @@ def fmt_optional(v: float | None, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _mean_std(summary: dict[str, Any] | None, signed: bool = False) -> str:
+    if not summary or summary.get("mean") is None:
+        return "–"
+    return f"{summary['mean']:{'+' if signed else ''}.2f} ± {summary['std']:.2f}"
+
+
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = list(result["grid"])
-    head = keys + ["n", "top-1 mean ± std", "median", "per seed"]
+    paired = any("vs_none" in c for c in result["cells"])
+    head = keys + ["n", "top-1 mean ± std", *(["Δ vs none (paired) mean ± std"] if paired else []), "median", "per seed"]
     rows = []
     for c in result["cells"]:
         per = ", ".join(f"{r['top1']:.2f}" for r in c["runs"])
-        ms = "–" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
-        rows.append([c["params"][k] for k in keys] + [str(c["n"]), ms, fmt_optional(c["median"]), per])
+        vs = [_mean_std(c.get("vs_none"), signed=True) if c["params"].get("method") != "none" else "(reference)"] if paired else []
+        rows.append([c["params"][k] for k in keys] + [str(c["n"]), _mean_std(c), *vs, fmt_optional(c["median"]), per])
     return head, rows
 
 
@@ -175,7 +197,12 @@ def sweep_markdown(result: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Top-1 in %; std is the sample standard deviation over seeds. At β = 0 the attention mechanism has no "
-              "effect, so those cells share one run per seed.", ""]
+              "effect, so those cells share one run per seed."]
+    if "Δ vs none (paired) mean ± std" in head:
+        lines += ["Δ vs none: the cell's top-1 minus the `method=none` cell's with the same other settings, seed by seed "
+                  "(the same seed gives the same initial student and batch order), then mean ± sample std over seeds, "
+                  "in points; a spread as large as the mean says the difference is not resolved by these seeds."]
+    lines += [""]
     if result.get("failed"):
         lines += [f"**Runs that did not finish ({len(result['failed'])})**, left out of the table above; the same command with "
                   "`--resume` tries them again:", ""]

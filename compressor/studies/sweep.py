@@ -10,8 +10,12 @@ finished runs and continues the half-done ones from their last epoch. At β = 0 
 mechanism cannot change training, so those cells share one run per seed instead of training
 identical students.
 
-Outputs: ``sweep.json`` (every run and every cell's n, mean, sample std and median top-1),
-``sweep.md`` (the table) and ``sweep.png`` (top-1 against β on a log axis, one line per
+A ``method`` axis (``method=none,kd,fitnet,at,at+kd,dkd,at+dkd``) compares methods on equal terms: the
+same student, recipe and seeds (so the same initial weights and batch order per seed); each cell then
+also gets its paired difference from the ``none`` cell, seed by seed.
+
+Outputs: ``sweep.json`` (every run and every cell's n, mean, sample std and median top-1, and with a
+method axis ``vs_none``), ``sweep.md`` (the table) and ``sweep.png`` (top-1 against β on a log axis, one line per
 mechanism; the β = 0 baseline as a dashed line).
 """
 
@@ -29,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from compressor import fileio
-from compressor.config import SECTIONS, Config, load_config, parse_attention, parse_overrides
+from compressor.config import SECTIONS, Config, canonical_method, load_config, parse_attention, parse_method, parse_overrides
 from compressor.derive.candidates import Candidate, StudentChoice, choose
 from compressor.device import pick_device
 from compressor.distill.loop import make_batches
@@ -83,6 +87,8 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
             raise ConfigError(f"--grid {key} repeats a value; list each value once")
         for v in vals:
             overrides_for(key, v)  # validates the key and, for attention, the value
+            if SHORTHAND.get(key, key) == "distill.method":
+                canonical_method(v)  # an invalid combination is refused before anything loads
         axes.append(Axis(key, vals))
     if not axes:
         raise ConfigError("a sweep needs at least one --grid key=v1,v2 (e.g. --grid beta=0,1e3)")
@@ -123,14 +129,15 @@ def _slug(params: dict[str, str]) -> str:
 def cell_config(preset: str | Path, base: dict[str, dict[str, Any]], cell: Cell, method: str, seed: int) -> tuple[Config, str]:
     """The configuration one (cell, seed) trains with and the folder name of its run.
 
-    Where the AT term is off (β = 0 or a method without AT) the attention settings are dropped,
-    so such cells share their run.
+    ``method`` is the sweep's; a ``method`` axis of the grid overrides it per cell. Where the AT term is off
+    (β = 0 or a method without AT) the attention settings are dropped, so such cells share their run.
     """
+    base = _merge(base, {"distill": {"method": canonical_method(method)}})
     probe = base
     for k, v in cell.params.items():
         probe = _merge(probe, overrides_for(k, v))
     cfg = load_config(preset, probe)
-    at_on = "at" in method.split("+") and cfg.distill.beta > 0
+    at_on = "at" in parse_method(cfg.distill.method) and cfg.distill.beta > 0  # the cell's method (a grid axis, or the sweep's)
     params = {k: v for k, v in cell.params.items() if at_on or k not in ATTENTION_KEYS}
     merged = base
     for k, v in params.items():
@@ -145,6 +152,20 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
         return {"n": 0, "mean": None, "std": None, "median": None}
     return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "median": statistics.median(values)}
+
+
+def paired_vs_none(cell: Cell, cells: Sequence[Cell]) -> dict[str, Any]:
+    """With a ``method`` axis: the cell's top-1 minus that of the ``method=none`` cell with the same other
+    settings, seed by seed (the same seeds: the same initial student and batch order), summarised as
+    ``vs_none`` (n, mean, std, median of the differences, in points); nothing without such a cell."""
+    if "method" not in cell.params:
+        return {}
+    ref = next((c for c in cells if c.params == {**cell.params, "method": "none"}), None)
+    if ref is None or ref is cell:
+        return {}
+    base = {r["seed"]: r["top1"] for r in ref.runs if r.get("top1") is not None}
+    diffs = [r["top1"] - base[r["seed"]] for r in cell.runs if r.get("top1") is not None and r["seed"] in base]
+    return {"vs_none": summarize(diffs)}
 
 
 def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Path, preset: str | Path, grid: Sequence[str],
@@ -166,10 +187,8 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
         import_ray(local=engine.ray == "local")  # before an hour of loading and checking, not after
     axes = parse_grid(grid)
     base = {s: dict(v) for s, v in (overrides or {}).items()}
-    base_cfg = load_config(preset, base)
-    method = method or base_cfg.distill.method
-    if method not in ("none", "kd", "at", "at+kd"):
-        raise ConfigError(f"--method {method} is unknown; choose none, kd, at or at+kd")
+    base_cfg = load_config(preset, _merge(base, {"distill": {"method": canonical_method(method)}}) if method else base)
+    method = base_cfg.distill.method  # every cell's config carries the method it trains with (a method axis overrides it)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
@@ -194,7 +213,7 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     for cell, s, cfg, run_dir in schedule:
         key = run_dir.relative_to(out).as_posix()
         if key not in tasks:
-            _check_run_config(run_dir, cfg, method, cand.name)
+            _check_run_config(run_dir, cfg, cfg.distill.method, cand.name)
             tasks[key] = Task(key, run_dir, SweepRun(spec, cfg, s))
     reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(schedule)} runs, {len(tasks)} distinct (β = 0 cells share theirs); "
                   f"student {cand.name}, method {method}")
@@ -211,10 +230,10 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     result = {
         "sweep_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": options.command,
         "teacher": {"name": t_spec.name, "top1": t_top1, "path": str(teacher_path), "sha256": teacher_bytes.sha256},
-        "student": cand.name, "method": method, "preset": base_cfg.preset, "epochs": base_cfg.train.epochs, "seeds": seed_list,
+        "student": cand.name, "method": _method_shown(method, axes), "preset": base_cfg.preset, "epochs": base_cfg.train.epochs, "seeds": seed_list,
         "grid": {a.key: list(a.values) for a in axes},
         "data": {"name": data.name, "train": len(data.train_y), "test": len(data.test_y)},
-        "cells": [{"params": c.params, **summarize(c.top1s), "runs": c.runs} for c in cells],
+        "cells": [{"params": c.params, **summarize(c.top1s), **paired_vs_none(c, cells), "runs": c.runs} for c in cells],
         "failed": failed, "config": base_cfg.to_dict(),
     }
     write_outputs(out, result)
@@ -255,16 +274,22 @@ def train_run(run: SweepRun, ctx: CellContext) -> dict[str, Any]:
     """Train one run of a sweep wherever the runner put it; the teacher and data are loaded once per process."""
     spec = run.spec
     run_dir = ctx.folder
-    _check_run_config(run_dir, run.cfg, spec.method, spec.student.name, write=True)
+    _check_run_config(run_dir, run.cfg, run.cfg.distill.method, spec.student.name, write=True)
     key = _teacher_key(spec, ctx.sha256("teacher"))
     if key not in ctx.cache:
         ctx.cache[key] = load_teacher_and_data(ctx.path("teacher"), spec.data_spec, spec.base_cfg, spec.options)
     torch.manual_seed(run.seed)
-    res = distill_student(spec.student, ctx.cache[key], run.cfg, spec.method, run_dir, pick_device(spec.options.device),
+    res = distill_student(spec.student, ctx.cache[key], run.cfg, run.cfg.distill.method, run_dir, pick_device(spec.options.device),
                           options=replace(spec.options, resume=ctx.resume), reporter=ctx.reporter)
     student = f"{ctx.key}/{res.dir.relative_to(run_dir).as_posix()}"  # relative to the sweep folder, as the key is
     return {"seed": run.seed, "top1": float(res.top1), "dir": student, "train_seconds": res.train_seconds,
             "checkpoint": f"{student}/student.pt"}
+
+
+def _method_shown(method: str, axes: Sequence[Axis]) -> str:
+    """The sweep's method, or with a ``method`` axis the methods it compares."""
+    axis = next((a for a in axes if a.key == "method"), None)
+    return method if axis is None else "methods " + ", ".join(axis.values)
 
 
 def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str, write: bool = False) -> None:
