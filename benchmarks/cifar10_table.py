@@ -1,7 +1,8 @@
 """The paper's CIFAR-10 table, reproduced with atc's own commands.
 
 For every teacher → student pair it trains the teacher once (``atc train``), then each student
-alone, with KD, with AT and with AT+KD (``atc compress --method …``) for several seeds, and
+alone, with KD, with AT and with AT+KD, and beside them with its rivals FitNet (hints), DKD and
+AT+DKD (``atc compress --method …``, the same recipe, student and seeds) for several seeds, and
 prints error % (median over seeds, with min–max), params, GMACs and the measured onnxruntime
 CPU batch-1 latency speed-up. Finished cells are skipped when re-run; results go to
 ``OUT/table.json`` and ``OUT/table.md``.
@@ -26,7 +27,9 @@ import time
 from pathlib import Path
 
 PAIRS = "wrn-16-1:wrn-16-2,wrn-16-2:wrn-40-2,wrn-16-2:wrn-40-4,wrn-16-4:wrn-40-4"
-METHODS = "none,kd,at,at+kd"
+METHODS = "none,kd,at,at+kd,fitnet,dkd,at+dkd"
+LABELS = {"none": "student alone", "kd": "KD", "at": "AT", "at+kd": "AT+KD", "fitnet": "FitNet", "dkd": "DKD",
+          "at+dkd": "AT+DKD", "fitnet+kd": "FitNet+KD", "fitnet+dkd": "FitNet+DKD"}
 ATC = [sys.executable, "-m", "cli"]
 
 
@@ -77,22 +80,34 @@ def pair_latency(teacher: Path, student: Path, threads: int, rounds: int) -> dic
 
 
 def markdown(table: dict, args) -> str:
+    methods = args.methods.split(",")
     lines = [f"CIFAR-10 (JPEG q75), full 10,000-image test set. Students: {args.train_subset or 50000} training images, "
              f"{args.epochs} epochs; teacher: {args.teacher_train_subset or 50000} images, {args.teacher_epochs} epochs (seed 0). "
              f"SGD lr 0.1 ×0.2 at 30/60/80% of training, batch 128, seeds 0..{args.seeds - 1}; "
              "error % is the median over seeds with [min–max].", "",
-             "| student ← teacher | teacher err % | student | KD | AT | AT+KD | params | GMACs (× fewer) | ORT CPU b1 speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| student ← teacher | teacher err % | " + " | ".join(LABELS.get(m, m) for m in methods) +
+             " | params | GMACs (× fewer) | ORT CPU b1 speed-up |",
+             "|---|---|" + "---|" * len(methods) + "---|---|---|"]
     for key, row in table.items():
         cells = [f"{row[m]['error_median']:.2f} [{row[m]['error_min']:.2f}–{row[m]['error_max']:.2f}]" if m in row else "–"
-                 for m in ("none", "kd", "at", "at+kd")]
-        any_row = next(iter(v for k, v in row.items() if k in ("none", "kd", "at", "at+kd")))
+                 for m in methods]
+        any_row = next(iter(v for k, v in row.items() if k in methods))
         lat = row["latency"]
         lines.append(f"| {key} | {row['teacher_error']:.2f} | " + " | ".join(cells) +
                      f" | {any_row['params']:,} | {any_row['gmacs']:.4f} ({any_row['mac_ratio']:.1f}×) "
                      f"| {lat['speedup']:.2f}× [{lat['spread'][0]:.2f}–{lat['spread'][1]:.2f}] |")
     lines += ["", f"Latency: onnxruntime CPU, batch 1, {lat['threads']} thread(s), teacher and student interleaved over "
               f"{lat['rounds']} rounds after training; median per-round ratio with [min–max]."]
+    rivals = [m for m in methods if "fitnet" in m or "dkd" in m]
+    if rivals:
+        from compressor.config import load_config
+
+        d = load_config("cifar", {"train": {"epochs": args.epochs}}).distill
+        lines += ["", f"Rivals ({', '.join(LABELS.get(m, m) for m in rivals)}) with the `cifar` preset's settings: FitNet's hint "
+                  f"at weight {d.fitnet_weight:g} on the middle group, jointly with CE (RepDistiller's setting), through a "
+                  f"1×1 conv + BN regressor where channels differ; DKD α = {d.dkd_alpha:g}, β = {d.dkd_beta:g}, "
+                  f"T = {d.dkd_temperature:g} (mdistiller's CIFAR values), its 20-epoch warm-up scaled with the schedule to "
+                  f"{d.dkd_warmup_epochs} epoch{'s' if d.dkd_warmup_epochs != 1 else ''}."]
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +147,7 @@ def main() -> None:
         row["latency"] = pair_latency(teacher, student_ckpt, args.threads, args.latency_rounds)
     md = markdown(table, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_seconds = sum(v["train_seconds"] for row in table.values() for k, v in row.items() if k in METHODS.split(","))
+    train_seconds = sum(v["train_seconds"] for row in table.values() for k, v in row.items() if k in args.methods.split(","))
     (args.out / "table.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table,
                                                       "student_train_seconds": train_seconds,
                                                       "wall_seconds_this_invocation": time.time() - began}, indent=2))
@@ -140,7 +155,8 @@ def main() -> None:
     print(md)
     print(f"students' training time, all cells: {train_seconds / 3600:.2f} h")
     for key, row in table.items():
-        gaps = {m: row["none"]["error_median"] - row[m]["error_median"] for m in ("kd", "at", "at+kd") if m in row and "none" in row}
+        gaps = {m: row["none"]["error_median"] - row[m]["error_median"] for m in args.methods.split(",")
+                if m != "none" and m in row and "none" in row}
         print(f"summary {key}: " + ", ".join(f"{m} {g:+.2f} pts vs alone" for m, g in gaps.items()))
 
 

@@ -2,7 +2,7 @@
 
 Every run is an ``atc`` command (``python -m cli train|compress``) started as a subprocess; this
 script only plans, schedules and reads the JSON files atc writes (``report.json``,
-``metrics.jsonl``). Parts (``--parts``, default 1,2,3,4):
+``metrics.jsonl``). Parts (``--parts``, default 1,2,3,4,5):
 
 1. WRN-16-1 ← WRN-16-2: the student alone, KD, AT and AT+KD (``--method none|kd|at|at+kd``) ×
    ``--seeds`` seeds; error % mean ± std and per seed, and each method's paired difference from
@@ -16,6 +16,10 @@ script only plans, schedules and reads the JSON files atc writes (``report.json`
    ``--min-speedup``, the one that ends closest to the teacher, and its gap in points.
 4. β ∈ {300, 1000, 3000} × {sum-p:2, max-p:2} on pair 1 with AT, seed 0 (β = 1000 with sum-p:2 is
    part 1's AT cell, reused).
+5. AT against its rivals: on pair 1 (WRN-16-1 ← WRN-16-2) and on ``--pair5`` (WRN-16-2 ← WRN-40-2), the
+   student alone, AT, AT+KD, FitNet hints, DKD and AT+DKD (``--rival-methods``) × the same seeds, the same
+   recipe; error % mean ± std and each method's paired difference from "alone". Pair 1's none/AT/AT+KD
+   cells are part 1's; the WRN-40-2 teacher and the AT+KD seed-0 cell are part 3's.
 
 A plan of cells: the teachers (``atc train``) first, then the student cells (``atc compress``)
 that need them, on atc's sweep runner (``compressor/studies/runner.py``, the one ``atc sweep`` uses):
@@ -47,7 +51,8 @@ the kit's start (~20 s) ≈ 500 s < 540 s.
 
 Cells with the defaults (3 seeds, 30 epochs): 2 teachers (WRN-16-2, WRN-40-2); part 1: 12 student
 cells, part 2: 6, part 3: 5, part 4: 5 new (6, one shared with part 1) — 23 student cells for parts
-1–3 (25 runs with the teachers), 28 with part 4 (30 runs).
+1–3 (25 runs with the teachers), 28 with part 4 (30 runs); part 5: 26 new (9 on pair 1, 17 with the
+WRN-40-2 teacher, whose AT+KD seed 0 is part 3's zoo:wrn-16-2), 54 student cells in all.
 
 Feasibility (estimates, not measurements; ``--measure-jobs`` measures the one unknown, how the
 summed throughput S of 6 concurrent runs compares with one run). A cell trains 30 × 50,000 = 1.5 M
@@ -61,6 +66,9 @@ images. Usable wall time: 2 × (360 + up to 90) s minus ~75 s of throughput meas
   5,200 cell-seconds. Launch-bound processes should scale well (S ≈ 4–5 with 6 jobs), which gives
   parts 1 and 2 (~3,300 cell-seconds, ~750 s) but not all of part 3, and not part 4: a third
   identical command would finish them (or ``--parts 1,2,3`` to drop part 4).
+- Part 5 comes last in launch order: its 26 new cells (9 WRN-16 cells, 17 with the WRN-40-2 teacher's
+  forward) are ≈ 2,300 cell-seconds at the target rate, ≈ 6,900 at the launch-bound one, so one to
+  three more identical commands after parts 1–4 (or ``--parts 1,5`` to put the rivals first).
 
 Data: CIFAR-10 re-encoded as JPEG quality 75 (the kit's copy), so errors run a little above
 those on the original (lossless) images. Error % = 100 − top-1 on the 10,000 test images.
@@ -94,8 +102,11 @@ from compressor.events import Reporter  # noqa: E402
 from compressor.studies.runner import Engine, Outcome, Task, run_cells  # noqa: E402
 
 ATC = [sys.executable, "-m", "cli"]
-METHODS = ("none", "kd", "at", "at+kd")
-LABELS = {"none": "student alone", "kd": "KD", "at": "AT", "at+kd": "AT+KD"}
+METHODS = ("none", "kd", "at", "at+kd", "fitnet", "dkd", "at+dkd", "fitnet+kd", "fitnet+dkd")  # what --methods may name
+PART1_METHODS = ("none", "kd", "at", "at+kd")
+RIVAL_METHODS = ("none", "at", "at+kd", "fitnet", "dkd", "at+dkd")  # part 5
+LABELS = {"none": "student alone", "kd": "KD", "at": "AT", "at+kd": "AT+KD", "fitnet": "FitNet", "dkd": "DKD",
+          "at+dkd": "AT+DKD", "fitnet+kd": "FitNet+KD", "fitnet+dkd": "FitNet+DKD"}
 DEFAULT_BETA, DEFAULT_ATTENTION = 1000.0, "sum-p:2"  # the cifar preset's (cells with these omit the flags)
 DATA_NOTE = ("CIFAR-10 (JPEG q75): the CIFAR-10 images re-encoded as JPEG at quality 75, so errors run a little above "
              "those on the original images")
@@ -181,7 +192,7 @@ def _add_part(cell: Cell, part: int | None) -> None:
 
 def build_plan(args) -> list[Cell]:
     """Cells in launch priority: teachers, part 1 (seed by seed, so a cut run still has whole pairs),
-    part 3, part 2, part 4. A cell that two parts need (same command) appears once."""
+    part 3, part 2, part 4, part 5. A cell that two parts need (same command) appears once."""
     root: Path = args.out
     common = ["--preset", "cifar", "--data", str(args.data), "--train-subset", str(args.train_subset)]
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
@@ -216,8 +227,10 @@ def build_plan(args) -> list[Cell]:
     parts, seeds = args.parts, range(args.seeds)
     s1, t1 = args.pair1.split(":")
     s2, t2 = args.pair2.split(":")
-    order = [p for p in (1, 3, 2, 4) if p in parts]
-    for arch in ([args.teacher3] if 3 in parts else []) + ([t1] if {1, 4} & set(parts) else []) + ([t2] if 2 in parts else []):
+    s5, t5 = args.pair5.split(":")
+    order = [p for p in (1, 3, 2, 4, 5) if p in parts]
+    for arch in ([args.teacher3] if 3 in parts else []) + ([t1] if {1, 4, 5} & set(parts) else []) + \
+            ([t2] if 2 in parts else []) + ([t5] if 5 in parts else []):
         teacher(arch, None)
     for part in order:
         if part == 1:
@@ -240,6 +253,12 @@ def build_plan(args) -> list[Cell]:
             for attention in args.attentions:
                 for beta in args.betas:
                     student(4, t, ["--student", s1], s1, args.beta_method, 0, beta, attention)
+        elif part == 5:
+            for s, t_arch in ((s1, t1), (s5, t5)):
+                t = teacher(t_arch, 5)
+                for seed in seeds:
+                    for method in args.rival_methods:
+                        student(5, t, ["--student", s], s, method, seed)
     return list(cells.values())
 
 
@@ -552,6 +571,15 @@ def tables(cells: list[Cell], info: dict[str, dict[str, Any]], args) -> dict[str
         out["3"] = {"teacher": args.teacher3, "method": "at+kd", "seed": 0, **part3_table(rows, args.min_speedup),
                     "missing_candidates": [t.removeprefix("zoo:") for t in args.candidates
                                            if t.removeprefix("zoo:") not in {r["candidate"] for r in rows}]}
+    if 5 in args.parts:
+        pairs = []
+        for pair in (args.pair1, args.pair5):
+            student, teacher = pair.split(":")
+            reports = {(c.meta["method"], c.meta["seed"]): r for c, r in _reports_for(cells, info, 5)
+                       if (c.meta["student"], c.meta["teacher"]) == (student, teacher)}
+            pairs.append({"student": student, "teacher": teacher, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
+                          **paired_table(reports, list(args.rival_methods), seeds)})
+        out["5"] = {"pairs": pairs}
     if 4 in args.parts:
         grid = {a: {f"{b:g}": None for b in args.betas} for a in args.attentions}
         for c, r in _reports_for(cells, info, 4):
@@ -613,19 +641,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"up to {a['jobs']} runs at once on it.", ""]
     titles = {"1": "Does attention transfer help?", "2": "Same architecture:"}
     for key in ("1", "2"):
-        if key not in t:
-            continue
-        p = t[key]
-        seeds = ", ".join(str(s) for s in next(iter(p["methods"].values()))["seeds"])
-        lines += [f"### {key}. {titles[key]} {p['student'].upper()} ← {p['teacher'].upper()} "
-                  f"(teacher error {_f(p['teacher_error'])} %)", "",
-                  f"| method | error % | per seed ({seeds}) | Δ vs alone, paired | Δ per seed |", "|---|---|---|---|---|"]
-        for m, row in p["methods"].items():
-            d = row.get("diff_vs_none")
-            lines.append(f"| {LABELS.get(m, m)} | {_pm(row)} | {' / '.join(_f(e) for e in row['errors'])} | "
-                         + (f"{_pm(d, sign=True)} | {' / '.join(_f(x, sign=True) for x in d['per_seed'])} |" if d else "– | – |"))
-        lines += ["", "Δ = method − student alone on the same seed, in points (negative: fewer errors); mean ± std of the "
-                  "per-seed differences.", ""]
+        if key in t:
+            lines += _paired_lines(f"### {key}. {titles[key]}", t[key])
     if "3" in t:
         p = t["3"]
         ms = p["min_speedup"]
@@ -662,6 +679,12 @@ def markdown(result: dict[str, Any]) -> str:
         for b in betas:
             lines.append(f"| {b} | " + " | ".join(_f(p["errors"][a][b]) for a in atts) + " |")
         lines.append("")
+    if "5" in t:
+        for i, p in enumerate(t["5"]["pairs"]):
+            lines += _paired_lines(f"### 5{'ab'[i] if i < 2 else i}. AT against its rivals (FitNet, DKD):", p)
+        lines += ["FitNet: hint at weight 100 on the middle group through a 1×1 conv + BN regressor where channels differ "
+                  "(the regressor is not part of the exported student); DKD: α = 1, β = 8, T = 4, its warm-up of 20 of "
+                  "200 epochs scaled with the schedule (the cifar preset).", ""]
     if m := result.get("throughput"):
         lines += [f"### Throughput: one run against {m['jobs']} at once ({m['cell']}, {m['epochs']} epoch(s))", "",
                   "| runs at once | images/s per run (median) | images/s summed | × one run | wall s |", "|---|---|---|---|---|",
@@ -683,6 +706,19 @@ def markdown(result: dict[str, Any]) -> str:
     if result["missing"]:
         lines += ["", f"**Missing ({len(result['missing'])}):** " + ", ".join(f"`{n}`" for n in result["missing"])]
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(title: str, p: dict[str, Any]) -> list[str]:
+    """A paired table (parts 1, 2 and 5): error % per method, per seed, and the paired difference from alone."""
+    seeds = ", ".join(str(s) for s in next(iter(p["methods"].values()))["seeds"])
+    lines = [f"{title} {p['student'].upper()} ← {p['teacher'].upper()} (teacher error {_f(p['teacher_error'])} %)", "",
+             f"| method | error % | per seed ({seeds}) | Δ vs alone, paired | Δ per seed |", "|---|---|---|---|---|"]
+    for m, row in p["methods"].items():
+        d = row.get("diff_vs_none")
+        lines.append(f"| {LABELS.get(m, m)} | {_pm(row)} | {' / '.join(_f(e) for e in row['errors'])} | "
+                     + (f"{_pm(d, sign=True)} | {' / '.join(_f(x, sign=True) for x in d['per_seed'])} |" if d else "– | – |"))
+    return lines + ["", "Δ = method − student alone on the same seed, in points (negative: fewer errors); mean ± std of the "
+                    "per-seed differences.", ""]
 
 
 def write_results(cells: list[Cell], args, invocations: list[dict[str, Any]], device: dict[str, Any]) -> dict[str, Any]:
@@ -799,20 +835,22 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--out", type=Path, default=Path("runs/paper_gpu"), help="where the cells' runs live")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "paper_gpu.json",
                     help="results JSON (the Markdown goes beside it, .md)")
-    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run and report (1,2,3,4)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of parts 1 and 2 (0..N-1)")
+    ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run and report (1,2,3,4,5)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of parts 1, 2 and 5 (0..N-1)")
     ap.add_argument("--epochs", type=int, default=30, help="student epochs (the preset's milestones scale with it)")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--train-subset", type=int, default=0, help="training images (0 = all 50,000)")
     ap.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size (128) in every cell")
     ap.add_argument("--pair1", default="wrn-16-1:wrn-16-2", help="part 1 (and 4) student:teacher")
-    ap.add_argument("--methods", default=",".join(METHODS), help="part 1 methods (must include none)")
+    ap.add_argument("--methods", default=",".join(PART1_METHODS), help="part 1 methods (must include none)")
     ap.add_argument("--pair2", default="wrn-16-2:wrn-16-2", help="part 2 student:teacher")
     ap.add_argument("--teacher3", default="wrn-40-2", help="part 3 teacher (wrn-40-4 for the paper's)")
     ap.add_argument("--candidates", default=None,
                     help="part 3 candidates: zoo:NAME, width:R, blocks:N, target:X (latency), joined with + "
                          "(default for wrn-D-K: zoo:wrn-16-K,zoo:wrn-D-K/2,width:0.5,width:1.0+blocks:2,target:3.3)")
     ap.add_argument("--min-speedup", type=float, default=3.0, help="part 3: measured speed-up a candidate must reach")
+    ap.add_argument("--pair5", default="wrn-16-2:wrn-40-2", help="part 5's second student:teacher (the first is --pair1)")
+    ap.add_argument("--rival-methods", default=",".join(RIVAL_METHODS), help="part 5 methods (must include none)")
     ap.add_argument("--betas", default="300,1000,3000", help="part 4 β values")
     ap.add_argument("--attentions", default="sum-p:2,max-p:2", help="part 4 attention maps")
     ap.add_argument("--beta-method", default="at", help="part 4 method (at: β acts alone; at+kd)")
@@ -830,11 +868,12 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--measure-teacher-subset", type=int, default=2560, help="images of the throwaway measuring teacher")
     args = ap.parse_args(argv)
     args.parts = sorted({int(p) for p in _csv(args.parts)})
-    if not set(args.parts) <= {1, 2, 3, 4}:
-        ap.error("--parts takes numbers from 1 to 4")
-    args.methods = _csv(args.methods)
-    if "none" not in args.methods or not set(args.methods) <= set(METHODS):
-        ap.error(f"--methods: a subset of {','.join(METHODS)} that includes none")
+    if not set(args.parts) <= {1, 2, 3, 4, 5}:
+        ap.error("--parts takes numbers from 1 to 5")
+    args.methods, args.rival_methods = _csv(args.methods), _csv(args.rival_methods)
+    for flag, methods in (("--methods", args.methods), ("--rival-methods", args.rival_methods)):
+        if "none" not in methods or not set(methods) <= set(METHODS):
+            ap.error(f"{flag}: a subset of {','.join(METHODS)} that includes none")
     args.candidates = _csv(args.candidates or default_candidates(args.teacher3))
     for token in args.candidates:
         parse_candidate(token)

@@ -38,3 +38,21 @@ def test_table_runs_skips_finished_cells_and_writes_json(tmp_path):
     again = _table(data, tmp_path / "t")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "+ atc" not in again.stdout  # every cell and the teacher were reused
+
+
+def test_table_markdown_has_a_column_per_method_with_the_rivals_settings():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cifar10_table", ROOT / "benchmarks" / "cifar10_table.py")
+    table_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table_mod)
+    cell = {"error_median": 40.0, "error_min": 39.0, "error_max": 41.5, "params": 175066, "gmacs": 0.0269, "mac_ratio": 3.8}
+    row = {m: dict(cell, error_median=40.0 + i) for i, m in enumerate(["none", "at", "fitnet", "dkd"])}
+    row |= {"teacher_error": 30.0, "latency": {"speedup": 3.9, "spread": [3.4, 4.2], "threads": 1, "rounds": 30}}
+    args = argparse.Namespace(methods="none,at,fitnet,dkd", train_subset=5000, epochs=3, teacher_train_subset=10000,
+                              teacher_epochs=10, seeds=3)
+    md = table_mod.markdown({"wrn-16-1 ← wrn-16-2": row}, args)
+    assert "| student ← teacher | teacher err % | student alone | AT | FitNet | DKD | params |" in md
+    assert "| wrn-16-1 ← wrn-16-2 | 30.00 | 40.00 [39.00–41.50] | 41.00 [39.00–41.50] | 42.00 [39.00–41.50] | 43.00" in md
+    assert "weight 100 on the middle group" in md and "β = 8" in md and "scaled with the schedule to 0 epochs" in md

@@ -74,10 +74,12 @@ def test_plan_shares_cells_orders_teachers_first_and_resumes(tmp_path):
     args = pg.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o")])
     cells = pg.build_plan(args)
     names = [c.name for c in cells]
-    assert len(names) == len(set(names)) == 2 + 12 + 6 + 5 + 5  # part 4's β = 1000, sum-p:2 is part 1's AT cell
+    # part 4's β = 1000, sum-p:2 is part 1's AT cell; part 5 adds FitNet, DKD and AT+DKD on pair 1 (its none, AT and AT+KD
+    # are part 1's) and all six methods on WRN-16-2 ← WRN-40-2 (part 3's teacher; its AT+KD seed 0 is part 3's zoo:wrn-16-2)
+    assert len(names) == len(set(names)) == 2 + 12 + 6 + 5 + 5 + 3 * 3 + 6 * 3 - 1
     assert [c.kind for c in cells[:2]] == ["train", "train"] and all(c.kind == "compress" for c in cells[2:])
     shared = next(c for c in cells if c.meta.get("method") == "at" and c.meta.get("seed") == 0 and c.meta["student"] == "wrn-16-1")
-    assert shared.parts == [1, 4] and "--beta" not in shared.argv
+    assert shared.parts == [1, 4, 5] and "--beta" not in shared.argv
     derived = next(c for c in cells if c.meta.get("student") == "target:3.3")
     assert derived.argv[derived.argv.index("--target-speedup"):][:4] == ["--target-speedup", "3.3", "--by", "latency"]
     shallow = next(c for c in cells if c.meta.get("student") == "width:1.0+blocks:2")
@@ -92,6 +94,34 @@ def test_plan_shares_cells_orders_teachers_first_and_resumes(tmp_path):
     assert cell.command()[-1] == "--resume" and not cell.done()
     (cell.out / "report.json").write_text("{}")
     assert cell.done()
+
+
+def test_part5_plans_the_rivals_on_both_pairs_with_the_same_seeds(tmp_path):
+    pg = _module()
+    args = pg.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--parts", "5"])
+    cells = [c for c in pg.build_plan(args) if c.kind == "compress"]
+    got = {(c.meta["student"], c.meta["teacher"], c.meta["method"], c.meta["seed"]) for c in cells}
+    want = {(s, t, m, seed) for s, t in (("wrn-16-1", "wrn-16-2"), ("wrn-16-2", "wrn-40-2"))
+            for m in ("none", "at", "at+kd", "fitnet", "dkd", "at+dkd") for seed in (0, 1, 2)}
+    assert got == want and len(cells) == 36
+    assert all(c.argv[c.argv.index("--method") + 1] == c.meta["method"] for c in cells)
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--data", str(tmp_path), "--rival-methods", "fitnet,dkd"])  # no baseline to pair with
+
+    reports = {}
+    for c in cells:
+        if c.meta["teacher"] == "wrn-40-2":
+            reports[c.name] = {"report": _report(70.0 + c.meta["seed"] + (2.0 if c.meta["method"] == "fitnet" else 0.0))}
+    info = {c.name: reports.get(c.name, {}) for c in cells}
+    tables = pg.tables(cells, info, args)["5"]["pairs"]
+    assert [(p["student"], p["teacher"]) for p in tables] == [("wrn-16-1", "wrn-16-2"), ("wrn-16-2", "wrn-40-2")]
+    fit = tables[1]["methods"]["fitnet"]
+    assert fit["diff_vs_none"]["per_seed"] == pytest.approx([-2.0, -2.0, -2.0])  # 2 points more top-1 on every seed
+    assert tables[0]["methods"]["fitnet"]["errors"] == [None, None, None]
+    md = pg.markdown({"args": {"epochs": 30, "teacher_epochs": 30, "jobs": 1}, "device": {}, "tables": {"5": {"pairs": tables}},
+                      "cells": {}, "summary": {"cells": 0, "done": 0, "student_wall_seconds": 0, "teacher_wall_seconds": 0,
+                                               "invocations_wall_seconds": 0}, "missing": []})
+    assert "### 5b. AT against its rivals (FitNet, DKD): WRN-16-2 ← WRN-40-2" in md and "| FitNet | 27.00 ± 1.00 |" in md
 
 
 def _script(data, out, *extra):

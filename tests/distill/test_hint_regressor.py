@@ -80,3 +80,24 @@ def test_regressor_stays_out_of_the_student():
     assert list(student.state_dict()) == keys  # ... and is no part of it
     assert sum(p.numel() for p in student.parameters()) == count == 175_066
     assert not any(m is reg or m is reg.proj for m in student.modules())
+
+
+def test_hint_pair_is_the_middle_stage_or_the_one_named():
+    from compressor.errors import ConfigError, ModelError
+    from compressor.pair import AttentionPair, Stage, hint_pair
+
+    def pairs(n):
+        return [AttentionPair(Stage(f"s{i}", (8, 2 ** (n - i), 2 ** (n - i))), Stage(f"t{i}", (16, 2 ** (n - i), 2 ** (n - i))))
+                for i in range(n)]
+
+    three, four = pairs(3), pairs(4)
+    assert hint_pair(three) is three[1]  # WRN's three groups: the middle one (RepDistiller's hint layer 2)
+    assert hint_pair(four) is four[2] and hint_pair(pairs(1)) == pairs(1)[0]
+    assert hint_pair(three, "0") is three[0] and hint_pair(three, "-1") is three[2]
+    assert hint_pair(three, "s2") is three[2] and hint_pair(three, "t0") is three[0]
+    with pytest.raises(ConfigError, match="there are 3 stage pairs"):
+        hint_pair(three, "3")
+    with pytest.raises(ConfigError, match=r"choose middle, a pair index or a stage name \(s0, s1, s2\)"):
+        hint_pair(three, "group9")
+    with pytest.raises(ModelError, match="no spatial feature maps"):
+        hint_pair([])
