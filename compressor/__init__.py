@@ -6,7 +6,8 @@ The public API, enough for a five-line script:
     report = compress("teacher.pt", "cifar10/", load_config("cifar"), "runs/x", StudentChoice(names=["wrn-16-1"]))
     print(report.students[0].top1)
 
-and the method itself: ``attention_map``, ``at_loss``, ``kd_loss``. Names are imported on first
+and the method itself: ``attention_map``, ``at_loss``, ``kd_loss``, and its rivals' ``hint_loss`` (FitNet) and
+``dkd_loss``. Names are imported on first
 use, so ``import compressor`` stays cheap.
 """
 
@@ -33,6 +34,8 @@ _API = {
     "attention_map": "compressor.distill.losses",
     "at_loss": "compressor.distill.losses",
     "kd_loss": "compressor.distill.losses",
+    "hint_loss": "compressor.distill.losses",
+    "dkd_loss": "compressor.distill.losses",
 }
 __all__ = ["__version__", *_API]
 
