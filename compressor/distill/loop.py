@@ -236,6 +236,8 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                                                               opt, scaler, example)
                     compile_s, running = compile_s + seconds, phase
                     _say_phase(cfg, phase, objective, epoch, reporter)
+                    if not phase.hint_only and phases(0).hint_only:
+                        _momentum_for_all(opt)
                 if phase.uses_dkd:
                     runtime.set_dkd_scale(dkd_scale_at(cfg, epoch))
                 train_b.set_epoch(epoch, at.step if epoch == at.epoch else 0)
@@ -281,6 +283,17 @@ def _phases(cfg: Config, objective: Objective) -> Callable[[int], Objective]:
                           "gradient, which data-parallel training refuses); set it to 0 or train without torchrun")
     hint_only = replace(objective, hint_only=True)
     return lambda epoch: hint_only if epoch < stage1 else objective
+
+
+def _momentum_for_all(opt: torch.optim.Optimizer) -> None:
+    """After FitNet's stage 1 the upper half's parameters have no momentum buffer (they got no gradient),
+    the lower half's have one; the fused SGD kernel takes all or none. A zero buffer is what SGD's first
+    step would make (buffer = gradient, without dampening), so this changes no update."""
+    for group in opt.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                if opt.state[p].get("momentum_buffer") is None:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _say_phase(cfg: Config, phase: Objective, objective: Objective, epoch: int, reporter: Reporter) -> None:

@@ -36,6 +36,7 @@ the objective is ``CE + w·(α·TCKD + β·NCKD)``, ``w`` the warm-up factor ``m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Sequence
 
 import torch
@@ -147,7 +148,7 @@ def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
               T: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
     """DKD's (TCKD, NCKD), unweighted: each a batch-mean KL(teacher ‖ student) at temperature T, times T²."""
     zs, zt = student_logits.float() / T, teacher_logits.float() / T
-    gt = F.one_hot(targets, zs.shape[1]).bool()
+    gt = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, targets[:, None], True)  # not one_hot: it reads the labels' range on the host
     bs, bt = _log_binary(zs, gt), _log_binary(zt, gt)
     tckd = (bt.exp() * (bt - bs)).sum(1).mean()
     ls, lt = (z.masked_fill(gt, float("-inf")).log_softmax(1) for z in (zs, zt))
@@ -185,8 +186,8 @@ class Objective:
     def __post_init__(self) -> None:
         parse_method(self.method)  # an invalid combination fails here, in one line
 
-    @property
-    def parts(self) -> tuple[str, ...]:
+    @cached_property
+    def parts(self) -> tuple[str, ...]:  # read every step: parsed once
         return parse_method(self.method)
 
     @property
