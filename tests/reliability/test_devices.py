@@ -153,10 +153,10 @@ def test_dry_run_plan_on_a_meta_teacher():
     seen = {}
     real_terms = dryrun.initial_terms
 
-    def terms(student, teacher, pairs, data, cfg, mean, std, method):
+    def terms(student, teacher, pairs, data, cfg, mean, std, method, *hint):  # hint: FitNet's pair and regressor
         seen["devices"] = {model_device(student).type, model_device(teacher).type}
         seen["pairs"] = [p.describe() for p in pairs]
-        return stops_only_for_values(real_terms, student, teacher, pairs, data, cfg, mean, std, method) or {}
+        return stops_only_for_values(real_terms, student, teacher, pairs, data, cfg, mean, std, method, *hint) or {}
 
     dryrun.initial_terms, saved = terms, dryrun.initial_terms
     try:
