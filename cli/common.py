@@ -69,6 +69,28 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
+def parse_stats(text: str | None, option: str) -> tuple[float, ...]:
+    """``--mean``/``--std``: one number or a comma list (empty tuple when not given)."""
+    if text is None:
+        return ()
+    try:
+        values = tuple(float(v) for v in text.strip("()[] ").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v != v or abs(v) == float("inf") for v in values):
+        raise AtcError(f"{option} {text!r} must be a number or a comma list of numbers, one per channel, e.g. 0.4914,0.4822,0.4465")
+    return values
+
+
+def stats_from(mean: str | None, std: str | None) -> dict[str, tuple[float, ...]]:
+    """``--mean``/``--std`` checked together before anything is loaded, as ``RunOptions`` keywords."""
+    from compressor.config import check_mean_std
+
+    stats = {"mean": parse_stats(mean, "--mean"), "std": parse_stats(std, "--std")}
+    check_mean_std(stats["mean"], stats["std"], "--mean/--std")
+    return stats
+
+
 def parse_ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -145,7 +167,12 @@ SEED = typer.Option(None, "--seed", min=0, help="Random seed.")
 SUBSET = typer.Option(None, "--train-subset", min=0, help="Use only N training images (0 = all), for short runs.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that run code when unpickled (only for files you trust).")
-ARCH = typer.Option(None, "--arch", help="Architecture of a plain state_dict, e.g. wrn-40-4 (see `atc models`).")
+ARCH = typer.Option(None, "--arch", help="Architecture of a plain state_dict, e.g. wrn-40-4 (see `atc models`); inferred from "
+                    "the weights for the zoo families when left out.")
+MEAN = typer.Option(None, "--mean", help="The teacher's normalisation mean: one value, or one per RGB channel, e.g. "
+                    "0.4914,0.4822,0.4465 (with --std). Default: what its checkpoint states, else the preset's data.mean, else the "
+                    "training images' statistics.")
+STD = typer.Option(None, "--std", help="The teacher's normalisation std, e.g. 0.247,0.2435,0.2616 (with --mean).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the student and teacher (compile time is reported apart).")
 CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default: on with CUDA).")
 CUDA_GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Record each training step once as a CUDA graph "

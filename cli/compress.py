@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from cli import common as opt
-from cli.common import command_line, config_from, join_parallel, print_report, speed_from, table
+from cli.common import command_line, config_from, join_parallel, print_report, speed_from, stats_from, table
 from cli.progress import RichReporter, stderr
 from compressor.errors import AtcError
 
@@ -34,7 +34,7 @@ def compress(
     init: str = typer.Option("auto", "--init", help="Derived student's start: inherit (the teacher's surviving weights), scratch, "
                              "or auto (inherit for derived students, scratch for zoo ones)."),
     students: int = typer.Option(0, "--students", min=0, help="Distil N candidates from the derivation ladder."),
-    arch: Optional[str] = opt.ARCH, epochs: Optional[int] = opt.EPOCHS, batch_size: Optional[int] = opt.BATCH, lr: Optional[float] = opt.LR,
+    arch: Optional[str] = opt.ARCH, mean: Optional[str] = opt.MEAN, std: Optional[str] = opt.STD, epochs: Optional[int] = opt.EPOCHS, batch_size: Optional[int] = opt.BATCH, lr: Optional[float] = opt.LR,
     seed: Optional[int] = opt.SEED, train_subset: Optional[int] = opt.SUBSET, device: str = opt.DEVICE,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for latency measurement."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show students, attention pairs and initial losses; do not train."),
@@ -71,8 +71,9 @@ def compress(
     reporter = RichReporter()
     choice = StudentChoice(names=tuple(student or ()), count=students, width=width_ratio, blocks_per_stage=blocks_per_stage,
                            target=make_target(target_speedup, by, runtime, latency_batch, threads), init=init)
+    stats = stats_from(mean, std)
     if dry_run:
-        _print_dry_run(rehearse(teacher, data, cfg, choice, RunOptions(strict_data=strict_data, arch=arch, trust=trust_checkpoint),
+        _print_dry_run(rehearse(teacher, data, cfg, choice, RunOptions(strict_data=strict_data, arch=arch, trust=trust_checkpoint, **stats),
                                 reporter=reporter))
         return
     if out is None:
@@ -81,7 +82,7 @@ def compress(
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter.quiet = not rank.is_main
     options = RunOptions(device=device, speed=speed, threads=threads, int8=int8, tensorboard=tensorboard, resume=resume,
-                         overwrite=overwrite, strict_data=strict_data, arch=arch, trust=trust_checkpoint, command=command_line())
+                         overwrite=overwrite, strict_data=strict_data, arch=arch, trust=trust_checkpoint, command=command_line(), **stats)
     report = pipeline.compress(teacher, data, cfg, out, choice, options, method=method, reporter=reporter)
     if report is None:  # another rank than 0 of a data-parallel run: rank 0 reports
         return

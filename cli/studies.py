@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from cli import common
 from cli.common import ARCH, DEVICE, EPOCHS, PRESET, SET, SUBSET, TRUST, command_line, config_from, overrides_from, stdout, table
 from cli.progress import RichReporter, stderr
 from compressor.report.tables import fmt_optional, plural
@@ -30,7 +31,7 @@ def attention(
     overrides: Optional[List[str]] = SET,
     device: str = DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
-    trust_checkpoint: bool = TRUST, arch: Optional[str] = ARCH,
+    trust_checkpoint: bool = TRUST, arch: Optional[str] = ARCH, mean: Optional[str] = common.MEAN, std: Optional[str] = common.STD,
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON on stdout."),
 ) -> None:
     """Attention maps of a teacher (and student) per AT stage, their agreement and object localisation."""
@@ -46,7 +47,8 @@ def attention(
     view = AttentionOptions(images=images, test_images=test_images, attention=name, p=p if p is not None else mp, layers=at_layers,
                             localization=localization, dilate_px=dilate)
     result = attention_report(teacher, data, out, cfg, student_path=student, view=view,
-                              options=RunOptions(device=device, trust=trust_checkpoint, arch=arch), reporter=RichReporter())
+                              options=RunOptions(device=device, trust=trust_checkpoint, arch=arch,
+                                                 **common.stats_from(mean, std)), reporter=RichReporter())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -104,7 +106,7 @@ def sweep(
     epochs: Optional[int] = EPOCHS,
     train_subset: Optional[int] = SUBSET,
     device: str = DEVICE,
-    trust_checkpoint: bool = TRUST, arch: Optional[str] = ARCH,
+    trust_checkpoint: bool = TRUST, arch: Optional[str] = ARCH, mean: Optional[str] = common.MEAN, std: Optional[str] = common.STD,
     as_json: bool = typer.Option(False, "--json", help="Print sweep.json to stdout."),
 ) -> None:
     """Distil a student for every grid cell and seed; write sweep.json, sweep.md and sweep.png."""
@@ -118,7 +120,7 @@ def sweep(
     engine = Engine(jobs=jobs, gpus_per_run=gpus_per_run, ray=ray,
                     cpus_per_run=None if workers is None else max(1, workers))
     options = RunOptions(device=device, speed=Speed(workers=workers), resume=resume, trust=trust_checkpoint, arch=arch,
-                         command=command_line())
+                         command=command_line(), **common.stats_from(mean, std))
     result = run_sweep(teacher, data, out, preset, grid, overrides=merged, seeds=seeds, method=method, student=student,
                        engine=engine, options=options, reporter=RichReporter())
     if as_json:

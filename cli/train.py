@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from cli import common as opt
-from cli.common import config_from, join_parallel, speed_from
+from cli.common import config_from, join_parallel, speed_from, stats_from
 from cli.progress import RichReporter, stderr
 
 
@@ -24,6 +24,9 @@ def train(
     workers: Optional[int] = opt.WORKERS, nproc: int = opt.NPROC, nnodes: Optional[str] = opt.NNODES, node_rank: Optional[int] = opt.NODE_RANK,
     master_addr: Optional[str] = opt.MASTER_ADDR, master_port: Optional[int] = opt.MASTER_PORT,
     tensorboard: Optional[Path] = opt.TENSORBOARD,
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation mean to train with and store: one value or one per RGB "
+                                       "channel (with --std). Default: the preset's data.mean, else the training images' statistics."),
+    std: Optional[str] = typer.Option(None, "--std", help="Normalisation std to train with and store (with --mean)."),
 ) -> None:
     """Train a model from scratch with the preset's recipe (e.g. a teacher)."""
     from compressor import fileio, pipeline
@@ -39,7 +42,7 @@ def train(
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)
     reporter = RichReporter(quiet=not rank.is_main)
     options = RunOptions(device=device, speed=speed, tensorboard=tensorboard, resume=resume, overwrite=overwrite,
-                         strict_data=strict_data)
+                         strict_data=strict_data, **stats_from(mean, std))
     _, spec, metrics = pipeline.train(arch, data, cfg, out, options, reporter=reporter)
     if rank.is_main:
         stderr.print(f"saved {out}: {spec.name}, test top-1 {metrics['top1']:.2f}% after {plural(cfg.train.epochs, 'epoch')}")

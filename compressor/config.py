@@ -33,6 +33,10 @@ class DataConfig:
     flip: bool = True
     train_subset: int = 0
     test_subset: int = 0
+    # The normalisation of a teacher that states none (a plain state_dict); () = measure it from the
+    # training images. A checkpoint's own, and --mean/--std, come first (compressor/load.py).
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,12 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             if out != out or out in (float("inf"), float("-inf")) or out < 0:
                 raise ConfigError(f"{where} must be a finite non-negative number, got {value}")
             return out
+        if kind.startswith("tuple[float"):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).strip("[]() ").split(",") if v.strip()]
+            floats = tuple(float(v) for v in items if not isinstance(v, bool))
+            if len(floats) != len(items) or any(v != v or abs(v) == float("inf") for v in floats):
+                raise ValueError
+            return floats
         if kind.startswith("tuple"):
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).strip("[] ").split(",") if v.strip()]
             out_t = tuple(int(v) for v in items)
@@ -155,7 +165,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             return out_t
         return str(value)
     except (TypeError, ValueError):
-        wanted = (f"a comma list of whole numbers, e.g. {where}=60,120,160" if kind.startswith("tuple")
+        wanted = (f"a comma list of numbers, one per channel, e.g. {where}=0.4914,0.4822,0.4465" if kind.startswith("tuple[float")
+                  else f"a comma list of whole numbers, e.g. {where}=60,120,160" if kind.startswith("tuple")
                   else {"int": "an integer", "bool": "true or false"}.get(kind, f"a {kind}"))
         raise ConfigError(f"{where} must be {wanted}, got {value!r}") from None
 
@@ -260,6 +271,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("student.blocks_per_stage must be >= 1 and student.width_ratio in (0, 1]")
     if cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size {cfg.data.image_size} is too small; use 8 or more")
+    check_mean_std(cfg.data.mean, cfg.data.std, "data.mean/data.std")
+
+
+def check_mean_std(mean: tuple[float, ...], std: tuple[float, ...], what: str) -> None:
+    """Normalisation statistics: both or neither, one value (every channel) or three, std positive."""
+    if bool(mean) != bool(std):
+        raise ConfigError(f"{what}: give both the mean and the std, e.g. 0.4914,0.4822,0.4465 and 0.247,0.2435,0.2616")
+    if mean and (len(mean) != len(std) or len(mean) not in (1, 3)):
+        raise ConfigError(f"{what}: one value for every channel or one per RGB channel (3), the same count for both; "
+                          f"got {len(mean)} and {len(std)}")
+    if any(v <= 0 for v in std):
+        raise ConfigError(f"{what}: every std must be positive, got {', '.join(f'{v:g}' for v in std)}")
 
 
 def scaled_milestones(milestones, preset_epochs: int, epochs: int) -> list[int]:

@@ -19,12 +19,13 @@ from compressor.config import Config
 from compressor.data.open import Dataset
 from compressor.derive.candidates import Candidate, StudentChoice, choose
 from compressor.derive.thinning import describe_stages
-from compressor.device import model_device
+from compressor.device import example_input, model_device
 from compressor.distill.loop import make_batches, objective_from
 from compressor.distill.losses import distillation_terms, input_gradient
 from compressor.distill.student import describe_hint, teacher_ties
 from compressor.events import SILENT, Reporter
 from compressor.load import load_teacher_and_data, normalization
+from compressor.models.outputs import ensure_logits
 from compressor.models.plan import StageRow
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
@@ -87,13 +88,15 @@ def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionP
 
 
 def try_students(teacher: nn.Module, t_spec: ModelSpec, data: Dataset, cfg: Config, candidates: list[Candidate],
-                 method: str) -> list[DryRunStudent]:
+                 method: str, reporter: Reporter = SILENT) -> list[DryRunStudent]:
     """Each candidate built on the teacher's device, paired with the teacher and its first loss terms taken."""
     mean, std = normalization(t_spec, data)
     out = []
     for cand in candidates:
         torch.manual_seed(cfg.train.seed)
         student = cand.spec.build().to(model_device(teacher))
+        if note := ensure_logits(student, example_input(student, t_spec.input_size, batch=2), f"student {cand.name}"):
+            reporter.info(note)
         ties = teacher_ties(student, teacher, t_spec.input_size, cfg, objective_from(cfg, method))
         plan = cand.spec.plan
         stages = (plan.stages if plan is not None else []) or describe_stages(teacher, student, t_spec.input_size)
@@ -111,4 +114,4 @@ def dry_run(teacher_path: str | Path, data_spec: str | Path, cfg: Config, choice
     tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs
     cands = choose(loaded, cfg, choice, reporter)
     return DryRunReport(spec.name, tp, tm, cfg.distill.method, cfg.distill.at_layers, choice.init,
-                        try_students(model, spec, loaded.data, cfg, cands, cfg.distill.method))
+                        try_students(model, spec, loaded.data, cfg, cands, cfg.distill.method, reporter))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.config import Config
+from compressor.config import Config, check_mean_std
 from compressor.data.open import Dataset, open_dataset, open_for_device
 from compressor.device import example_input
 from compressor.errors import ConfigError, DataError
@@ -53,10 +53,52 @@ def check_compatible(spec: ModelSpec, data: Dataset, role: str = "teacher") -> N
 
 
 def normalization(spec: ModelSpec, data: Dataset) -> tuple[list[float], list[float]]:
-    """The model's own mean and std where its checkpoint has them, else the training images' statistics."""
+    """The model's own mean and std where its spec has them, else the training images' statistics."""
     if spec.mean is not None and spec.std is not None:
         return list(spec.mean), list(spec.std)
     return data.channel_stats()
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The mean and std images are normalised with (for the teacher and, stored with it, the student)
+    and where they come from, in words."""
+
+    mean: list[float]
+    std: list[float]
+    source: str
+
+    def describe(self) -> str:
+        def fmt(v: list[float]) -> str:
+            return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+        return f"normalisation: mean {fmt(self.mean)}, std {fmt(self.std)}, {self.source}"
+
+
+def _per_channel(values: tuple[float, ...] | list[float], channels: int = 3) -> list[float]:
+    return [float(v) for v in values] * (channels if len(values) == 1 else 1)
+
+
+def choose_normalization(cfg: Config, data: Dataset, options: RunOptions = RunOptions(),
+                         stated: tuple[list[float], list[float], str] | None = None, teacher: bool = True) -> Normalization:
+    """The teacher's normalisation, first that applies: ``--mean``/``--std``; what the checkpoint states
+    (``stated``: mean, std and where from); the preset's ``data.mean``/``data.std``; else measured from
+    the training images, and said so (that fallback changes with ``--train-subset``). ``teacher=False``:
+    for a model about to be trained (``atc train``), which will store what it was trained with."""
+    check_mean_std(options.mean, options.std, "--mean/--std")
+    if options.mean:
+        mean, std = _per_channel(options.mean), _per_channel(options.std)
+        overridden = f" (instead of those of {stated[2]})" if stated is not None and (stated[0], stated[1]) != (mean, std) else ""
+        return Normalization(mean, std, f"from --mean/--std{overridden}")
+    if stated is not None:
+        return Normalization(list(stated[0]), list(stated[1]), f"from {stated[2]}")
+    if cfg.data.mean:
+        why = ": nothing in the teacher's file states its own" if teacher else ""
+        return Normalization(_per_channel(cfg.data.mean), _per_channel(cfg.data.std), f"from the preset {cfg.preset} (data.mean/data.std){why}")
+    mean, std = data.channel_stats()
+    why = (": nothing states the teacher's own, so pass --mean/--std with the statistics it was trained with" if teacher
+           else " (the checkpoint stores them)")
+    return Normalization(list(mean), list(std), f"measured from the {len(data.train_y):,} training images{why}")
 
 
 @dataclass
@@ -98,8 +140,10 @@ def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: 
     if spec.class_names and list(spec.class_names) != list(data.class_names):
         reporter.info(f"note: the teacher's classes ({_few(spec.class_names)}) are not named like the data's "
                       f"({_few(data.class_names)}); labels are matched by position, so check that the order is the same")
-    mean, std = normalization(spec, data)
-    spec = replace(spec, mean=mean, std=std, class_names=list(spec.class_names or data.class_names))
+    stated = (list(spec.mean), list(spec.std), loaded.norm_source) if spec.mean is not None and spec.std is not None else None
+    norm = choose_normalization(cfg, data, options, stated)
+    reporter.info(norm.describe())
+    spec = replace(spec, mean=norm.mean, std=norm.std, class_names=list(spec.class_names or data.class_names))
     return TeacherAndData(teacher, spec, metrics, data)
 
 

@@ -17,8 +17,9 @@ class RunOptions:
     ``int8``: also quantize each student; ``tensorboard``: a folder for per-epoch scalars;
     ``resume``/``overwrite``: what to do with an output that exists; ``strict_data``: stop at the
     first unreadable image; ``arch``/``trust``: how to read the teacher checkpoint (the
-    architecture of a plain state_dict; allow pickles that run code); ``command``: the command
-    line, recorded in the report."""
+    architecture of a plain state_dict; allow pickles that run code); ``mean``/``std``: the
+    teacher's normalisation as the user states it (``--mean``/``--std``; it comes before the
+    checkpoint's and the preset's); ``command``: the command line, recorded in the report."""
 
     device: str = "auto"
     speed: Speed = field(default_factory=Speed)
@@ -30,4 +31,6 @@ class RunOptions:
     strict_data: bool = False
     arch: str | None = None
     trust: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     command: str = ""

@@ -35,7 +35,7 @@ from compressor.evaluate import evaluate
 from compressor.events import SILENT, Reporter
 from compressor.export.int8 import Int8Result, int8_with_evaluation
 from compressor.export.onnx import Parity, export_checked
-from compressor.load import TeacherAndData, check_compatible, load_data, load_teacher_and_data, normalization
+from compressor.load import TeacherAndData, check_compatible, choose_normalization, load_data, load_teacher_and_data, normalization
 from compressor.measure import measure
 from compressor.models.checkpoint import check_input_fits, open_model
 from compressor.models.registry import parse_arch
@@ -61,7 +61,9 @@ def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, option
     rank = distributed.current()
     where = f"{dev}" if rank.world_size == 1 else f"{rank.world_size} processes ({rank.backend}, {dev} on rank 0)"
     reporter.info(f"training {arch} on {data.name} ({len(data.train_y)} train / {len(data.test_y)} test) on {where}")
-    return train_model(arch, data, cfg, out, dev, reporter, options.resume, options.speed, options.tensorboard)
+    norm = choose_normalization(cfg, data, options, teacher=False)
+    reporter.info(norm.describe())
+    return train_model(arch, data, cfg, out, dev, reporter, options.resume, options.speed, options.tensorboard, norm)
 
 
 # ---------------------------------------------------------------- distillation

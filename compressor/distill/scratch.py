@@ -19,17 +19,20 @@ from compressor.distill.loop import FitOptions, fit, say_schedule
 from compressor.distill.tensorboard import epoch_logger
 from compressor.events import SILENT, Reporter
 from compressor.fileio import state_dir_for
+from compressor.load import Normalization, choose_normalization
 from compressor.models.checkpoint import save_checkpoint
 from compressor.models.spec import ModelSpec
 
 
 def train_model(arch: str, data: Dataset, cfg: Config, out_path: str | Path, device: torch.device | None = None,
                 reporter: Reporter = SILENT, resume: bool = False, speed: Speed | None = None,
-                tensorboard: str | Path | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+                tensorboard: str | Path | None = None, norm: Normalization | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     """Train ``arch`` from scratch on ``data`` with the preset recipe; save an atc checkpoint (rank 0 of a
-    data-parallel run alone writes it). ``tensorboard``: a folder for per-epoch scalars."""
+    data-parallel run alone writes it). ``tensorboard``: a folder for per-epoch scalars; ``norm``: the
+    normalisation to train with and store (default: the preset's, else the training images' statistics)."""
     out_path = Path(out_path)
-    mean, std = data.channel_stats()
+    norm = norm or choose_normalization(cfg, data, teacher=False)
+    mean, std = norm.mean, norm.std
     spec = replace(ModelSpec.for_arch(arch, data.num_classes), class_names=list(data.class_names),
                    input_size=tuple(data.input_size), mean=mean, std=std)
     torch.manual_seed(cfg.train.seed)

@@ -24,6 +24,7 @@ from compressor.distill.tensorboard import epoch_logger
 from compressor.events import SILENT, Reporter
 from compressor.load import TeacherAndData, normalization
 from compressor.models.checkpoint import load_model, save_checkpoint
+from compressor.models.outputs import ensure_logits
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
 from compressor.pair import find_pairs, hint_pair, select_pairs
@@ -112,6 +113,7 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
     ckpt = sdir / "student.pt"
     if options.resume and ckpt.exists():
         model, spec, metrics = load_model(ckpt)
+        ensure_logits(model, example_input(model, spec.input_size, batch=2), f"student {cand.name}")
         reporter.info(f"{cand.name} ({method}) already finished; reusing {ckpt}")
         return DistilledStudent.from_checkpoint(model, spec, metrics, sdir, method=method, teacher=t_spec.name,
                                                 epochs=cfg.train.epochs)
@@ -121,6 +123,8 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
     if init == "inherit":
         model.load_state_dict(inherit(teacher, spec.plan).state_dict())
     model.to(model_device(teacher))
+    if note := ensure_logits(model, example_input(model, spec.input_size, batch=2), f"student {cand.name}"):
+        reporter.info(note)
     objective = objective_from(cfg, method)
     ties = teacher_ties(model, teacher, spec.input_size, cfg, objective)
     fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, epoch_logger(options.tensorboard, sdir.name))

@@ -79,6 +79,7 @@ def compare(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> tuple
 
 # The exporter prints progress and warnings of its own; stdout must stay clean for --json.
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+RESIZE_FILTER = "BILINEAR"  # the name of a PIL.Image.Resampling member
 
 EXPORT_LOGGERS = ("", "torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
 
@@ -90,7 +91,10 @@ def metadata_for(spec: ModelSpec) -> dict[str, str]:
         "atc.input_size": json.dumps(list(spec.input_size)),
         "atc.mean": json.dumps(spec.mean),
         "atc.std": json.dumps(spec.std),
-        "atc.input_range": "RGB scaled to [0, 1], then (x - mean) / std",
+        # atc fed the model images of another size resized with PIL's bilinear filter (data/folders.py);
+        # PIL's own default (bicubic) gives other pixels, so a deployment that resizes must say which
+        "atc.resize": RESIZE_FILTER,
+        "atc.input_range": f"RGB resized to input_size with PIL's Image.Resampling.{RESIZE_FILTER}, scaled to [0, 1], then (x - mean) / std",
     }
 
 

@@ -182,6 +182,7 @@ class LoadedModel:
     metrics: dict
     source: str = ATC_SOURCE
     notes: list[str] = field(default_factory=list)
+    norm_source: str = "the teacher's checkpoint"  # where spec.mean/std come from, when the file states them
 
     @property
     def stores_input_size(self) -> bool:
@@ -215,9 +216,11 @@ def read_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     chosen, notes = importers.choose_arch(weights, arch, str(path))
     classes = num_classes or importers.classes_in(weights.state_dict) or 10
     spec = ModelSpec(chosen.family, dict(chosen.kwargs), classes, input_size=input_size or (3, 32, 32))
+    if weights.stats is not None:  # the source project's code fixes its normalisation
+        spec.mean, spec.std = list(weights.stats.mean), list(weights.stats.std)
     model = spec.build()
     notes += importers.fit(model, weights, spec.name, str(path))
-    return LoadedModel(model, spec, {}, weights.source, notes)
+    return LoadedModel(model, spec, {}, weights.source, notes, weights.stats.source if weights.stats else "")
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,

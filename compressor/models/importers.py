@@ -55,15 +55,34 @@ class Layout:
     group: str = ""  # for one of several models in a file: the prefix it sits under
 
 
+@dataclass(frozen=True)
+class Stats:
+    """A teacher's normalisation that its file states or its project's code fixes, and where from."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+
+# attention-transfer's cifar.py normalises with these (pixel values 0..255); RepDistiller's and
+# mdistiller's CIFAR-100 loaders with those.
+PAPER_STATS = Stats(tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7)),
+                    "the paper's code (attention-transfer's cifar.py: mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255)")
+REPDISTILLER_CIFAR100 = Stats((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+                              "RepDistiller's CIFAR-100 loader (the file's opt.dataset is cifar100)")
+
+
 @dataclass
 class Weights:
     """The weights found in a file: what the file is, the key layouts to try (most specific first), the
-    architecture the file itself names (an atc name) and notes on how they were found."""
+    architecture the file itself names (an atc name), the normalisation it states (``stats``) and notes
+    on how they were found."""
 
     source: str
     layouts: list[Layout]
     stored_arch: str | None = None
     notes: list[str] = field(default_factory=list)
+    stats: Stats | None = None
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -154,7 +173,42 @@ def find_weights(obj: Any) -> Weights | None:
     if where == "state_dict_ema":
         notes.append("using state_dict_ema, the EMA weights (the file also holds state_dict; to use those, re-save "
                      "torch.load(F)['state_dict'] as a plain state_dict)")
-    return Weights(source, key_layouts(state_dict), stored, notes)
+    return Weights(source, key_layouts(state_dict), stored, notes, stated_stats(obj))
+
+
+def stated_stats(obj: dict) -> Stats | None:
+    """The normalisation a file states, or that the code which wrote this format fixes: the paper's
+    functional WRN, RepDistiller's ``_last.pth`` of a CIFAR-100 run, timm ``train.py``'s data config
+    (its ``args.mean``/``args.std``, else the model's default configuration)."""
+    if isinstance(obj.get("params"), dict) and any(".block0." in k for k in obj["params"]):
+        return PAPER_STATS
+    opt = obj.get("opt")
+    if isinstance(opt, argparse.Namespace) and getattr(opt, "dataset", None) == "cifar100" and "model" in obj:
+        return REPDISTILLER_CIFAR100
+    args = obj.get("args")
+    if isinstance(obj.get("arch"), str) and isinstance(args, argparse.Namespace):
+        mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+        if _numbers(mean) and _numbers(std):
+            return Stats(tuple(map(float, mean)), tuple(map(float, std)), "timm train.py's args.mean/args.std")
+        return _timm_default_stats(obj["arch"])
+    return None
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, (list, tuple)) and len(values) in (1, 3) and all(isinstance(v, (int, float)) for v in values)
+
+
+def _timm_default_stats(name: str) -> Stats | None:
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - timm missing or the name unknown: nothing is stated
+        return None
+    if cfg is None or not (_numbers(getattr(cfg, "mean", None)) and _numbers(getattr(cfg, "std", None))):
+        return None
+    return Stats(tuple(map(float, cfg.mean)), tuple(map(float, cfg.std)),
+                 f"timm's default data configuration for {name} (train.py uses it when args.mean/args.std are unset)")
 
 
 def _identify(obj: dict) -> tuple[str, str | None, list[str]]:
