@@ -29,6 +29,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show full traceba
 for command in (train.train, compress.compress, inspect.derive, inspect.profile, inspect.export, inspect.report,
                 compress.demo, studies.attention, studies.sweep, inspect.models):
     app.command(cls=OptionalValues)(command)
+app.command("inspect", cls=OptionalValues)(inspect.inspect_checkpoint)
 
 
 def run() -> None:

@@ -1,4 +1,4 @@
-"""Commands that look at one model or finished runs: ``derive``, ``profile``, ``export``, ``report``, ``models``."""
+"""Commands that look at one model or finished runs: ``inspect``, ``derive``, ``profile``, ``export``, ``report``, ``models``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import ARCH, JSON, TRUST, parse_ints, parse_size, print_report, stdout, table
+from cli import common as opt
+from cli.common import ARCH, JSON, TRUST, config_from, parse_ints, parse_size, print_report, stats_from, stdout, table
 from cli.progress import stderr
 from compressor.errors import AtcError
 from compressor.report.tables import noisy_profile_note
@@ -147,6 +148,42 @@ def models(
         return
     t = table("architectures (--arch, --student, --teacher NAME)", ["family", "names", "about"],
               [[e["family"], e["names"], e["about"]] for e in entries])
+    for column in t.columns:
+        column.justify = "left"
+    stdout.print(t)
+
+
+def inspect_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="A teacher checkpoint: atc's, a state_dict or another project's (see the README)."),
+    arch: Optional[str] = ARCH, trust_checkpoint: bool = TRUST, preset: str = opt.PRESET,
+    mean: Optional[str] = opt.MEAN, std: Optional[str] = opt.STD, as_json: bool = JSON,
+) -> None:
+    """What a checkpoint is and how atc would read it: format, architecture, classes, input size and
+    normalisation, without loading any data."""
+    from compressor.load import inspect_teacher
+    from compressor.options import RunOptions
+
+    cfg = config_from(preset, None)
+    info = inspect_teacher(checkpoint, cfg, RunOptions(arch=arch, trust=trust_checkpoint, **stats_from(mean, std)))
+    if as_json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return
+
+    def numbers(values) -> str:
+        return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+    names = ", ".join(info.class_names[:5]) + (", …" if len(info.class_names) > 5 else "") if info.class_names else "not stored"
+    rows = [["file", f"{info.path} ({info.container})"], ["format", info.format],
+            ["architecture", f"{info.architecture} (family {info.family}; {info.architecture_from})"],
+            ["parameters", f"{info.params:,}"], ["classes", f"{info.num_classes} ({names})"],
+            ["input", f"{'×'.join(map(str, info.input_size))} ({info.input_size_from})"],
+            ["normalisation", (f"mean {numbers(info.mean)}, std {numbers(info.std)}, " if info.mean else "") + info.normalisation_from],
+            ["output", info.output]]
+    rows += [["metric " + k, f"{v:.2f}" if isinstance(v, float) else str(v)] for k, v in info.metrics.items()
+             if isinstance(v, (int, float, str))]
+    rows += [["note", n] for n in info.notes]
+    t = table(f"atc inspect {checkpoint.name}", ["", ""], rows)
+    t.show_header = False
     for column in t.columns:
         column.justify = "left"
     stdout.print(t)

@@ -5,7 +5,7 @@ size), and the teacher's spec completed from the data where the checkpoint had n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from compressor.data.open import Dataset, open_dataset, open_for_device
 from compressor.device import example_input
 from compressor.errors import ConfigError, DataError
 from compressor.events import SILENT, Reporter
-from compressor.models.checkpoint import read_model
+from compressor.models.checkpoint import LoadedModel, read_model
 from compressor.models.importers import not_rebuildable
 from compressor.models.outputs import ensure_logits
 from compressor.models.spec import ModelSpec
@@ -79,12 +79,11 @@ def _per_channel(values: tuple[float, ...] | list[float], channels: int = 3) -> 
     return [float(v) for v in values] * (channels if len(values) == 1 else 1)
 
 
-def choose_normalization(cfg: Config, data: Dataset, options: RunOptions = RunOptions(),
-                         stated: tuple[list[float], list[float], str] | None = None, teacher: bool = True) -> Normalization:
-    """The teacher's normalisation, first that applies: ``--mean``/``--std``; what the checkpoint states
-    (``stated``: mean, std and where from); the preset's ``data.mean``/``data.std``; else measured from
-    the training images, and said so (that fallback changes with ``--train-subset``). ``teacher=False``:
-    for a model about to be trained (``atc train``), which will store what it was trained with."""
+def stated_normalization(cfg: Config, options: RunOptions = RunOptions(),
+                         stated: tuple[list[float], list[float], str] | None = None, teacher: bool = True) -> Normalization | None:
+    """The normalisation someone states, first that applies: ``--mean``/``--std``; what the checkpoint
+    states (``stated``: mean, std and where from); the preset's ``data.mean``/``data.std``. None when
+    nobody does (then the data's statistics are the fallback)."""
     check_mean_std(options.mean, options.std, "--mean/--std")
     if options.mean:
         mean, std = _per_channel(options.mean), _per_channel(options.std)
@@ -95,6 +94,16 @@ def choose_normalization(cfg: Config, data: Dataset, options: RunOptions = RunOp
     if cfg.data.mean:
         why = ": nothing in the teacher's file states its own" if teacher else ""
         return Normalization(_per_channel(cfg.data.mean), _per_channel(cfg.data.std), f"from the preset {cfg.preset} (data.mean/data.std){why}")
+    return None
+
+
+def choose_normalization(cfg: Config, data: Dataset, options: RunOptions = RunOptions(),
+                         stated: tuple[list[float], list[float], str] | None = None, teacher: bool = True) -> Normalization:
+    """``stated_normalization``, else the statistics measured from the training images, said as such (that
+    fallback changes with ``--train-subset``). ``teacher=False``: for a model about to be trained
+    (``atc train``), which will store what it was trained with."""
+    if (norm := stated_normalization(cfg, options, stated, teacher)) is not None:
+        return norm
     mean, std = data.channel_stats()
     why = (": nothing states the teacher's own, so pass --mean/--std with the statistics it was trained with" if teacher
            else " (the checkpoint stores them)")
@@ -149,3 +158,69 @@ def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: 
 
 def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(map(str, names[:n])) + (", …" if len(names) > n else "")
+
+
+@dataclass
+class TeacherInfo:
+    """What ``atc inspect`` says about a checkpoint, without loading any data: the file, its format,
+    the architecture atc builds and how it knows, the classes, the input size and the normalisation
+    atc would use (and why), the model's size and the notes atc would print when loading it."""
+
+    path: str
+    container: str
+    format: str
+    architecture: str
+    family: str
+    architecture_from: str
+    num_classes: int
+    class_names: list[str]
+    input_size: list[int]
+    input_size_from: str
+    mean: list[float] | None
+    std: list[float] | None
+    normalisation_from: str
+    params: int
+    output: str
+    metrics: dict[str, Any]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _arch_source(loaded: LoadedModel, options: RunOptions) -> str:
+    if loaded.stores_input_size:
+        return "the checkpoint"
+    if options.arch is not None:
+        return "--arch"
+    named = [n for n in loaded.notes if "named by the file" in n]
+    return "named by the file" if named else "inferred from the weights"
+
+
+def inspect_teacher(path: str | Path, cfg: Config, options: RunOptions = RunOptions()) -> TeacherInfo:
+    """``atc inspect``: read the checkpoint as ``compress`` would (``options.arch``/``trust``/``mean``/``std``,
+    the preset's image size and statistics), build the model and run it once on a zero batch; no data."""
+    from compressor.models.importers import container
+
+    loaded = read_model(path, arch=options.arch, trust=options.trust)
+    spec = loaded.spec
+    if spec.family == "module":
+        raise ConfigError(not_rebuildable(path, loaded.source))
+    if loaded.stores_input_size:
+        size, size_from = list(spec.input_size), "the checkpoint"
+    else:
+        size = [3, cfg.data.image_size, cfg.data.image_size]
+        size_from = f"the preset {cfg.preset}'s data.image_size: the file states none, so the data is resized to it"
+    output = ensure_logits(loaded.model, example_input(loaded.model, tuple(size), batch=2), "the model") or "logits"
+    stated = (list(spec.mean), list(spec.std), loaded.norm_source) if spec.mean is not None and spec.std is not None else None
+    norm = stated_normalization(cfg, options, stated)
+    if norm is not None:
+        mean, std, norm_from = norm.mean, norm.std, norm.source
+    else:
+        mean, std, norm_from = None, None, ("measured from the training images when the data is loaded: nothing states the "
+                                            "teacher's own (pass --mean/--std, or a preset with data.mean/data.std)")
+    params = sum(p.numel() for p in loaded.model.parameters())
+    return TeacherInfo(str(path), container(Path(path)), loaded.source, spec.name, spec.family, _arch_source(loaded, options),
+                       spec.num_classes, list(spec.class_names), size, size_from, mean, std, norm_from, params, output,
+                       {k: v for k, v in loaded.metrics.items() if k != "history"}, loaded.notes)
+

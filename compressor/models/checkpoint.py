@@ -182,7 +182,7 @@ class LoadedModel:
     metrics: dict
     source: str = ATC_SOURCE
     notes: list[str] = field(default_factory=list)
-    norm_source: str = "the teacher's checkpoint"  # where spec.mean/std come from, when the file states them
+    norm_source: str = "the checkpoint"  # where spec.mean/std come from, when the file states them
 
     @property
     def stores_input_size(self) -> bool:

@@ -141,6 +141,23 @@ def read_foreign(path: Path) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def container(path: Path) -> str:
+    """How the file is stored, in words (before anything in it is read as a checkpoint)."""
+    import zipfile
+
+    if is_safetensors(path):
+        return "safetensors"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        head = _head(path, 2)
+        return "a legacy torch.save pickle" if head[:1] == b"\x80" else "not a zip or pickle"
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "a TorchScript archive"
+    return "a torch.save zip archive"
+
+
 def module_source(module: nn.Module) -> str:
     if isinstance(module, torch.jit.ScriptModule):
         return "a TorchScript file (torch.jit.save)"

@@ -92,3 +92,34 @@ def test_onnx_teacher_is_named_as_onnx(atc, folder32, tmp_path):
                       external_data=False, dynamo=False)
     r = atc("compress", "--teacher", str(tmp_path / "t.onnx"), "--data", str(folder32), "--dry-run")
     assert_error(r, "is an ONNX model (an inference graph, made by pytorch), not PyTorch weights")
+
+
+def test_inspect_says_what_a_file_is_without_data(atc, tmp_path):
+    import argparse
+    import json
+
+    torch.save({"opt": argparse.Namespace(model="resnet8x4", dataset="cifar100"), "model": create_model("resnet8x4", 100).state_dict(),
+                "optimizer": {}}, tmp_path / "resnet8x4_last.pth")
+    r = atc("inspect", str(tmp_path / "resnet8x4_last.pth"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "a RepDistiller checkpoint (_last.pth)" and info["container"] == "a torch.save zip archive"
+    assert (info["architecture"], info["family"], info["architecture_from"]) == ("resnet8x4", "kd_resnet", "named by the file")
+    assert info["num_classes"] == 100 and info["input_size"] == [3, 32, 32] and info["params"] == 1_233_540
+    assert info["mean"] == [0.5071, 0.4867, 0.4408] and "RepDistiller's CIFAR-100 loader" in info["normalisation_from"]
+    assert info["output"] == "logits"
+
+    torch.save(create_model("wrn-16-1", 10).state_dict(), tmp_path / "sd.pt")
+    info = json.loads(atc("inspect", str(tmp_path / "sd.pt"), "--json", "--preset", "demo").stdout)
+    assert info["architecture"] == "wrn-16-1" and info["architecture_from"] == "inferred from the weights"
+    assert info["input_size"] == [3, 16, 16] and info["mean"] is None and "pass --mean/--std" in info["normalisation_from"]
+    info = json.loads(atc("inspect", str(tmp_path / "sd.pt"), "--json", "--mean", "0.1307", "--std", "0.3081").stdout)
+    assert info["mean"] == [0.1307] * 3 and info["normalisation_from"] == "from --mean/--std"
+    human = atc("inspect", str(tmp_path / "sd.pt"))
+    assert human.returncode == 0 and "wrn-16-1 (family wrn; inferred from the weights)" in human.stdout
+
+
+def test_inspect_refuses_what_it_cannot_rebuild_in_one_line(atc, tmp_path):
+    torch.jit.save(torch.jit.trace(create_model("resnet8x1", 3).eval(), torch.zeros(1, 3, 32, 32)), str(tmp_path / "ts.pt"))
+    assert_error(atc("inspect", str(tmp_path / "ts.pt")), "is a TorchScript file (torch.jit.save)")
+    assert_error(atc("inspect", str(tmp_path / "ts.pt"), "--mean", "0.5"), "--mean/--std: give both the mean and the std")

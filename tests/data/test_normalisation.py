@@ -47,10 +47,10 @@ def test_preset_keys_are_checked():
 def test_the_order_of_who_says_what():
     data = load_digits(16)
     demo, cifar = load_config("demo"), load_config("cifar")
-    stated = ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6], "the teacher's checkpoint")
+    stated = ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6], "the checkpoint")
     explicit = RunOptions(mean=(0.1307,), std=(0.3081,))
     n = choose_normalization(cifar, data, explicit, stated)
-    assert (n.mean, n.std) == ([0.1307] * 3, [0.3081] * 3) and "instead of those of the teacher's checkpoint" in n.source
+    assert (n.mean, n.std) == ([0.1307] * 3, [0.3081] * 3) and "instead of those of the checkpoint" in n.source
     assert choose_normalization(cifar, data, RunOptions(), stated).mean == [0.1, 0.2, 0.3]
     preset = choose_normalization(cifar, data)
     assert (preset.mean, preset.std) == CIFAR10 and "from the preset cifar" in preset.source
@@ -76,7 +76,7 @@ def test_an_atc_checkpoint_keeps_its_own(tmp_path):
     said = Messages()
     loaded = load_teacher_and_data(path, "digits", load_config("demo", ["data.mean=0.5", "data.std=0.5"]), reporter=said)
     assert loaded.mean_std == ([0.3] * 3, [0.2] * 3)
-    assert any(line.endswith("from the teacher's checkpoint") for line in said.lines)
+    assert any(line.endswith("std (0.2, 0.2, 0.2), from the checkpoint") for line in said.lines)
 
 
 def to_paper_key(key: str) -> str:
