@@ -14,13 +14,14 @@ from torch import nn
 from compressor import distributed
 from compressor.config import Config
 from compressor.data.open import Dataset
-from compressor.device import Speed, pick_device
+from compressor.device import Speed, example_input, pick_device
 from compressor.distill.loop import FitOptions, fit, say_schedule
 from compressor.distill.tensorboard import epoch_logger
 from compressor.events import SILENT, Reporter
 from compressor.fileio import state_dir_for
 from compressor.load import Normalization, choose_normalization
 from compressor.models.checkpoint import save_checkpoint
+from compressor.models.outputs import ensure_logits
 from compressor.models.spec import ModelSpec
 
 
@@ -37,6 +38,8 @@ def train_model(arch: str, data: Dataset, cfg: Config, out_path: str | Path, dev
                    input_size=tuple(data.input_size), mean=mean, std=std)
     torch.manual_seed(cfg.train.seed)
     model = spec.build()
+    if note := ensure_logits(model, example_input(model, spec.input_size, batch=2), spec.name):
+        reporter.info(note)
     say_schedule(cfg, reporter)
     options = FitOptions(resume, spec.name, speed, epoch_logger(tensorboard, spec.name))
     result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(), reporter=reporter,

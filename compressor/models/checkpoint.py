@@ -24,6 +24,7 @@ from compressor import fileio
 from compressor.device import example_input
 from compressor.errors import CheckpointError, ModelError
 from compressor.models import importers
+from compressor.models.outputs import ensure_logits
 from compressor.models.registry import parse_arch
 from compressor.models.spec import ModelSpec
 
@@ -246,4 +247,5 @@ def open_model(model: str | Path, arch: str | None = None, trust: bool = False, 
         spec = ModelSpec(a.family, dict(a.kwargs), classes, input_size=size or ((3, 224, 224) if classes == 1000 else (3, 32, 32)))
         m = spec.build()
     check_input_fits(m, spec.input_size, spec.name)
+    ensure_logits(m, example_input(m, spec.input_size, batch=2), spec.name)  # (logits, …) outputs: export and time the logits
     return m.eval(), spec

@@ -123,3 +123,16 @@ def test_inspect_refuses_what_it_cannot_rebuild_in_one_line(atc, tmp_path):
     torch.jit.save(torch.jit.trace(create_model("resnet8x1", 3).eval(), torch.zeros(1, 3, 32, 32)), str(tmp_path / "ts.pt"))
     assert_error(atc("inspect", str(tmp_path / "ts.pt")), "is a TorchScript file (torch.jit.save)")
     assert_error(atc("inspect", str(tmp_path / "ts.pt"), "--mean", "0.5"), "--mean/--std: give both the mean and the std")
+
+
+def test_train_and_export_a_model_returning_logits_and_features(atc, folder32, tmp_path):
+    (tmp_path / "md.py").write_text(MDISTILLER_FILE)
+    arch = f"{tmp_path / 'md.py'}:ResNet8x4"
+    r = atc("train", "--arch", arch, "--data", str(folder32), "--preset", "demo", "--epochs", "1", "--out", str(tmp_path / "m.pt"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "ResNet8x4 returns a tuple of 2; atc uses its first element" in r.stderr
+    r = atc("export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    import onnx
+
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == ["logits"]
