@@ -2,7 +2,7 @@
 names, which zoo architecture the weights are, and what to say when they do not fit.
 
 Everything here works on the plain data ``checkpoint.read_file`` returned: no code from a file runs.
-The formats, each tested against its project's own model definition (``tests/test_importers.py``):
+The formats, each tested against its project's own model definition (``tests/models/test_importers.py``):
 
 - RepDistiller / mdistiller: ``{'model': sd, 'epoch', 'accuracy' or 'best_acc', 'optimizer'}``;
   RepDistiller's ``*_last.pth`` adds ``'opt'``, an ``argparse.Namespace`` whose ``model`` names the

@@ -13,7 +13,7 @@ from compressor.pair import find_pairs, find_stages
 from compressor.profiling.counts import count_params
 
 
-# CIFAR-100 (100 classes). tests/test_importers.py checks that these equal the counts of the
+# CIFAR-100 (100 classes). tests/models/test_importers.py checks that these equal the counts of the
 # RepDistiller/torchdistill-structured definitions written there.
 @pytest.mark.parametrize("name,params", [("resnet8x4", 1_233_540), ("resnet32x4", 7_433_860), ("resnet56x1", 861_620),
                                          ("resnet110x1", 1_736_564), ("resnet20x1", 278_324), ("wrn-40-2-td", 2_255_156)])
