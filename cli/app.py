@@ -21,15 +21,56 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 STATE = {"debug": False}
 
 
+def version_line() -> str:
+    """``atc 0.2.0 (torch …, onnxruntime …, Python …)``, read from the installed packages without importing them."""
+    import platform
+    from importlib import metadata
+
+    from compressor import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    ort = next((installed(n) for n in ("onnxruntime", "onnxruntime-gpu") if installed(n) != "not installed"), "not installed")
+    return f"atc {__version__} (torch {installed('torch')}, onnxruntime {ort}, Python {platform.python_version()})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+            version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                         help="Print atc's version (and torch's, onnxruntime's, Python's) and exit.")) -> None:
     STATE["debug"] = debug
 
 
+# The command list of `atc --help`: click cuts a docstring's first sentence to fit an 80-column
+# terminal (mid-phrase, with "..."), so each command gets a whole line that fits.
+SHORT_HELP = {
+    "train": "Train a model from scratch (e.g. a teacher).",
+    "compress": "Distil a faster student from a teacher; report, export.",
+    "derive": "List student candidates: params, GMACs, ratios.",
+    "profile": "Params, GMACs and latency of one model or ONNX file.",
+    "export": "Export to ONNX (and INT8); check parity.",
+    "report": "Rebuild the report of finished runs.",
+    "demo": "The whole job on the bundled digits, on the CPU.",
+    "attention": "Attention maps, teacher/student agreement.",
+    "sweep": "Distil over a grid of settings and seeds.",
+    "models": "The model families atc knows; how to name others.",
+    "inspect_checkpoint": "What a checkpoint holds and how atc reads it.",
+}
+
 for command in (train.train, compress.compress, inspect.derive, inspect.profile, inspect.export, inspect.report,
                 compress.demo, studies.attention, studies.sweep, inspect.models):
-    app.command(cls=OptionalValues)(command)
-app.command("inspect", cls=OptionalValues)(inspect.inspect_checkpoint)
+    app.command(cls=OptionalValues, short_help=SHORT_HELP[command.__name__])(command)
+app.command("inspect", cls=OptionalValues, short_help=SHORT_HELP["inspect_checkpoint"])(inspect.inspect_checkpoint)
 
 
 def run() -> None:
@@ -48,6 +89,9 @@ def run() -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `atc`: the usage as click prints it (Typer checks the same way)
+            exc.show()
+            sys.exit(2)
         msg = exc.format_message().replace("\n", " ")
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""

@@ -225,10 +225,19 @@ def pick_images(n_total: int, n: int) -> list[int]:
     return sorted({int(i) for i in torch.linspace(0, n_total - 1, n).round().tolist()})
 
 
-def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
-              result: AttentionResult, class_names: Sequence[str] = (), device: torch.device | None = None) -> None:
-    """Rows of images; columns: the input, then per stage the teacher's map and the student's. Each model
-    runs on ``device``, or on its own device when none is given."""
+MAP_CMAP = "viridis"  # perceptually uniform: equal steps in value look like equal steps in colour
+
+
+def _label(names: Sequence[str], k: int) -> str:
+    return str(names[k]) if names and k < len(names) else str(k)
+
+
+def maps_figure(teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor, result: AttentionResult,
+                class_names: Sequence[str] = (), device: torch.device | None = None, overlay: bool = False):
+    """Rows of images; columns: the input (true and predicted classes beside it), then per stage the
+    teacher's map and the student's. Maps are drawn cell by cell (nearest, no smoothing: an 8×8 map
+    shows 8×8 cells), each scaled to its own maximum so one colour bar serves all; ``overlay`` draws
+    them over the image in grey instead of alone. Each model runs on ``device``, or on its own."""
     from matplotlib.figure import Figure
 
     gradient, reduce = result.attention == "gradient", "max" if result.attention == "max-p" else "mean"
@@ -244,18 +253,33 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
             sq = spatial_maps(s_acts[i].float(), result.p, reduce).cpu()
             extra = f"\nr={st.correlation:.2f}" if st.correlation is not None else ""
             cols.append((f"student\n{st.student_module} {sq.shape[-2]}×{sq.shape[-1]}{extra}", sq))
+    t_pred = t_logits.argmax(1).cpu()
+    s_pred = s_logits.argmax(1).cpu() if s_logits is not None else None
     n, ncol = len(y), 1 + len(cols)
-    fig = Figure(figsize=(1.35 * ncol, 1.35 * n + 0.6))
+    fig = Figure(figsize=(1.45 * ncol + 1.6, 1.45 * n + 0.7), layout="constrained")
     axes = fig.subplots(n, ncol, squeeze=False)
+    image = None
     for r in range(n):
+        img = x[r].permute(1, 2, 0).numpy()
+        grey = img.mean(-1) if img.shape[-1] > 1 else img[..., 0]
         ax = axes[r][0]
-        ax.imshow(x[r].permute(1, 2, 0).numpy())
-        name = class_names[int(y[r])] if class_names else str(int(y[r]))
-        ax.set_ylabel(name, fontsize=7)
+        ax.imshow(img if img.shape[-1] == 3 else grey, cmap=None if img.shape[-1] == 3 else "gray", interpolation="nearest")
+        said = [("teacher", int(t_pred[r]))] + ([("student", int(s_pred[r]))] if s_pred is not None else [])
+        ax.set_ylabel("\n".join([f"true: {_label(class_names, int(y[r]))}"] + [f"{who}: {_label(class_names, k)}" for who, k in said]),
+                      fontsize=6, rotation=0, ha="right", va="center",
+                      color="tab:red" if any(k != int(y[r]) for _, k in said) else "black")  # red: a model got it wrong
+        h, w = grey.shape
         for c, (title, maps) in enumerate(cols, start=1):
-            axes[r][c].imshow(maps[r].numpy(), cmap="jet", interpolation="bicubic")
+            m = maps[r].numpy()
+            m = m / max(float(m.max()), 1e-12)
+            cell = axes[r][c]
+            if overlay:
+                cell.imshow(grey, cmap="gray", interpolation="nearest", extent=(0, w, h, 0))
+                image = cell.imshow(m, cmap=MAP_CMAP, interpolation="nearest", vmin=0, vmax=1, alpha=0.6, extent=(0, w, h, 0))
+            else:
+                image = cell.imshow(m, cmap=MAP_CMAP, interpolation="nearest", vmin=0, vmax=1)
             if r == 0:
-                axes[r][c].set_title(title, fontsize=6)
+                cell.set_title(title, fontsize=6)
         if r == 0:
             ax.set_title("input", fontsize=6)
     for ax in axes.flat:
@@ -263,8 +287,19 @@ def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tens
         ax.set_yticks([])
     mech = result.attention + ("" if gradient and result.p == 1 else f" (p={result.p:g})")
     who = f"teacher {teacher.name}" + (f" → student {student.name}" if student else "")
-    fig.suptitle(f"attention maps, {mech}: {who}", fontsize=8)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    fig.suptitle(f"attention maps, {mech}: {who}" + (" (over the image)" if overlay else ""), fontsize=8)
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes.flat), fraction=0.04, pad=0.01, shrink=min(1.0, 4 / max(n, 1)))
+        bar.set_label("attention ÷ the map's maximum", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    return fig
+
+
+def plot_grid(path: str | Path, teacher: Net, student: Net | None, x: torch.Tensor, y: torch.Tensor,
+              result: AttentionResult, class_names: Sequence[str] = (), device: torch.device | None = None,
+              overlay: bool = False) -> None:
+    """Write ``maps_figure`` as a PNG."""
+    fig = maps_figure(teacher, student, x, y, result, class_names, device, overlay)
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=130, format="png")
 
@@ -274,7 +309,7 @@ class AttentionOptions:
     """What ``atc attention`` looks at: ``images`` rows in the map grid, ``test_images`` for the
     per-stage numbers (0: all), the mechanism (``attention``, ``p``, ``layers``; None: the preset's,
     p = 1 for gradient), and with ``localization`` the share of attention on the object, masks
-    grown by ``dilate_px``."""
+    grown by ``dilate_px``; ``overlay`` draws the maps over the images."""
 
     images: int = 8
     test_images: int = 2000
@@ -283,6 +318,7 @@ class AttentionOptions:
     layers: str | None = None
     localization: bool = False
     dilate_px: int = 0
+    overlay: bool = False  # draw the maps over the image (grey) instead of alone
 
 
 def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: str | Path, cfg, *, student_path: str | Path | None = None,
@@ -314,6 +350,6 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
                      prior=prior, attention=attention, p=p, layers=layers, device=dev, reporter=reporter)
     result.data = data.name
     idx = pick_images(len(data.test_y), images)
-    plot_grid(out_png, teacher, student, data.test_x[idx], data.test_y[idx], result, data.class_names, dev)
+    plot_grid(out_png, teacher, student, data.test_x[idx], data.test_y[idx], result, data.class_names, dev, view.overlay)
     result.png = str(out_png)
     return result
