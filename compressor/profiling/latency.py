@@ -6,7 +6,12 @@ atc reports them as GMACs and shows GFLOPs = 2 × GMACs beside them where FLOPs 
 Latency: after warm-up, timed runs continue until both a minimum count and a minimum time are
 reached; the first (cold) run is kept apart. Teacher/student speed-ups come from interleaved
 rounds in one process (same runtime, batch and threads) as the median of per-round ratios, so
-machine noise hits both models alike.
+machine noise hits both models alike. Each model's coefficient of variation (CV) over all its
+timed runs is kept beside the figure, and the load average is read before and after: a machine
+whose load exceeds its cores biases every round alike, which no spread of ratios can show
+(``load_note``). One thread by default (``DEFAULT_THREADS``): the figure then does not depend on
+how many cores the machine has or how many other jobs share them; ``threads`` asks for more.
+torch's own thread count is restored after timing, so training that follows is not slowed.
 
 Device rule: timing never moves the caller's model. The PyTorch runtimes time an eval-mode copy
 on the runtime's device (``cpu_copy`` for the CPU); the input is made on that device. The ORT
@@ -223,21 +228,68 @@ class Timing:
     min_time_s: float = 0.5
 
 
-def set_threads(threads: int | None) -> int:
-    threads = threads or min(os.cpu_count() or 1, 8)
-    torch.set_num_threads(threads)
-    return threads
+DEFAULT_THREADS = 1  # the one default of every latency figure (compress, demo, profile, search, INT8)
+
+
+def timing_threads(threads: int | None) -> int:
+    """The thread count a measurement uses: ``threads``, or ``DEFAULT_THREADS``."""
+    return threads or DEFAULT_THREADS
+
+
+class _torch_threads:
+    """torch's intra-op thread count set for the timing and restored after it."""
+
+    def __init__(self, threads: int):
+        self.threads, self.before = threads, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.before)
 
 
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu", batch_size: int = 1,
                     threads: int | None = None, timing: Timing = Timing(), onnx_path: Path | None = None,
                     fmt: GpuFormat = GpuFormat(), device: torch.device | None = None) -> Latency:
     """``fmt`` and ``device`` apply to the PyTorch CUDA runtimes (see ``Runner``)."""
-    threads = set_threads(threads)
-    with _onnx_for(model, input_size, runtime, onnx_path) as path:
+    threads = timing_threads(threads)
+    with _torch_threads(threads), _onnx_for(model, input_size, runtime, onnx_path) as path:
         runner = Runner(model, input_size, runtime, batch_size, threads, path, fmt, device)
         cold, samples = time_runs(runner, timing.warmup, timing.min_runs, timing.min_time_s)
     return _summarise(samples, cold, runtime, batch_size, threads, runner.providers, fmt)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def load_note(loads: tuple[float | None, ...], cores: int) -> str:
+    """One line when the load average exceeded the cores while timing (empty otherwise): every model was
+    then slowed, by different amounts, and the interleaved ratios can agree with each other and still be biased."""
+    seen = [x for x in loads if x is not None]
+    if not seen or max(seen) <= cores:
+        return ""
+    return (f"the load average reached {max(seen):.1f} on {cores} core{'s' if cores != 1 else ''} while timing: other work "
+            "shared the CPU, so latencies and speed-ups may be biased even where the rounds agree; measure again on an "
+            "idle machine")
+
+
+def cv(samples: list[float]) -> float:
+    """Standard deviation / mean (0 for fewer than two samples)."""
+    return statistics.pstdev(samples) / statistics.fmean(samples) if len(samples) > 1 and statistics.fmean(samples) > 0 else 0.0
 
 
 class _onnx_for:
@@ -270,6 +322,14 @@ class SpeedUp:
     student_ms: float
     rounds: int
     quartiles: tuple[float, float] = (0.0, 0.0)  # 25th and 75th percentile of the per-round ratios
+    teacher_cv: float = 0.0  # over every timed run of the teacher in all rounds
+    student_cv: float = 0.0
+    load: tuple[float | None, float | None] = (None, None)  # 1-minute load average before and after
+    cores: int = 0  # usable cores when measured
+
+    @property
+    def load_note(self) -> str:
+        return load_note(self.load, self.cores)
 
 
 # A round times each model for at least this long, so that sub-millisecond models are not
@@ -283,19 +343,24 @@ def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[in
     """Interleaved timing (teacher, student, teacher, …) in this process; speed-up = median per-round ratio.
 
     ``runs_per_round`` is a minimum: fast models get more runs, up to ``ROUND_S`` seconds a round."""
-    threads = set_threads(threads)
-    with _onnx_for(teacher, input_size, runtime, teacher_onnx) as tp, _onnx_for(student, input_size, runtime, student_onnx) as sp:
+    threads = timing_threads(threads)
+    before = load_average()
+    with _torch_threads(threads), _onnx_for(teacher, input_size, runtime, teacher_onnx) as tp, \
+            _onnx_for(student, input_size, runtime, student_onnx) as sp:
         runners = [Runner(teacher, input_size, runtime, batch_size, threads, tp), Runner(student, input_size, runtime, batch_size, threads, sp)]
         fastest = min(statistics.median(time_runs(r, warmup=5, min_runs=5, min_time_s=0)[1]) for r in runners)
         runs = min(max(runs_per_round, math.ceil(ROUND_S / max(fastest, 1e-6))), 500)
-        t_med, s_med = [], []
+        t_all: list[list[float]] = []
+        s_all: list[list[float]] = []
         for _ in range(rounds):
-            for runner, out in zip(runners, (t_med, s_med)):
-                out.append(statistics.median(runner() for _ in range(runs)))
+            for runner, out in zip(runners, (t_all, s_all)):
+                out.append([runner() for _ in range(runs)])
+    t_med, s_med = [statistics.median(r) for r in t_all], [statistics.median(r) for r in s_all]
     ratios = [t / s for t, s in zip(t_med, s_med)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return SpeedUp(runtime, batch_size, threads, statistics.median(ratios), (min(ratios), max(ratios)),
-                   statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds, (q[0], q[2]))
+                   statistics.median(t_med) * 1e3, statistics.median(s_med) * 1e3, rounds, (q[0], q[2]),
+                   cv([x for r in t_all for x in r]), cv([x for r in s_all for x in r]), (before, load_average()), usable_cores())
 
 
 GPU_BATCH_SIZES = (1, 256)  # latency at batch 1 and a throughput batch
