@@ -76,7 +76,7 @@ app.command("inspect", cls=OptionalValues, short_help=SHORT_HELP["inspect_checkp
 def run() -> None:
     """Console entry point: one-line errors and exit code 2 for anything the user can fix."""
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="atc")
     except AtcError as exc:
         if STATE["debug"]:
             traceback.print_exc()
