@@ -3,7 +3,7 @@
 import re
 
 from compressor import __version__
-from tests.conftest import run_atc
+from tests.helpers import run_atc
 
 
 def test_version():
