@@ -378,7 +378,7 @@ def build_steps(a: argparse.Namespace, data: Path, work: Path, results: dict[str
         Step("compress", ["compress", "--teacher", str(teacher), "--data", d, "--preset", "cifar", "--student", "wrn-16-1",
                           "--method", "at+kd", "--epochs", str(a.epochs), *subset, "--int8", "--out", str(comp), *dev_flag],
              600, compress_check, needs=("train",)),
-        Step("attention", ["attention", "--teacher", str(teacher), "--student", str(student), "--data", d, "--preset", "cifar",
+        Step("attention", ["attention", "--teacher", str(teacher), "--student-checkpoint", str(student), "--data", d, "--preset", "cifar",
                            "--out", str(work / "maps.png"), "--images", "8", "--json", *dev_flag], 180, attention_check,
              needs=("train", "compress")),
         Step("sweep", ["sweep", "--teacher", str(teacher), "--data", d, "--preset", "cifar", "--student", "wrn-16-1",

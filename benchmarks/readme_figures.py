@@ -17,7 +17,8 @@ Sections, with their cost on a 2-core CPU:
     cifar10     benchmarks/cifar10_table.py (needs --data)                  about 1.5 h
     sweep       atc sweep β × mechanism (needs --data and cifar10's teacher) about 35 min
     int8        atc export --int8 of cifar10's student and teacher          about 2 min
-    target      atc compress --target-speedup 3 (needs --data)              about 5 min
+    target      atc compress --target-speedup 3, --init inherit vs scratch  about 15 min
+                (needs --data, and cifar10's teacher for the --init runs)
     localisation  atc train/attention --localization on shapes               about 15 min
 
 The default (no ``--only``) runs the sections that need no data set: demo, profile, thin_zoo.
@@ -200,9 +201,21 @@ def target(args) -> dict:
     for cmd in cmds:
         proc, s = run(ATC + cmd, "atc " + " ".join(cmd))
         seconds += s
-        lines += [f"`atc {' '.join(cmd)}` ({s:.0f} s):", "", "```", *[x for x in proc.stderr.splitlines() if "target" in x or "speed-up" in x],
+        lines += [f"`atc {' '.join(cmd)}` ({s:.0f} s):", "", "```", *[x for x in proc.stderr.splitlines() if "target" in x or "counts:" in x],
                   "```", ""]
-    return {"command": "atc compress --target-speedup 3 …", "seconds": seconds,
+    wrn = args.out / "cifar10_table" / "teachers" / "wrn-16-2.pt"
+    if wrn.exists():  # inheriting the teacher's weights against a fresh start, one seed
+        for init in ("inherit", "scratch"):
+            run_dir = out / f"init-{init}"
+            cmd = ["compress", "--teacher", str(wrn), "--data", str(args.data), "--preset", "cifar", "--width-ratio", "0.5", "--init", init,
+                   "--method", "at+kd", "--epochs", "3", "--train-subset", "5000", "--seed", "0", "--threads", "1", "--out", str(run_dir),
+                   "--overwrite"]
+            _, s = run(ATC + cmd, "atc " + " ".join(cmd))
+            seconds += s
+            r = json.loads((run_dir / "report.json").read_text())["students"][0]
+            lines.append(f"`--init {init}`: {r['name']} ({r['params']:,} params, {r['mac_ratio']:.2f}× fewer GMACs), "
+                         f"top-1 {r['top1']:.2f} % after 3 epochs on 5,000 images ({s / 60:.0f} min).")
+    return {"command": "atc compress --target-speedup 3 …; --init inherit|scratch", "seconds": seconds,
             "markdown": f"On {environment_line()}:\n\n" + "\n".join(lines)}
 
 

@@ -13,7 +13,7 @@ import traceback
 import typer
 
 from cli import compress, inspect, studies, train
-from cli.common import OptionalValues
+from cli.common import PanelCommand
 from compressor.errors import AtcError, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -67,10 +67,36 @@ SHORT_HELP = {
     "inspect_checkpoint": "What a checkpoint holds and how atc reads it.",
 }
 
+
+def _examples(*lines: str) -> str:
+    """An epilog of examples that click prints as written (``\\b``: no re-wrapping)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+EXAMPLES = {
+    "train": _examples("atc train --arch wrn-16-2 --data digits --out teacher.pt",
+                       "atc train --arch wrn-40-4 --data DIR --epochs 30 --out wrn-40-4.pt"),
+    "compress": _examples("atc compress --teacher teacher.pt --data digits --out runs/x --dry-run",
+                          "atc compress --teacher wrn-40-4.pt --data DIR --students 3 --pick 3x --out runs/x"),
+    "derive": _examples("atc derive --teacher wrn-40-4.pt", "atc derive --teacher resnet18 --input-size 3x224x224 --num-classes 1000"),
+    "profile": _examples("atc profile runs/x/student.pt --threads 1", "atc profile runs/x/students/NAME/student.int8.onnx"),
+    "export": _examples("atc export runs/x/student.pt --out student.onnx",
+                        "atc export runs/x/student.pt --out student.onnx --int8 --calib-data DIR"),
+    "report": _examples("atc report runs/x", "atc report runs/x runs/y --out runs/merged"),
+    "demo": _examples("atc demo", "atc demo --out /tmp/demo --students 1"),
+    "attention": _examples("atc attention --teacher t.pt --student-checkpoint runs/x/student.pt --data digits --out maps.png",
+                           "atc attention --teacher shapes-t.pt --data shapes --localization --overlay"),
+    "sweep": _examples("atc sweep --teacher t.pt --data digits --grid beta=0,1e3 --seeds 2 --out runs/sweep",
+                       "atc sweep --teacher t.pt --data DIR --student wrn-16-1 --grid attention=sum-p:2,max-p:2 --jobs 2"),
+    "models": _examples("atc models", "atc models 'mobilenet*'"),
+    "inspect_checkpoint": _examples("atc inspect teacher.pt", "atc inspect last.pth --json"),
+}
+
 for command in (train.train, compress.compress, inspect.derive, inspect.profile, inspect.export, inspect.report,
                 compress.demo, studies.attention, studies.sweep, inspect.models):
-    app.command(cls=OptionalValues, short_help=SHORT_HELP[command.__name__])(command)
-app.command("inspect", cls=OptionalValues, short_help=SHORT_HELP["inspect_checkpoint"])(inspect.inspect_checkpoint)
+    app.command(cls=PanelCommand, short_help=SHORT_HELP[command.__name__], epilog=EXAMPLES[command.__name__])(command)
+app.command("inspect", cls=PanelCommand, short_help=SHORT_HELP["inspect_checkpoint"],
+            epilog=EXAMPLES["inspect_checkpoint"])(inspect.inspect_checkpoint)
 
 
 def run() -> None:

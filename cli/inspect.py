@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from cli import common as opt
-from cli.common import ARCH, JSON, TRUST, config_from, parse_ints, parse_size, print_report, stats_from, stdout, table
-from cli.progress import stderr
+from cli.common import ARCH, JSON, THREADS, TRUST, config_from, parse_ints, parse_size, print_report, stats_from, stdout, table
+from cli.progress import RichReporter, stderr
 from compressor.errors import AtcError
 from compressor.report.tables import noisy_profile_note
 
@@ -36,34 +36,44 @@ def derive(
 
 
 def profile(
-    model: str = typer.Argument(..., help="atc checkpoint, state_dict (with --arch) or architecture name."),
+    model: str = typer.Argument(..., help="atc checkpoint, state_dict (with --arch), ONNX file (e.g. student.int8.onnx) or "
+                                "architecture name."),
     arch: Optional[str] = ARCH, trust_checkpoint: bool = TRUST,
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C x H x W, e.g. 3x224x224 (default: the checkpoint's, or 3x32x32)."),
     num_classes: int = typer.Option(10, "--num-classes", min=1, help="Classes, for architecture names (ImageNet ResNets default to 1000)."),
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma list of batch sizes."),
     runtimes: str = typer.Option("ort-cpu,torch-cpu", "--runtimes", help="Comma list: ort-cpu, torch-cpu, ort-cuda, torch-cuda, torch-cuda-graph "
-                                  "(the forward replayed as a CUDA graph)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for torch and onnxruntime."),
+                                 "(the forward replayed as a CUDA graph)."),
+    threads: int = THREADS,
     min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Minimum seconds of timed runs per setting."),
     by_module: bool = typer.Option(False, "--by-module", help="Show GMACs per module."),
     depth: int = typer.Option(2, "--depth", min=0, help="Module-tree depth for --by-module."),
     as_json: bool = JSON,
 ) -> None:
-    """Params, fvcore GMACs and latency of one model."""
+    """Params, fvcore GMACs and latency of one model (an ONNX file: its tensors and its onnxruntime latency)."""
     from compressor.models.checkpoint import open_model
-    from compressor.profiling.summary import profile_model
+    from compressor.profiling.summary import profile_model, profile_onnx
 
-    m, spec = open_model(model, arch, trust_checkpoint, parse_size(input_size) if input_size else None, num_classes)
-    prof = profile_model(m, spec.name, spec.input_size, [rt.strip() for rt in runtimes.split(",")],
-                         parse_ints(batch_sizes, "--batch-sizes"), threads, min_time, depth if by_module else None)
+    kinds = [rt.strip() for rt in runtimes.split(",")]
+    sizes = parse_ints(batch_sizes, "--batch-sizes")
+    if model.lower().endswith(".onnx") and Path(model).is_file():
+        prof = profile_onnx(model, kinds, sizes, threads, min_time, parse_size(input_size) if input_size else None)
+    else:
+        m, spec = open_model(model, arch, trust_checkpoint, parse_size(input_size) if input_size else None, num_classes)
+        prof = profile_model(m, spec.name, spec.input_size, kinds, sizes, threads, min_time, depth if by_module else None)
     result = prof.to_dict()
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    stdout.print(f"[bold]{spec.name}[/bold] at {'x'.join(map(str, spec.input_size))}: {prof.params['total']:,} params "
-                 f"({prof.params['trainable']:,} trainable), {prof.gmacs:.4f} GMACs = {prof.gflops:.4f} GFLOPs")
-    stdout.print(f"  {prof.mac_unit}; convolutions and matrix products alone (torchvision's convention): "
-                 f"{prof.gmacs_conv_linear:.4f} GMACs")
+    size = "x".join(map(str, prof.input_size))
+    if prof.gmacs is None:
+        stdout.print(f"[bold]{prof.model}[/bold] at {size}: {prof.params['total']:,} stored values (weights, biases and, in an INT8 "
+                     f"file, its scales); GMACs {prof.mac_unit}")
+    else:
+        stdout.print(f"[bold]{prof.model}[/bold] at {size}: {prof.params['total']:,} params "
+                     f"({prof.params['trainable']:,} trainable), {prof.gmacs:.4f} GMACs = {prof.gflops:.4f} GFLOPs")
+        stdout.print(f"  {prof.mac_unit}; convolutions and matrix products alone (torchvision's convention): "
+                     f"{prof.gmacs_conv_linear:.4f} GMACs")
     if prof.skipped_ops:
         stdout.print("  operators fvcore skipped (not counted): " + ", ".join(f"{k} ×{v}" for k, v in prof.skipped_ops.items()))
     if prof.by_module_gmacs is not None:
@@ -102,13 +112,17 @@ def export(
     int8: bool = typer.Option(False, "--int8", help="Also write OUT with .int8.onnx: static QDQ quantization, U8 activations, S8 per-channel weights."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Dataset for INT8 calibration and its top-1 check (train/ and test/)."),
     calib_images: int = typer.Option(256, "--calib-images", min=1, help="Training images used for calibration."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for the INT8 latency comparison."),
+    threads: int = THREADS, as_json: bool = JSON,
 ) -> None:
     """Export to one ONNX file (dynamic batch, metadata) and check parity with onnxruntime."""
     from compressor import pipeline
 
     done = pipeline.export(checkpoint, out, arch=arch, trust=trust_checkpoint, input_size=parse_size(input_size) if input_size else None,
-                           atol=atol, rtol=rtol, overwrite=overwrite, int8=int8, calib_data=calib_data, calib_images=calib_images, threads=threads)
+                           atol=atol, rtol=rtol, overwrite=overwrite, int8=int8, calib_data=calib_data, calib_images=calib_images,
+                           threads=threads, reporter=RichReporter())
+    if as_json:
+        print(json.dumps(done.to_dict(), indent=2))
+        return
     p = done.parity
     diffs = ", ".join(f"batch {b}: {d:.2e} (relative {p.max_rel_diff[b]:.2e})" for b, d in p.max_abs_diff.items())
     stdout.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| {diffs} (atol {atol:g}, rtol {p.rtol:g})")
@@ -117,6 +131,11 @@ def export(
                      f"top-1 FP32 {r.top1_fp32:.2f}% → INT8 {r.top1_int8:.2f}% ({r.top1_int8 - r.top1_fp32:+.2f}); "
                      f"ORT CPU batch-1 latency {r.fp32_ms:.3f} → {r.int8_ms:.3f} ms, speed-up {r.speedup:.2f}× "
                      f"(rounds {r.spread[0]:.2f}–{r.spread[1]:.2f}×)")
+        if r.agreement is not None:
+            stdout.print(f"INT8 top-1 equals the QDQ graph's (onnx reference evaluator) on {r.agreement.agree} of "
+                         f"{r.agreement.images} test images")
+        for note in r.notes():
+            stderr.print(f"note: {note}", highlight=False)
 
 
 def report(
@@ -130,7 +149,7 @@ def report(
     reports = [read_report(d) for d in run_dirs]
     if len(reports) > 1 and out is None:
         raise AtcError("several runs need --out DIR for the merged report")
-    merged = merge_reports(reports)
+    merged = merge_reports(reports, [str(d) for d in run_dirs])
     write_report(out or run_dirs[0], merged)
     print_report(merged, as_json)
 

@@ -25,6 +25,8 @@ class RichReporter(Reporter):
     def task(self, description: str, total: int) -> None:
         if self.quiet:
             return
+        if self._progress is not None:  # one bar at a time: a task started inside another replaces it
+            self._progress.stop()
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                   TimeRemainingColumn(), console=self.console, transient=True)

@@ -10,16 +10,37 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from cli.common import ARCH, DEVICE, EPOCHS, PRESET, SET, SUBSET, TRUST, command_line, config_from, overrides_from, stdout, table
+from cli.common import (
+    ARCH,
+    DEVICE,
+    EPOCHS,
+    INPUT,
+    OUTPUT,
+    PRESET,
+    SET,
+    SUBSET,
+    TRUST,
+    command_line,
+    config_from,
+    overrides_from,
+    stdout,
+    table,
+)
 from cli.progress import RichReporter, stderr
 from compressor.report.tables import fmt_optional, plural
 
 
 def attention(
-    teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint (atc format)."),
-    student: Optional[Path] = typer.Option(None, "--student", help="Student checkpoint to compare with the teacher."),
-    data: str = typer.Option(..., "--data", help="Dataset folder, 'digits' or 'shapes' (generated, with object masks)."),
-    out: Path = typer.Option(Path("maps.png"), "--out", help="PNG to write: input, teacher map and student map per stage."),
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint (atc format).", rich_help_panel=INPUT),
+    student_checkpoint: Optional[Path] = typer.Option(None, "--student-checkpoint", help="Trained student's checkpoint to compare "
+                                                      "with the teacher (e.g. runs/x/student.pt).", rich_help_panel=INPUT),
+    old_student: Optional[str] = typer.Option(None, "--student", hidden=True),
+    data: str = typer.Option(..., "--data", help="Dataset folder, 'digits' or 'shapes' (generated, with object masks).",
+                             rich_help_panel=INPUT),
+    out: Path = typer.Option(Path("maps.png"), "--out", help="PNG to write: input, teacher map and student map per stage.",
+                             rich_help_panel=OUTPUT),
+    overlay: bool = typer.Option(False, "--overlay", help="Draw each map over its image (in grey) instead of alone.",
+                                 rich_help_panel=OUTPUT),
     images: int = typer.Option(8, "--images", min=1, max=64, help="Rows (test images) in the grid."),
     test_images: int = typer.Option(2000, "--test-images", min=0, help="Test images for the per-stage numbers (0 = all)."),
     mechanism: Optional[str] = typer.Option(None, "--attention", help="sum-p[:P], max-p[:P] or gradient (default: the preset's)."),
@@ -27,7 +48,7 @@ def attention(
     at_layers: Optional[str] = typer.Option(None, "--at-layers", help="all, lastN or comma list of stage names."),
     localization: bool = typer.Option(False, "--localization", help="Also score the share of attention on the object (needs --data shapes)."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the object masks by N pixels for --localization (edges count)."),
-    preset: str = PRESET,
+    preset: Optional[str] = PRESET,
     overrides: Optional[List[str]] = SET,
     device: str = DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
@@ -36,26 +57,30 @@ def attention(
 ) -> None:
     """Attention maps of a teacher (and student) per AT stage, their agreement and object localisation."""
     from compressor.config import parse_attention
-    from compressor.errors import OutputError
+    from compressor.errors import ConfigError, OutputError
     from compressor.options import RunOptions
     from compressor.studies.attention import AttentionOptions, attention_report
 
+    if old_student is not None:  # one word per meaning: --student names an architecture in compress and sweep
+        raise ConfigError(f"atc attention takes the trained student's checkpoint as --student-checkpoint {old_student} "
+                          "(--student names a student architecture in compress and sweep)")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     name, mp = parse_attention(mechanism) if mechanism else (None, None)
-    cfg = config_from(preset, overrides)
+    cfg = config_from(preset, overrides, data)
     view = AttentionOptions(images=images, test_images=test_images, attention=name, p=p if p is not None else mp, layers=at_layers,
-                            localization=localization, dilate_px=dilate)
-    result = attention_report(teacher, data, out, cfg, student_path=student, view=view,
+                            localization=localization, dilate_px=dilate, overlay=overlay)
+    result = attention_report(teacher, data, out, cfg, student_path=student_checkpoint, view=view,
                               options=RunOptions(device=device, trust=trust_checkpoint, arch=arch,
                                                  **common.stats_from(mean, std)), reporter=RichReporter())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     s = result.student
-    who = f"teacher {result.teacher['name']} (top-1 {result.teacher['top1']:.2f}%)"
+    subset = f"top-1 on these {result.test_images:,} test images"  # not the full test set's figure unless --test-images 0
+    who = f"teacher {result.teacher['name']} ({subset} {result.teacher['top1']:.2f}%)"
     if s:
-        who += f" vs student {s['name']} (top-1 {s['top1']:.2f}%)"
+        who += f" vs student {s['name']} ({result.student['top1']:.2f}%)"
     cols = ["stage", "resolution"]
     if s:
         cols += ["AT distance", "spatial corr"]
@@ -99,7 +124,7 @@ def sweep(
                                           "too large for the device (default: this process's threads; 1 CPU with --ray)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a sweep in --out: finished runs are kept, half-done ones go "
                                 "on from their last epoch, failed ones are tried again."),
-    preset: str = PRESET,
+    preset: Optional[str] = PRESET,
     overrides: Optional[List[str]] = SET,
     method: Optional[str] = typer.Option(None, "--method", help="none, or a feature term (at | fitnet) and/or a logit term (kd | dkd) joined with +: at+kd, fitnet+kd, at+dkd, dkd, … (default: the preset's)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student architecture (default: the preset's policy)."),
@@ -116,6 +141,11 @@ def sweep(
     from compressor.studies.runner import Engine
     from compressor.studies.sweep import run_sweep
 
+    if preset is None:  # as config_from: the data decides (digits → demo), and a line says so
+        from compressor.load import preset_for_data
+
+        preset, why = preset_for_data(data)
+        stderr.print(f"[dim]›[/dim] preset {preset} ({why}; --preset picks another)", highlight=False)  # a sweep trains at once
     merged = overrides_from(overrides, train__epochs=epochs, data__train_subset=train_subset)
     engine = Engine(jobs=jobs, gpus_per_run=gpus_per_run, ray=ray,
                     cpus_per_run=None if workers is None else max(1, workers))

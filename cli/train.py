@@ -13,10 +13,11 @@ from cli.progress import RichReporter, stderr
 
 
 def train(
-    arch: str = typer.Option(..., "--arch", help="Architecture to train, e.g. wrn-16-2 (see `atc models`)."),
-    data: str = typer.Option(..., "--data", help="Dataset folder (ImageFolder train/+test/, torchvision CIFAR) or 'digits'."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint file to write, e.g. teacher.pt."),
-    preset: str = opt.PRESET, overrides: Optional[List[str]] = opt.SET, epochs: Optional[int] = opt.EPOCHS, batch_size: Optional[int] = opt.BATCH,
+    arch: str = typer.Option(..., "--arch", help="Architecture to train, e.g. wrn-16-2 (see `atc models`).", rich_help_panel=opt.INPUT),
+    data: str = typer.Option(..., "--data", help="Dataset folder (ImageFolder train/+test/, torchvision CIFAR) or 'digits'.",
+                             rich_help_panel=opt.INPUT),
+    out: Path = typer.Option(..., "--out", help="Checkpoint file to write, e.g. teacher.pt.", rich_help_panel=opt.OUTPUT),
+    preset: Optional[str] = opt.PRESET, overrides: Optional[List[str]] = opt.SET, epochs: Optional[int] = opt.EPOCHS, batch_size: Optional[int] = opt.BATCH,
     lr: Optional[float] = opt.LR, seed: Optional[int] = opt.SEED, train_subset: Optional[int] = opt.SUBSET, device: str = opt.DEVICE,
     overwrite: bool = opt.OVERWRITE, resume: bool = opt.RESUME, strict_data: bool = opt.STRICT_DATA,
     compile_: bool = opt.COMPILE, channels_last: Optional[bool] = opt.CHANNELS_LAST, precision: str = opt.PRECISION,
@@ -36,7 +37,7 @@ def train(
 
     parse_arch(arch)
     fileio.check_train_output(out, overwrite, resume)
-    cfg = config_from(preset, overrides, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr, train__seed=seed,
+    cfg = config_from(preset, overrides, data, train__epochs=epochs, train__batch_size=batch_size, train__lr=lr, train__seed=seed,
                       data__train_subset=train_subset)
     speed = speed_from(precision, channels_last, compile_, workers, cuda_graphs)
     rank, device = join_parallel(device, nproc, nnodes, node_rank, master_addr, master_port)

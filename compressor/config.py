@@ -87,6 +87,7 @@ class StudentConfig:
 class Config:
     preset: str = "cifar"
     description: str = ""
+    preset_reason: str = ""  # why this preset, when the data chose it (no --preset given)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

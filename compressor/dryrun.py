@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from compressor.device import example_input, model_device
 from compressor.distill.loop import make_batches, objective_from
 from compressor.distill.losses import distillation_terms, input_gradient
 from compressor.distill.student import describe_hint, teacher_ties
-from compressor.events import SILENT, Reporter
+from compressor.events import SILENT, Reporter, reporter_for
 from compressor.load import load_teacher_and_data, normalization
 from compressor.models.outputs import ensure_logits
 from compressor.models.plan import StageRow
@@ -56,6 +57,23 @@ class DryRunReport:
     at_layers: str
     init: str
     students: list[DryRunStudent]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``atc compress --dry-run --json``: plain data, the counts labelled as counts (not measured speed-ups)."""
+        return {"teacher": self.teacher, "teacher_params": self.teacher_params, "teacher_gmacs": self.teacher_gmacs,
+                "method": self.method, "at_layers": self.at_layers, "init": self.init,
+                "students": [_student_dict(s) for s in self.students]}
+
+
+def _student_dict(s: DryRunStudent) -> dict[str, Any]:
+    c = s.student
+    plan = c.spec.plan
+    return {"name": c.name, "params": c.params, "gmacs": c.gmacs, "gmacs_conv_linear": c.gmacs_conv_linear,
+            "param_ratio": c.param_ratio, "mac_ratio": c.mac_ratio,
+            "pairs": [{"student": {"module": p.student.module, "shape": list(p.student.shape)},
+                       "teacher": {"module": p.teacher.module, "shape": list(p.teacher.shape)}} for p in s.pairs],
+            "initial_terms": dict(s.initial_terms), "stages": [r.to_dict() for r in s.stages],
+            "search": plan.search.to_dict() if plan is not None and plan.search is not None else None}
 
 
 def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionPair], data: Dataset, cfg: Config,
@@ -106,9 +124,11 @@ def try_students(teacher: nn.Module, t_spec: ModelSpec, data: Dataset, cfg: Conf
 
 
 def dry_run(teacher_path: str | Path, data_spec: str | Path, cfg: Config, choice: StudentChoice = StudentChoice(),
-            options: RunOptions = RunOptions(), *, reporter: Reporter = SILENT) -> DryRunReport:
+            options: RunOptions = RunOptions(), *, reporter: Reporter = SILENT, progress: bool = False) -> DryRunReport:
     """Students, attention pairs and initial loss terms of a ``compress`` run, without training or writing.
-    From ``options``: how to read the teacher (``arch``, ``trust``) and ``strict_data``."""
+    From ``options``: how to read the teacher (``arch``, ``trust``) and ``strict_data``. Quiet unless
+    ``progress`` (plain lines on stderr) or a ``reporter`` is given."""
+    reporter = reporter_for(reporter, progress)
     loaded = load_teacher_and_data(teacher_path, data_spec, cfg, options, reporter=reporter)
     model, spec = loaded.model, loaded.spec
     tp, tm = count_params(model)["total"], count_macs(model, spec.input_size).gmacs

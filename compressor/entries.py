@@ -26,6 +26,9 @@ class Int8Entry:
     top1_delta: float  # INT8 top-1 minus the teacher's
     latency_speedup_vs_teacher: float
     latency_ms: float
+    weights: str | None = None  # "S8 8-bit" or "S8 7-bit (reduce_range)", chosen for this CPU
+    weights_why: str | None = None
+    agreement: dict[str, Any] | None = None  # {"agree", "images"}: onnxruntime's top-1 = the QDQ graph's (reference evaluator)
 
 
 @dataclass
@@ -39,7 +42,7 @@ class StudentEntry:
     top1_delta: float
     param_ratio: float
     mac_ratio: float
-    latency_ms: float
+    latency_ms: float  # median of the interleaved rounds
     latency_speedup: float
     latency_speedup_spread: list[float]
     latency_speedup_quartiles: list[float]
@@ -59,6 +62,8 @@ class StudentEntry:
     distill: dict[str, Any] | None = None  # how it was trained: {"cuda_graphs": GraphStatus.to_dict()}
     loss_terms: dict[str, float] | None = None  # the last epoch's training mean of each weighted loss term, by name
     hint: str | None = None  # FitNet: the hint pair and its regressor (trained with the student, not part of it)
+    latency_cv: float | None = None  # the student's coefficient of variation over all its timed runs
+    teacher_latency_cv: float | None = None  # the teacher's, in the same interleaved rounds
 
     def to_dict(self) -> dict[str, Any]:
         return _without_none(asdict(self), ("derived", "int8", "gpu_latency", "distill", "loss_terms", "hint"))
@@ -71,9 +76,10 @@ class TeacherEntry:
     gmacs: float
     gflops: float
     top1: float
-    latency_ms: float
+    latency_ms: float  # interleaved with the (last) student, like the students' figures
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict(), with CUDA only
     gmacs_conv_linear: float | None = None  # convolutions and matrix products alone (torchvision's convention)
+    latency_cv: float | None = None  # over all its timed runs in those rounds
 
     def to_dict(self) -> dict[str, Any]:
         return _without_none(asdict(self), ("gpu_latency",))
@@ -82,7 +88,8 @@ class TeacherEntry:
 @dataclass
 class Measurements:
     """What the measure step found: one entry per model, the latency section of the report (runtime,
-    batch size, threads, rounds, the teacher's median and spread, and the GPU keys) and the machine."""
+    batch size, threads, rounds, the teacher timed alone, the load average and cores, notes, and the
+    GPU keys) and the machine."""
 
     teacher: TeacherEntry
     students: list[StudentEntry]

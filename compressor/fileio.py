@@ -58,23 +58,39 @@ LOCK_NAME = ".atc.lock"
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` while a run writes into it, so two runs started on the same
     ``--out`` cannot mix their files; the second one fails at once. The lock is the kernel's (flock),
-    so a killed run never leaves a stale lock behind."""
+    so a killed run never leaves a stale lock behind, and the lock file is removed when the run ends
+    (a file that a run killed outright leaves holds no lock and is taken over by the next run)."""
     import fcntl
 
     path = Path(folder) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise OutputError(f"another atc run (pid {holder}) is writing into {folder}; wait for it to finish or choose "
                               "another --out") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder before us removed the file we locked; lock the one at the path now
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock: a run waiting on this file sees it gone and retries
         os.close(fd)  # closing releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 # ---------------------------------------------------------------- output-folder policy

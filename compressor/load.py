@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compressor.config import Config, check_mean_std
+from compressor.data.folders import find_layout
 from compressor.data.open import Dataset, open_dataset, open_for_device
 from compressor.device import example_input
 from compressor.errors import ConfigError, DataError
@@ -22,6 +23,22 @@ from compressor.models.importers import not_rebuildable
 from compressor.models.outputs import ensure_logits
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
+
+
+def preset_for_data(spec: str | Path) -> tuple[str, str]:
+    """The preset a command uses when none is given, from the data: ``(name, why)``. The bundled digits
+    take ``demo`` (16 px, 12 epochs), torchvision's CIFAR-100 folder ``cifar100``, anything else ``cifar``."""
+    text = str(spec)
+    if text == "digits":
+        return "demo", "the data is the bundled digits"
+    if text != "shapes":
+        try:
+            kind, _ = find_layout(Path(text).expanduser())
+        except DataError:
+            kind = ""  # the data step says what is wrong with it, in its own words
+        if kind == "cifar100":
+            return "cifar100", "the data is torchvision's CIFAR-100 folder"
+    return "cifar", "the default for 32 px data"
 
 
 def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Reporter = SILENT,
@@ -35,7 +52,8 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
                                test_subset=cfg.data.test_subset, budget_bytes=budget_bytes, workers=workers, reporter=reporter)
     else:
         # The subset is part of the data, not of the run: the same images whatever the training seed.
-        data = open_dataset(spec, image_size=image_size, strict=strict).subset(cfg.data.train_subset, cfg.data.test_subset, seed=0)
+        data = open_dataset(spec, image_size=image_size, strict=strict, reporter=reporter).subset(cfg.data.train_subset,
+                                                                                                  cfg.data.test_subset, seed=0)
     if data.skipped_files:
         reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
     for note in data.notes:

@@ -33,7 +33,7 @@ from compressor.device import Speed
 from compressor.distill.student import DistilledStudent
 from compressor.entries import Int8Entry, Measurements, StudentEntry, TeacherEntry
 from compressor.events import SILENT, Reporter
-from compressor.export.int8 import int8_with_evaluation
+from compressor.export.int8 import int8_weights, int8_with_evaluation
 from compressor.export.onnx import export_checked, to_onnx
 from compressor.models.spec import ModelSpec
 from compressor.profiling.counts import count_macs, count_params
@@ -47,8 +47,10 @@ from compressor.profiling.latency import (
     environment,
     gpu_latency,
     gpu_status,
+    load_note,
     measure_latency,
     trained_format,
+    usable_cores,
 )
 
 
@@ -63,25 +65,42 @@ def measure(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, students: list
         t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
         t_count = count_macs(teacher, t_spec.input_size)
         t_params, t_macs = count_params(teacher)["total"], t_count.gmacs
-        reporter.info("measuring teacher latency (onnxruntime CPU, batch 1)")
+        reporter.info("measuring teacher latency alone (onnxruntime CPU, batch 1)")
         t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5), onnx_path=t_onnx)
-        entries, rounds, t_ms = [], 0, t_lat.median_ms
+        entries, speeds = [], []
+        reporter.task("export, check and time each student against the teacher", len(students))
         for res, cand in zip(students, candidates):
-            entry, speed = student_entry(teacher, t_onnx, t_spec, t_top1, res, cand, out, threads, reporter)
-            rounds, t_ms = speed.rounds, speed.teacher_ms
+            entry, timed = student_entry(teacher, t_onnx, t_spec, t_top1, res, cand, out, threads, reporter)  # not ``speed``: the run's
             if int8_data is not None:
                 entry.int8 = int8_entry(t_onnx, res, out / entry.onnx, int8_data, t_spec, t_top1, threads, out, reporter)
             entries.append(entry)
+            speeds.append(timed)
+            reporter.advance(1)
+        reporter.done()
         models = [(t_spec.name, teacher, t_onnx)] + [(s.name, r.model, r.dir / "student.onnx") for s, r in zip(entries, students)]
         fmt = trained_format(speed) if speed is not None and torch.cuda.is_available() else GpuFormat()
         gpu_entries, gpu_meta = gpu_figures(models, t_spec.input_size, threads, cuda=gpu, reporter=reporter, fmt=fmt)
     t_gpu, *s_gpu = gpu_entries or [None] * (1 + len(entries))
     for s, g in zip(entries, s_gpu):
         s.gpu_latency = g
-    latency = {"runtime": "ort-cpu", "batch_size": 1, "threads": t_lat.threads, "rounds": rounds,
-               "teacher_median_ms": t_lat.median_ms, "teacher_cv": t_lat.cv, **gpu_meta}
-    t_entry = TeacherEntry(t_spec.name, t_params, t_macs, 2 * t_macs, t_top1, t_ms, t_gpu, t_count.conv_linear_gmacs)
+    last = speeds[-1] if speeds else None
+    latency = {"runtime": "ort-cpu", "batch_size": 1, "threads": t_lat.threads, "rounds": last.rounds if last else 0,
+               **machine_load(speeds), "teacher_solo_median_ms": t_lat.median_ms, "teacher_solo_cv": t_lat.cv, **gpu_meta}
+    t_entry = TeacherEntry(t_spec.name, t_params, t_macs, 2 * t_macs, t_top1, last.teacher_ms if last else t_lat.median_ms, t_gpu,
+                           t_count.conv_linear_gmacs, last.teacher_cv if last else t_lat.cv)
     return Measurements(t_entry, entries, latency, environment())
+
+
+def machine_load(speeds: list[SpeedUp]) -> dict[str, Any]:
+    """The report's load keys: the 1-minute load average before the first round and after the last,
+    the usable cores, and the note when the load exceeded them (``notes``, empty otherwise)."""
+    if not speeds:
+        return {"load_average": [None, None], "cores": usable_cores(), "notes": []}
+    before = [s.load[0] for s in speeds if s.load[0] is not None]
+    after = [s.load[1] for s in speeds if s.load[1] is not None]
+    load = [before[0] if before else None, max(after) if after else None]
+    note = load_note(tuple(load) + tuple(before), speeds[0].cores)
+    return {"load_average": load, "cores": speeds[0].cores, "notes": [note] if note else []}
 
 
 def gpu_figures(models: list[tuple[str, nn.Module, Path | None]], input_size: tuple[int, int, int], threads: int | None = None,
@@ -144,7 +163,7 @@ def student_entry(teacher: nn.Module, t_onnx: Path, t_spec: ModelSpec, t_top1: f
         onnx_parity_max_rel_diff={str(k): v for k, v in parity.max_rel_diff.items()},
         train_seconds=res.train_seconds, epochs=res.epochs, attention_pairs=res.pairs, init=res.init,
         gmacs_conv_linear=cand.gmacs_conv_linear, distill={"cuda_graphs": res.cuda_graphs} if res.cuda_graphs else None,
-        loss_terms=final_terms(res.history), hint=res.hint)
+        loss_terms=final_terms(res.history), hint=res.hint, latency_cv=speed.student_cv, teacher_latency_cv=speed.teacher_cv)
     if res.spec.plan is not None:  # a derived student: its shape and, after a search, target vs achieved
         plan = res.spec.plan
         search = plan.search.to_dict() if plan.search is not None else {}
@@ -158,10 +177,14 @@ def int8_entry(t_onnx: Path, res: DistilledStudent, onnx_path: Path, data: Image
     """The student's INT8 copy (static QDQ, calibrated on ``data``'s training images): its top-1 and its latency."""
     spec = res.spec
     q_path = onnx_path.with_name("student.int8.onnx")
-    reporter.info(f"{spec.name}: INT8 static quantization (QDQ, U8 activations, S8 per-channel weights)")
-    r = int8_with_evaluation(onnx_path, q_path, data, spec.mean, spec.std, spec.input_size, threads=threads)
+    weights = int8_weights()
+    reporter.info(f"{spec.name}: INT8 static quantization (QDQ, U8 activations, {weights.label} per-channel weights), its top-1, "
+                  "its agreement with the QDQ graph and its latency")
+    r = int8_with_evaluation(onnx_path, q_path, data, spec.mean, spec.std, spec.input_size, threads=threads, weights=weights,
+                             reporter=reporter)
     vs_teacher = compare_latency(None, None, t_spec.input_size, "ort-cpu", 1, threads, teacher_onnx=t_onnx, student_onnx=q_path)
+    agreement = {"agree": r.agreement.agree, "images": r.agreement.images} if r.agreement else None
     return Int8Entry(path=str(q_path.relative_to(out)), top1_fp32=r.top1_fp32, top1_int8=r.top1_int8, speedup=r.speedup,
                      spread=list(r.spread), fp32_ms=r.fp32_ms, int8_ms=r.int8_ms, calibration_images=r.calibration_images,
                      top1_delta=r.top1_int8 - t_top1, latency_speedup_vs_teacher=vs_teacher.speedup,
-                     latency_ms=vs_teacher.student_ms)
+                     latency_ms=vs_teacher.student_ms, weights=weights.label, weights_why=weights.why, agreement=agreement)

@@ -19,7 +19,10 @@ class RunOptions:
     first unreadable image; ``arch``/``trust``: how to read the teacher checkpoint (the
     architecture of a plain state_dict; allow pickles that run code); ``mean``/``std``: the
     teacher's normalisation as the user states it (``--mean``/``--std``; it comes before the
-    checkpoint's and the preset's); ``command``: the command line, recorded in the report."""
+    checkpoint's and the preset's); ``command``: the command line, recorded in the report; ``pick``:
+    the rule that chooses the published student (``compressor.report.pick``: auto, accurate, fastest
+    or a speed-up such as 3x); ``keep_state``: keep each finished student's training state
+    (``train_state.pt``), which is otherwise removed."""
 
     device: str = "auto"
     speed: Speed = field(default_factory=Speed)
@@ -34,3 +37,5 @@ class RunOptions:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     command: str = ""
+    pick: str = "auto"
+    keep_state: bool = False

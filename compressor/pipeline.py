@@ -32,7 +32,7 @@ from compressor.distill.student import DistilledStudent, distill_student
 from compressor.distill.tensorboard import check_tensorboard
 from compressor.errors import ConfigError, Interrupted, OutputError
 from compressor.evaluate import evaluate
-from compressor.events import SILENT, Reporter
+from compressor.events import SILENT, Reporter, RunClock, reporter_for
 from compressor.export.int8 import Int8Result, int8_with_evaluation
 from compressor.export.onnx import Parity, export_checked
 from compressor.load import TeacherAndData, check_compatible, choose_normalization, load_data, load_teacher_and_data, normalization
@@ -42,15 +42,18 @@ from compressor.models.registry import parse_arch
 from compressor.models.spec import ModelSpec
 from compressor.options import RunOptions
 from compressor.report.build import Report, build_report, write_report
+from compressor.report.pick import parse_pick, pick_student
 from compressor.report.plots import plot_curves
 
 # ---------------------------------------------------------------- training a model from scratch
 
 
 def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, options: RunOptions = RunOptions(), *,
-          reporter: Reporter = SILENT) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+          reporter: Reporter = SILENT, progress: bool = False) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     """``atc train``: check the name and the output, load the data, check the model takes its images, train.
-    From ``options``: device, speed, resume/overwrite, strict_data, tensorboard."""
+    From ``options``: device, speed, resume/overwrite, strict_data, tensorboard. Quiet unless ``progress``
+    (plain lines on stderr) or a ``reporter`` (``compressor.events``) is given."""
+    reporter = reporter_for(reporter, progress)
     parse_arch(arch)
     fileio.check_train_output(out, options.overwrite, options.resume)
     if options.tensorboard is not None:
@@ -71,7 +74,7 @@ def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, option
 
 def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_dir: str | Path,
              choice: StudentChoice = StudentChoice(), options: RunOptions = RunOptions(), *, method: str | None = None,
-             reporter: Reporter = SILENT) -> Report | None:
+             reporter: Reporter = SILENT, progress: bool = False) -> Report | None:
     """Distil one or more students (``choice``) from a trained teacher and write the full output set
     (report.json, report.md, tradeoff.png, curves.png, the students' checkpoints and ONNX files); return
     the ``Report`` (``report.to_dict()`` is report.json).
@@ -82,7 +85,12 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     student is also quantized (static QDQ, calibrated on training images) and its INT8 accuracy and
     latency join the report. ``options.tensorboard``: a folder for every student's per-epoch scalars.
     ``method``: none, or at/fitnet and kd/dkd joined with + (``compressor.config.parse_method``; default: the preset's).
+    ``options.pick`` chooses the student whose files are published at the top of ``out``
+    (``compressor.report.pick``); the report says which and why. Quiet unless ``progress`` (plain
+    lines on stderr) or a ``reporter`` (``compressor.events``) is given.
     """
+    reporter = reporter_for(reporter, progress)
+    parse_pick(options.pick)  # a bad rule fails now, not after training
     onnxruntime()  # the report needs it: a missing or mixed install fails now, not after training
     if options.tensorboard is not None:
         check_tensorboard()
@@ -119,10 +127,13 @@ def _distil(loaded: TeacherAndData, candidates: list[Candidate], cfg: Config, me
     mean, std = loaded.mean_std
     _, test_b = make_batches(data, cfg, mean, std, dev, workers=options.speed.workers)
     teacher.to(dev)
-    t_top1 = evaluate(teacher, test_b, autocast_dtype(options.speed.precision, dev)).top1
+    t_top1 = evaluate(teacher, test_b, autocast_dtype(options.speed.precision, dev), reporter,
+                      f"teacher {t_spec.name} on the {len(data.test_y):,} test images").top1
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name}")
     say_schedule(cfg, reporter)
-    students = [distill_student(c, loaded, cfg, method, out, dev, init=init, options=options, reporter=reporter) for c in candidates]
+    clock = RunClock(cfg.train.epochs * len(candidates), reporter)
+    students = [distill_student(c, loaded, cfg, method, out, dev, init=init, options=options, reporter=reporter, clock=clock)
+                for c in candidates]
     teacher.cpu()
     return _Distilled(t_top1, students)
 
@@ -135,7 +146,11 @@ def _measure_and_report(loaded: TeacherAndData, candidates: list[Candidate], don
                            int8_data=data if options.int8 and isinstance(data, ImageData) else None, speed=options.speed,
                            reporter=reporter)
         report = build_report(measured, cfg, method, data, options.command)
-        _publish_primary(out, done.students[0])
+        chosen = pick_student([e.to_dict() for e in measured.students], options.pick)
+        report.published = {"name": chosen.name, "rule": chosen.rule, "reason": chosen.reason,
+                             "checkpoint": measured.students[chosen.index].checkpoint}
+        reporter.info(f"publishing {chosen.name} as {out / 'student.pt'}: {chosen.reason}")
+        _publish(out, done.students[chosen.index])
         write_report(out, report)
         plot_curves(out / "curves.png", (t_spec.name, loaded.metrics.get("history", [])),
                     [(f"{c.name} ({method})", s.history) for c, s in zip(candidates, done.students)])
@@ -147,11 +162,11 @@ def _measure_and_report(loaded: TeacherAndData, candidates: list[Candidate], don
     return report
 
 
-def _publish_primary(out: Path, primary: DistilledStudent) -> None:
-    """The first student's files also sit at the top of ``out`` (student.pt, student.onnx, metrics.jsonl)."""
+def _publish(out: Path, chosen: DistilledStudent) -> None:
+    """The published student's files also sit at the top of ``out`` (student.pt, student.onnx, metrics.jsonl)."""
     for name in ("student.pt", "student.onnx", METRICS_FILE):
         with fileio.atomic_path(out / name) as tmp:
-            shutil.copyfile(primary.dir / name, tmp)
+            shutil.copyfile(chosen.dir / name, tmp)
 
 
 # ---------------------------------------------------------------- export
@@ -165,11 +180,18 @@ class Exported:
     parity: Parity
     int8: Int8Result | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """``atc export --json``."""
+        p = self.parity
+        return {"onnx": str(self.onnx), "parity": {"max_abs_diff": {str(k): v for k, v in p.max_abs_diff.items()},
+                                                   "max_rel_diff": {str(k): v for k, v in p.max_rel_diff.items()}},
+                "int8": self.int8.to_dict() if self.int8 is not None else None}
+
 
 def export(model_path: str | Path, out: str | Path, *, arch: str | None = None, trust: bool = False,
            input_size: tuple[int, int, int] | None = None, atol: float = 1e-4, rtol: float | None = None, overwrite: bool = False,
            int8: bool = False, calib_data: str | Path | None = None, calib_images: int = 256,
-           threads: int | None = None) -> Exported:
+           threads: int | None = None, reporter: Reporter = SILENT) -> Exported:
     """``atc export``: the model as one ONNX file with parity checked, and with ``int8`` its INT8 copy
     calibrated on ``calib_data`` (resized to the model's input). Both files or neither: a failure
     after the FP32 file was written removes it again."""
@@ -191,7 +213,7 @@ def export(model_path: str | Path, out: str | Path, *, arch: str | None = None, 
         return Exported(out, parity)
     try:
         mean, std = normalization(spec, data)
-        result = int8_with_evaluation(out, int8_out, data, mean, std, spec.input_size, calib_images, threads)
+        result = int8_with_evaluation(out, int8_out, data, mean, std, spec.input_size, calib_images, threads, reporter=reporter)
     except BaseException:
         out.unlink(missing_ok=True)
         raise

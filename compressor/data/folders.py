@@ -13,6 +13,7 @@ import torch
 from compressor import fileio
 from compressor.data.images import ImageData, with_source
 from compressor.errors import DataError, OutputError
+from compressor.events import SILENT, Reporter
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -139,12 +140,17 @@ def record_source(info: dict, im, resized: bool) -> None:
             info["sizes"].append(hw)
 
 
+DECODE_REPORT_EVERY = 500  # images between progress updates while decoding
+
+
 def _decode(files: list[Path], image_size: int | None, strict: bool,
-            info: dict | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+            info: dict | None = None, reporter: Reporter = SILENT) -> tuple[np.ndarray, list[int], list[str]]:
     from PIL import Image, UnidentifiedImageError
 
     arrays, kept, bad = [], [], []
     for i, f in enumerate(files):
+        if i and i % DECODE_REPORT_EVERY == 0:
+            reporter.advance(DECODE_REPORT_EVERY)
         try:
             with Image.open(f) as src:
                 im = to_rgb(src)
@@ -166,7 +172,7 @@ def _decode(files: list[Path], image_size: int | None, strict: bool,
 
 
 def _load_split(split_dir: Path, image_size: int | None, strict: bool,
-                listing: tuple[list[Path], list[int], list[str]] | None = None
+                listing: tuple[list[Path], list[int], list[str]] | None = None, reporter: Reporter = SILENT
                 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str], dict]:
     files, labels, classes = listing or _list_images(split_dir)
     if not files:
@@ -184,7 +190,11 @@ def _load_split(split_dir: Path, image_size: int | None, strict: bool,
                                 "or run without --strict-data to skip unreadable images")
             return blob["x"], blob["y"], classes, blob["skipped"], blob["info"]
     info = new_source_info()
-    arr, kept, bad = _decode(files, image_size, strict, info)
+    reporter.task(f"decoding {len(files):,} images in {split_dir} (once: they are cached in {cache.parent})", len(files))
+    try:
+        arr, kept, bad = _decode(files, image_size, strict, info, reporter)
+    finally:
+        reporter.done()
     if not kept:
         raise DataError(f"no image in {split_dir} could be decoded; check the files")
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
@@ -202,10 +212,10 @@ def _merge_info(a: dict, b: dict) -> dict:
             "resized": a["resized"] + b["resized"], "sizes": sizes[:2]}
 
 
-def load_image_folder(root: Path, image_size: int | None = None, strict: bool = False) -> ImageData:
+def load_image_folder(root: Path, image_size: int | None = None, strict: bool = False, reporter: Reporter = SILENT) -> ImageData:
     test_dir, train_listing, test_listing = list_splits(root)
-    tx, ty, classes, bad_train, info_train = _load_split(root / "train", image_size, strict, train_listing)
-    vx, vy, _, bad_test, info_test = _load_split(test_dir, image_size, strict, test_listing)
+    tx, ty, classes, bad_train, info_train = _load_split(root / "train", image_size, strict, train_listing, reporter)
+    vx, vy, _, bad_test, info_test = _load_split(test_dir, image_size, strict, test_listing, reporter)
     info = _merge_info(info_train, info_test)
     data = ImageData(root.name, tx, ty, vx, vy, classes, bad_train + bad_test)
     return with_source(data, info["channels"], info["resized"], info["sizes"], info["wide"])

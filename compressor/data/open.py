@@ -87,8 +87,10 @@ def _load_torchvision_cifar(root: Path, hundred: bool) -> ImageData:
     return ImageData("cifar100" if hundred else "cifar10", tx, ty, vx, vy, list(train.classes))
 
 
-def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict: bool = False) -> ImageData:
-    """Load the dataset named by ``spec``: ``digits`` or a folder in a supported layout."""
+def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict: bool = False,
+                 reporter: Reporter = SILENT) -> ImageData:
+    """Load the dataset named by ``spec``: ``digits`` or a folder in a supported layout (``reporter``: the
+    progress of decoding a folder's images the first time)."""
     if str(spec) == "digits":
         return load_digits(image_size or 16)
     if str(spec) == "shapes":  # generated shapes with object masks (compressor/data/shapes.py)
@@ -98,7 +100,7 @@ def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict:
     kind, root = find_layout(Path(spec).expanduser())
     if kind in ("cifar10", "cifar100"):
         return _load_torchvision_cifar(root, kind == "cifar100")
-    return load_image_folder(root, image_size, strict)
+    return load_image_folder(root, image_size, strict, reporter)
 
 
 def open_for_device(spec: str | os.PathLike, image_size: int | None, device: torch.device, *, strict: bool = False,
@@ -123,9 +125,10 @@ def open_for_device(spec: str | os.PathLike, image_size: int | None, device: tor
             return lazy
         if lazy is full or decide(full.nbytes(), 0, torch.device("cpu"), budget_bytes).fits:
             # the in-memory path, unchanged: decode the whole folder once (cached), then take the subset
-            return open_dataset(spec, image_size=image_size, strict=strict).subset(train_subset, test_subset, seed=0)
+            return open_dataset(spec, image_size=image_size, strict=strict, reporter=reporter).subset(train_subset, test_subset, seed=0)
+        reporter.info(f"decoding the {len(lazy.train) + len(lazy.test):,} images of the subset")
         return decode_subset(lazy)
-    data = open_dataset(spec, image_size=image_size, strict=strict).subset(train_subset, test_subset, seed=0)
+    data = open_dataset(spec, image_size=image_size, strict=strict, reporter=reporter).subset(train_subset, test_subset, seed=0)
     need = sum(t.numel() * t.element_size() for t in (data.train_x, data.train_y, data.test_x, data.test_y))
     res = decide(need, len(data.train_y) + len(data.test_y), device, budget_bytes)
     reporter.info(res.message(workers))

@@ -209,9 +209,10 @@ def resolve_init(init: str, spec: ModelSpec) -> str:
 def teacher_ladder(teacher: str | Path, *, arch: str | None = None, trust: bool = False,
                    input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> tuple[ModelSpec, list[Candidate]]:
     """``atc derive``: the student ladder of a checkpoint or of an architecture name."""
-    from compressor.models.checkpoint import read_model
+    from compressor.models.checkpoint import check_model_source, read_model
     from compressor.models.importers import not_rebuildable
 
+    check_model_source(teacher)
     if Path(teacher).exists():
         loaded = read_model(teacher, arch=arch, trust=trust, input_size=input_size)
         if loaded.spec.family == "module":

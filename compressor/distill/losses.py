@@ -219,7 +219,10 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
                        hint: tuple[torch.Tensor, torch.Tensor] | None = None,
                        dkd_scale: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Every weighted loss term by name plus their sum under ``"loss"``: ``ce``, and as the method asks
-    ``kd``, ``tckd`` and ``nckd`` (DKD), ``at`` (and ``flip``), ``hint`` (FitNet).
+    ``kd``, ``tckd`` and ``nckd`` (DKD), ``at`` (and ``flip``), ``hint`` (FitNet). Each term is its part
+    of the objective (``kd`` = α·KD, ``at`` = β·ΣAT, …). The cross-entropy is ``ce`` where it enters as
+    it is and ``ce_weighted`` = (1−α)·CE beside KD, so that a ``ce`` in metrics, the dry run and the
+    curves is always the plain cross-entropy (the teacher's, a student without KD, the test loss).
 
     ``beta`` overrides ``obj.beta`` for schedules that change it during training. With
     ``obj.gradient`` the AT term uses ``input_grads = (J_student, J_teacher)`` instead of ``pairs``.
@@ -235,7 +238,7 @@ def distillation_terms(obj: Objective, student_logits: torch.Tensor, targets: to
     terms: dict[str, torch.Tensor] = {}
     if obj.uses_kd:
         assert teacher_logits is not None
-        terms["ce"] = (1 - obj.alpha) * ce
+        terms["ce_weighted"] = (1 - obj.alpha) * ce
         terms["kd"] = obj.alpha * kd_loss(student_logits, teacher_logits, obj.temperature)
     else:
         terms["ce"] = ce

@@ -17,7 +17,7 @@ from compressor.data.open import Dataset
 from compressor.device import Speed, example_input, pick_device
 from compressor.distill.loop import FitOptions, fit, say_schedule
 from compressor.distill.tensorboard import epoch_logger
-from compressor.events import SILENT, Reporter
+from compressor.events import SILENT, Reporter, RunClock, calls_each
 from compressor.fileio import state_dir_for
 from compressor.load import Normalization, choose_normalization
 from compressor.models.checkpoint import save_checkpoint
@@ -30,7 +30,8 @@ def train_model(arch: str, data: Dataset, cfg: Config, out_path: str | Path, dev
                 tensorboard: str | Path | None = None, norm: Normalization | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     """Train ``arch`` from scratch on ``data`` with the preset recipe; save an atc checkpoint (rank 0 of a
     data-parallel run alone writes it). ``tensorboard``: a folder for per-epoch scalars; ``norm``: the
-    normalisation to train with and store (default: the preset's, else the training images' statistics)."""
+    normalisation to train with and store (default: the preset's, else the training images' statistics).
+    After the first epoch the run says how long the rest will take."""
     out_path = Path(out_path)
     norm = norm or choose_normalization(cfg, data, teacher=False)
     mean, std = norm.mean, norm.std
@@ -41,7 +42,9 @@ def train_model(arch: str, data: Dataset, cfg: Config, out_path: str | Path, dev
     if note := ensure_logits(model, example_input(model, spec.input_size, batch=2), spec.name):
         reporter.info(note)
     say_schedule(cfg, reporter)
-    options = FitOptions(resume, spec.name, speed, epoch_logger(tensorboard, spec.name))
+    clock = RunClock(cfg.train.epochs, reporter)
+    options = FitOptions(resume, spec.name, speed, calls_each(epoch_logger(tensorboard, spec.name), clock.epoch_done))
+    clock.start()
     result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(), reporter=reporter,
                  options=options)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,

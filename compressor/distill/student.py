@@ -20,8 +20,9 @@ from compressor.distill.hints import make_regressor
 from compressor.distill.loop import FitOptions, fit, objective_from
 from compressor.distill.losses import Objective
 from compressor.distill.runtime import Teacher
+from compressor.distill.state import STATE_FILE
 from compressor.distill.tensorboard import epoch_logger
-from compressor.events import SILENT, Reporter
+from compressor.events import SILENT, Reporter, RunClock, calls_each
 from compressor.load import TeacherAndData, normalization
 from compressor.models.checkpoint import load_model, save_checkpoint
 from compressor.models.outputs import ensure_logits
@@ -101,7 +102,8 @@ def student_dir(out: Path, cand: Candidate, method: str) -> Path:
 
 
 def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method: str, out: Path, device: torch.device, *,
-                    init: str = "auto", options: RunOptions = RunOptions(), reporter: Reporter = SILENT) -> DistilledStudent:
+                    init: str = "auto", options: RunOptions = RunOptions(), reporter: Reporter = SILENT,
+                    clock: RunClock | None = None) -> DistilledStudent:
     """Train one student into ``out/students/NAME-METHOD`` (skipped when a finished checkpoint is already
     there and ``options.resume``). A derived student starts from the teacher's surviving weights
     (``init="inherit"``) or from a fresh initialisation. ``options``: ``resume``, ``speed`` and
@@ -127,7 +129,10 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
         reporter.info(note)
     objective = objective_from(cfg, method)
     ties = teacher_ties(model, teacher, spec.input_size, cfg, objective)
-    fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, epoch_logger(options.tensorboard, sdir.name))
+    on_epoch = calls_each(epoch_logger(options.tensorboard, sdir.name), clock.epoch_done if clock else None)
+    fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, on_epoch)
+    if clock is not None:
+        clock.start()
     result = fit(model, data, cfg, sdir, mean, std, ties, objective, device, reporter, fit_options)
     done = DistilledStudent(model.cpu(), spec, sdir, result.final["test_top1"], method, t_spec.name, cfg.train.epochs,
                             result.history, result.seconds, init,
@@ -135,4 +140,6 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
                             result.compile_seconds, result.cuda_graphs.to_dict(), describe_hint(ties))
     if distributed.is_main():
         save_checkpoint(ckpt, done.model, spec, done.metrics())
+        if not options.keep_state:  # a finished student resumes from its checkpoint; the state only took space
+            (sdir / STATE_FILE).unlink(missing_ok=True)
     return done

@@ -28,6 +28,7 @@ import torch
 
 from compressor import fileio
 from compressor.evaluate import normalized_images, onnx_top1
+from compressor.events import SILENT, Reporter
 from compressor.export.onnx import EXPORT_LOGGERS, INPUT_NAME
 from compressor.quiet import quiet
 
@@ -177,18 +178,24 @@ class Int8Result:
 
 
 def int8_with_evaluation(fp32_path: str | Path, out: str | Path, data, mean, std, input_size, calib_images: int = 256,
-                         threads: int | None = None, seed: int = 0, weights: Int8Weights | None = None) -> Int8Result:
+                         threads: int | None = None, seed: int = 0, weights: Int8Weights | None = None, *,
+                         reporter: Reporter = SILENT) -> Int8Result:
     """Quantize on ``calib_images`` training images (weights: ``int8_weights()`` unless given), then measure
-    top-1 and speed against the FP32 file and the agreement with the QDQ graph."""
+    top-1 and speed against the FP32 file and the agreement with the QDQ graph; ``reporter`` hears a line
+    before each of those steps."""
     from compressor.profiling.latency import compare_latency
 
     weights = weights or int8_weights()
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(data.train_y), generator=g)[:calib_images]
+    reporter.info(f"INT8: calibrating on {len(pick)} training images; {weights.why}")
     quantize_int8(fp32_path, out, normalized_images(data.train_x[pick], mean, std), reduce_range=weights.reduce_range)
     x, y = normalized_images(data.test_x, mean, std), data.test_y.numpy()
+    reporter.info(f"INT8: top-1 of the FP32 and INT8 files on {len(y):,} test images (onnxruntime)")
     top_fp32, top_int8 = onnx_top1(fp32_path, x, y, threads=threads), onnx_top1(out, x, y, threads=threads)
+    reporter.info(f"INT8: agreement with the QDQ graph (onnx reference evaluator, at most {AGREEMENT_BUDGET_S:g} s)")
     agreement = qdq_agreement(out, x, threads)
+    reporter.info("INT8: timing INT8 against FP32 (interleaved rounds)")
     speed = compare_latency(None, None, input_size, "ort-cpu", 1, threads, teacher_onnx=Path(fp32_path), student_onnx=Path(out))
     return Int8Result(Path(out), top_fp32, top_int8, speed.speedup, speed.spread, speed.teacher_ms, speed.student_ms, len(pick),
                       weights, agreement)

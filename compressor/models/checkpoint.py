@@ -231,12 +231,26 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     return loaded.model, loaded.spec, loaded.metrics
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".onnx", ".safetensors")
+
+
+def check_model_source(model: str | Path) -> None:
+    """A name that reads as a file (a checkpoint suffix, or a folder in it) but is none: say so, instead of
+    trying it as an architecture name ("unknown architecture 'nope.pt'")."""
+    text = str(model)
+    if Path(text).exists() or text.startswith(("tv:", "timm:")) or ".py:" in text:
+        return
+    if Path(text).suffix.lower() in CHECKPOINT_SUFFIXES or "/" in text or "\\" in text:
+        raise CheckpointError(f"checkpoint {text} does not exist; check the path (or pass an architecture name, see `atc models`)")
+
+
 def open_model(model: str | Path, arch: str | None = None, trust: bool = False, input_size: tuple[int, int, int] | None = None,
                num_classes: int = 10) -> tuple[nn.Module, ModelSpec]:
     """A model to profile or export: a checkpoint file, or a zoo name built fresh. ``input_size``
     overrides the checkpoint's; a zoo ImageNet ResNet defaults to 1000 classes at 224x224. The model
     is in eval mode and checked to accept its input size."""
     size = tuple(input_size) if input_size else None
+    check_model_source(model)
     if Path(model).exists():
         m, spec, _ = load_model(model, arch=arch, trust=trust, input_size=size)
         if size:

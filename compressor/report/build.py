@@ -27,7 +27,8 @@ REPORT_VERSION = 1
 @dataclass
 class Report:
     """A compress run's result: what ran (command, preset, method, epochs, config, data), the latency
-    section, the teacher's and every student's entry, and the machine. ``to_dict()`` is report.json."""
+    section, the teacher's and every student's entry, the machine, and which student was published
+    (``published``: set by the pipeline after ``compressor.report.pick``). ``to_dict()`` is report.json."""
 
     command: str
     preset: str
@@ -43,11 +44,14 @@ class Report:
     report_version: int = REPORT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     units: dict[str, str] = field(default_factory=lambda: dict(REPORT_UNITS))
+    published: dict[str, Any] | None = None  # name, rule, reason, checkpoint of the student at the top of the output folder
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["teacher"] = self.teacher.to_dict()
         d["students"] = [s.to_dict() for s in self.students]
+        if d["published"] is None:
+            del d["published"]
         return d
 
 
@@ -74,20 +78,62 @@ def write_report(out_dir: str | Path, report: Report | dict[str, Any]) -> None:
 
 
 def read_report(run_dir: str | Path) -> dict[str, Any]:
+    """A run's report.json; files of earlier atc versions are read with today's key names."""
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         raise AtcError(f"{run_dir} holds no report.json; pass the --out folder of an atc compress run")
     try:
-        return json.loads(path.read_text())
+        return upgrade_report(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise AtcError(f"{path} is not valid JSON ({exc.msg}); re-run atc compress to rebuild it") from exc
 
 
-def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs of the same teacher → one report with all their students."""
+# report.json keys renamed since report_version 1 first shipped: old name → new name (latency section)
+RENAMED_LATENCY_KEYS = {"teacher_median_ms": "teacher_solo_median_ms", "teacher_cv": "teacher_solo_cv"}
+
+
+def upgrade_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with old key names replaced by today's (the values stay as they were measured)."""
+    lat = report.get("latency")
+    if isinstance(lat, dict):
+        for old, new in RENAMED_LATENCY_KEYS.items():
+            if old in lat and new not in lat:
+                lat[new] = lat.pop(old)
+    return report
+
+
+def _run_identity(r: dict[str, Any]) -> tuple[tuple, tuple]:
+    """What must match for runs to share one table: the data (name, sizes, classes, input) and the teacher."""
+    d, t = r.get("data", {}), r.get("teacher", {})
+    return ((d.get("name"), d.get("train"), d.get("test"), d.get("classes"), tuple(d.get("input_size") or ())),
+            (t.get("name"), t.get("params"), t.get("gmacs")))
+
+
+def merge_reports(reports: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
+    """Several runs of the same teacher on the same data → one report with all their students; runs of
+    other data or another teacher are refused (their deltas and speed-ups would be against a teacher
+    not in the table). Each student keeps the thread count its latency was timed with
+    (``latency_threads``); a merged report publishes no student of its own. ``labels`` name the runs
+    in messages (their folders)."""
+    if len(reports) == 1:
+        return reports[0]
+    labels = labels or [f"run {i + 1}" for i in range(len(reports))]
+    first_data, first_teacher = _run_identity(reports[0])
+    for label, r in zip(labels[1:], reports[1:]):
+        data, teacher = _run_identity(r)
+        if data != first_data:
+            raise AtcError(f"{labels[0]} and {label} were run on different data ({_describe_data(first_data)} vs "
+                           f"{_describe_data(data)}); report them separately")
+        if teacher != first_teacher:
+            raise AtcError(f"{labels[0]} and {label} have different teachers ({first_teacher[0]}, {first_teacher[1]:,} params vs "
+                           f"{teacher[0]}, {teacher[1]:,} params); report them separately")
     base = dict(reports[0])
-    names = {r["teacher"]["name"] for r in reports}
-    if len(names) > 1:
-        raise AtcError(f"the runs have different teachers ({', '.join(sorted(names))}); report them separately")
-    base["students"] = [s for r in reports for s in r["students"]]
+    base.pop("published", None)
+    base["students"] = [{**s, "latency_threads": s.get("latency_threads", r.get("latency", {}).get("threads"))}
+                        for r in reports for s in r["students"]]
     return base
+
+
+def _describe_data(identity: tuple) -> str:
+    name, train, test, classes, size = identity
+    return f"{name}: {train} train / {test} test images, {classes} classes, input {'x'.join(map(str, size))}"

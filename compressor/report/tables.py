@@ -7,7 +7,31 @@ from typing import Any
 
 from compressor.units import MAC_UNIT
 
-COLUMNS = ("model", "role", "top-1 %", "Δ top-1", "params", "GMACs", "latency ms", "params ×", "GMACs ×", "latency ×")
+COLUMNS = ("model", "role", "top-1 %", "Δ top-1", "params", "GMACs", "latency ms", "CV %", "params ×", "GMACs ×", "latency ×")
+
+
+def _threads_of(report: dict[str, Any], s: dict[str, Any] | None = None) -> Any:
+    """The thread count a row was timed with: its own (merged reports) or the report's."""
+    return (s or {}).get("latency_threads", report.get("latency", {}).get("threads"))
+
+
+def columns(report: dict[str, Any]) -> list[str]:
+    """``COLUMNS`` with the latency column saying its thread count (``latency ms (1 thread)``), or
+    ``(threads per row)`` when merged runs were timed with different counts."""
+    counts = {_threads_of(report)} | {_threads_of(report, s) for s in report["students"]}
+    label = f"latency ms ({plural(int(next(iter(counts))), 'thread')})" if len(counts) == 1 and None not in counts \
+        else "latency ms (threads per row)"
+    return [label if c == "latency ms" else c for c in COLUMNS]
+
+
+def _ms_cell(ms: float | None, threads: Any, mixed: bool) -> str:
+    if not ms:
+        return "–"
+    return f"{ms:.3f}" + (f" ({threads}t)" if mixed else "")
+
+
+def _cv_cell(cv: float | None) -> str:
+    return "–" if cv is None else f"{100 * cv:.1f}"
 
 
 def _fmt_int(n: int) -> str:
@@ -58,20 +82,58 @@ def noisy_profile_note(latencies: list[dict[str, Any]]) -> str:
             "before trusting them")
 
 
+def published_name(report: dict[str, Any]) -> str | None:
+    pub = report.get("published")
+    return pub.get("name") if isinstance(pub, dict) else None
+
+
 def rows(report: dict[str, Any]) -> list[list[str]]:
-    """The trade-off table as strings: teacher first, then every student."""
+    """The trade-off table as strings: teacher first, then every student (the published one says so)."""
     t = report["teacher"]
+    mixed = columns(report)[6].endswith("(threads per row)")
+    pub = published_name(report)
     out = [[t["name"], "teacher", f"{t['top1']:.2f}" if t.get("top1") is not None else "–", "", _fmt_int(t["params"]),
-            f"{t['gmacs']:.4f}", f"{t['latency_ms']:.3f}" if t.get("latency_ms") else "–", "1.00", "1.00", "1.00"]]
+            f"{t['gmacs']:.4f}", _ms_cell(t.get("latency_ms"), _threads_of(report), mixed), _cv_cell(t.get("latency_cv")),
+            "1.00", "1.00", "1.00"]]
     for s in report["students"]:
-        out.append([s["name"], s.get("role", "student"), f"{s['top1']:.2f}" if s.get("top1") is not None else "–",
+        role = s.get("role", "student") + (" (published)" if s["name"] == pub else "")
+        out.append([s["name"], role, f"{s['top1']:.2f}" if s.get("top1") is not None else "–",
                     f"{s['top1_delta']:+.2f}" if s.get("top1_delta") is not None else "",
-                    _fmt_int(s["params"]), f"{s['gmacs']:.4f}", f"{s['latency_ms']:.3f}" if s.get("latency_ms") else "–",
-                    f"{s['param_ratio']:.2f}", f"{s['mac_ratio']:.2f}",
-                    _speedup_cell(s)])
+                    _fmt_int(s["params"]), f"{s['gmacs']:.4f}", _ms_cell(s.get("latency_ms"), _threads_of(report, s), mixed),
+                    _cv_cell(s.get("latency_cv")), f"{s['param_ratio']:.2f}", f"{s['mac_ratio']:.2f}", _speedup_cell(s)])
         if q := s.get("int8"):
             out.append([f"{s['name']} INT8", "student int8", f"{q['top1_int8']:.2f}", f"{q['top1_delta']:+.2f}", out[-1][4], out[-1][5],
-                        f"{q['latency_ms']:.3f}", out[-1][7], out[-1][8], f"{q['latency_speedup_vs_teacher']:.2f}"])
+                        _ms_cell(q.get("latency_ms"), _threads_of(report, s), mixed), "–", out[-1][8], out[-1][9],
+                        f"{q['latency_speedup_vs_teacher']:.2f}"])
+    return out
+
+
+def int8_notes(report: dict[str, Any]) -> list[str]:
+    """Per INT8 copy: the weights' range and why, and its top-1 agreement with the QDQ graph (a warning when
+    onnxruntime on this CPU computes something else)."""
+    out = []
+    for s in report["students"]:
+        if not (q := s.get("int8")):
+            continue
+        line = f"INT8 {s['name']}: {q.get('weights_why') or 'S8 8-bit weights'}"
+        if a := q.get("agreement"):
+            line += f"; its top-1 equals the QDQ graph's (onnx reference evaluator) on {a['agree']} of {a['images']} test images"
+            if a["agree"] != a["images"]:
+                line += ": onnxruntime on this CPU computes something other than the model's graph, so the INT8 accuracy is this CPU's"
+        out.append(line)
+    return out
+
+
+def report_notes(report: dict[str, Any]) -> list[str]:
+    """The sentences every view of a report carries under its table: which student was published and
+    why, how far to trust the latency (noisy rounds, a busy machine), and what the INT8 figures mean."""
+    out = []
+    if pub := report.get("published"):
+        out.append(f"Published (student.pt, student.onnx at the top of the output folder): {pub['name']}; {pub['reason']}.")
+    if noisy_latency(report):
+        out.append(noisy_latency_note(report))
+    out += [n[0].upper() + n[1:] + ("" if n.endswith(".") else ".") for n in report.get("latency", {}).get("notes", [])]
+    out += [n + "." for n in int8_notes(report)]
     return out
 
 
@@ -137,23 +199,34 @@ def _term_lines(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     lat = report.get("latency", {})
+    head = columns(report)
     lines = [f"# atc report: {report['teacher']['name']} → {', '.join(s['name'] for s in report['students'])}", "",
              f"Data: {report['data']['name']} ({report['data']['train']} train / {report['data']['test']} test images, "
              f"{report['data']['classes']} classes). Preset `{report['preset']}`, {plural(report['epochs'], 'epoch')}, method `{report['method']}`.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     env = report.get("environment", {})
     notes = report["data"].get("notes") or []
     lines += _term_lines(report)
+    solo = lat.get("teacher_solo_median_ms", lat.get("teacher_median_ms"))  # report_version 1 files before 0.3 used the old key
     lines += ["", "Top-1 is the test accuracy after the last epoch, not the best epoch's.",
               *([f"Data: {'; '.join(notes)}."] if notes else []),
               "", f"{MAC_UNIT}. Latency: {lat.get('runtime', 'ort-cpu')}, batch {lat.get('batch_size', 1)}, "
-              f"{lat.get('threads', '?')} threads, median of {lat.get('rounds', '?')} interleaved teacher/student rounds; "
-              f"latency × is the median per-round ratio, (min–max) over rounds.", "",
-              *([noisy_latency_note(report), ""] if noisy_latency(report) else []),
+              f"{plural(lat['threads'], 'thread') if isinstance(lat.get('threads'), int) else '? threads'}, median of "
+              f"{lat.get('rounds', '?')} interleaved teacher/student rounds; CV is the standard deviation over the mean of each "
+              "model's timed runs in those rounds; latency × is the median per-round ratio, (min–max) over rounds"
+              + (f"; the teacher timed alone beforehand: {solo:.3f} ms" if solo else "")
+              + (f"; load average {_load_text(lat)}" if lat.get("load_average") else "") + ".", "",
+              *[x for n in report_notes(report) for x in (n, "")],
               f"Measured on {env.get('cpu', '?')} ({env.get('cores', '?')} cores), torch {env.get('torch', '?')}, "
               f"onnxruntime {env.get('onnxruntime', '?')}.", "", *graph_lines(report), *gpu_lines(report)]
     return "\n".join(lines)
+
+
+def _load_text(lat: dict[str, Any]) -> str:
+    before, after = (lat.get("load_average") or [None, None])[:2]
+    fmt = lambda v: "?" if v is None else f"{v:.1f}"  # noqa: E731
+    return f"{fmt(before)} before, {fmt(after)} after, on {plural(lat.get('cores') or 0, 'core')}"
 
 
 # ---------------------------------------------------------------- views of sweep.json

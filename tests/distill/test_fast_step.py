@@ -106,7 +106,7 @@ def test_a_step_reads_nothing_back_and_the_meter_reads_once():
             step(x, y, None)
     step.meter.read(stats, 1, len(data) - 1)
     runtime.close()
-    assert set(stats.sums) == {"ce", "kd", "at", "loss"} and 0 <= stats.correct <= 40
+    assert set(stats.sums) == {"ce_weighted", "kd", "at", "loss"} and 0 <= stats.correct <= 40
     assert stats.sums["loss"] == pytest.approx(sum(v for k, v in stats.sums.items() if k != "loss"), rel=1e-5)
 
 
@@ -126,7 +126,7 @@ class _Poisoned:
 
 def test_divergence_names_the_first_bad_step_although_it_is_read_later():
     teacher, student, pairs, batches, opt = _setup()
-    with pytest.raises(Diverged, match=r"the ce loss term became nan at epoch 3, step 3;"):
+    with pytest.raises(Diverged, match=r"the ce_weighted loss term became nan at epoch 3, step 3;"):
         train_one_epoch(student, _Poisoned(batches, 2), opt, AT_KD, 3, Teacher(teacher, pairs), control=EpochControl(log_every=50))
 
 

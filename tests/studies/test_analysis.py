@@ -131,7 +131,7 @@ def shape_checkpoints(tmp_path_factory, tiny_teacher):
 def test_attention_cli_writes_png_and_numbers(shape_checkpoints, tmp_path):
     t, s = shape_checkpoints
     png = tmp_path / "maps.png"
-    r = run_atc("attention", "--teacher", str(t), "--student", str(s), "--data", "shapes", "--preset", "demo", "--images", "3",
+    r = run_atc("attention", "--teacher", str(t), "--student-checkpoint", str(s), "--data", "shapes", "--preset", "demo", "--images", "3",
                 "--test-images", "60", "--localization", "--out", str(png), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
