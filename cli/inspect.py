@@ -116,10 +116,11 @@ def export(
 ) -> None:
     """Export to one ONNX file (dynamic batch, metadata) and check parity with onnxruntime."""
     from compressor import pipeline
+    from compressor.options import RunOptions
 
-    done = pipeline.export(checkpoint, out, arch=arch, trust=trust_checkpoint, input_size=parse_size(input_size) if input_size else None,
-                           atol=atol, rtol=rtol, overwrite=overwrite, int8=int8, calib_data=calib_data, calib_images=calib_images,
-                           threads=threads, reporter=RichReporter())
+    options = RunOptions(arch=arch, trust=trust_checkpoint, overwrite=overwrite, int8=int8, threads=threads)
+    done = pipeline.export(checkpoint, out, options, input_size=parse_size(input_size) if input_size else None, atol=atol, rtol=rtol,
+                           calib_data=calib_data, calib_images=calib_images, reporter=RichReporter())
     if as_json:
         print(json.dumps(done.to_dict(), indent=2))
         return

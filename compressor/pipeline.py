@@ -188,13 +188,14 @@ class Exported:
                 "int8": self.int8.to_dict() if self.int8 is not None else None}
 
 
-def export(model_path: str | Path, out: str | Path, *, arch: str | None = None, trust: bool = False,
-           input_size: tuple[int, int, int] | None = None, atol: float = 1e-4, rtol: float | None = None, overwrite: bool = False,
-           int8: bool = False, calib_data: str | Path | None = None, calib_images: int = 256,
-           threads: int | None = None, reporter: Reporter = SILENT) -> Exported:
-    """``atc export``: the model as one ONNX file with parity checked, and with ``int8`` its INT8 copy
+def export(model_path: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
+           input_size: tuple[int, int, int] | None = None, atol: float = 1e-4, rtol: float | None = None,
+           calib_data: str | Path | None = None, calib_images: int = 256, reporter: Reporter = SILENT) -> Exported:
+    """``atc export``: the model as one ONNX file with parity checked, and with ``options.int8`` its INT8 copy
     calibrated on ``calib_data`` (resized to the model's input). Both files or neither: a failure
-    after the FP32 file was written removes it again."""
+    after the FP32 file was written removes it again. From ``options``: ``arch``, ``trust``, ``overwrite``,
+    ``int8`` and ``threads`` (of the INT8 latency); ``reporter`` hears a line before each INT8 step."""
+    arch, trust, overwrite, int8, threads = options.arch, options.trust, options.overwrite, options.int8, options.threads
     out = Path(out)
     int8_out = out.with_name(out.stem + ".int8.onnx")
     if int8 and not calib_data:

@@ -39,11 +39,17 @@ def state_hash(model: torch.nn.Module) -> str:
 
 
 class Steps(Reporter):
+    """Training steps: the advances of the epochs' tasks (the test-set evaluations have their own)."""
+
     def __init__(self):
-        self.steps = 0
+        self.steps, self.training = 0, True
+
+    def task(self, description: str, total: int) -> None:
+        self.training = not description.startswith("evaluating")
 
     def advance(self, steps: int = 1, **fields: float) -> None:
-        self.steps += steps
+        if self.training:
+            self.steps += steps
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def test_teacher_and_student_runs_write_one_point_per_epoch(tmp_path):
     pipeline.compress(tmp_path / "t.pt", data, cfg, tmp_path / "run", StudentChoice(names=["wrn-10-1"]),
                       RunOptions(device="cpu", threads=1, tensorboard=tb), method="at+kd")
     student = _scalars(tb / "wrn-10-1-at_kd")
-    assert {"train/ce", "train/kd", "train/at", "test/top1"} <= set(student)
+    assert {"train/ce_weighted", "train/kd", "train/at", "test/top1"} <= set(student)
     assert [step for step, _ in student["train/at"]] == [1, 2]
 
 
