@@ -92,10 +92,13 @@ def demo_block(report: dict, seconds: float, env_line: str) -> str:
 
     head = list(COLUMNS)
     lat = report["latency"]
+    load = [v for v in lat.get("load_average") or [] if v is not None]
+    busy = f" (1-minute load average {min(load):.1f}–{max(load):.1f} while timing)" if load else ""
+    threads = lat.get("threads", 1)
     return "\n".join([
-        f"On {env_line}, `atc demo` took {seconds:.0f} s of wall-clock time and printed:", "",
+        f"On {env_line}, `atc demo` took {seconds:.0f} s of wall-clock time{busy} and printed:", "",
         markdown_table(head, rows(report)), "",
-        f"Latency is onnxruntime at batch 1 on {lat.get('threads', 1)} thread(s); \"latency ×\" is the median of "
+        f"Latency is onnxruntime at batch 1 on {threads} thread{'s' if threads != 1 else ''}; \"latency ×\" is the median of "
         f"{lat.get('rounds', '?')} interleaved teacher/student rounds, with the lowest and highest per-round ratio in "
         "brackets. Top-1, parameters and multiply-adds are the same on every run with these versions; the latency "
         "columns change from run to run."])
@@ -132,8 +135,8 @@ def _script_section(script: str, extra: list[str]) -> Callable:
         proc, seconds = run([sys.executable, str(ROOT / "benchmarks" / script), *extra],
                             f"python benchmarks/{script} {' '.join(extra)}".strip())
         table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
-        block = "\n".join([f"On {environment_line()}, `python benchmarks/{script} {' '.join(extra)}`".rstrip() +
-                           f" ({seconds:.0f} s):", "", table])
+        shown = " ".join([f"python benchmarks/{script}", *extra])
+        block = "\n".join([f"On {environment_line()}, `{shown}` ({seconds:.0f} s):", "", table])
         return {"command": f"python benchmarks/{script} {' '.join(extra)}".strip(), "seconds": seconds, "markdown": block}
     return section
 

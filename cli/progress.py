@@ -38,6 +38,10 @@ class RichReporter(Reporter):
             status = "  ".join(f"{k} {v:.3g}" if k != "img_s" else f"{v:,.0f} img/s" for k, v in fields.items())
             self._progress.update(self._task, advance=steps, status=status)
 
+    def status(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, status=message)
+
     def done(self, summary: str = "") -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -9,6 +9,7 @@ The CLI passes a reporter that draws rich progress bars. Python users get silenc
         def task(self, description, total): ...       # long work of ``total`` steps starts
         def advance(self, steps=1, **fields): ...     # progress; fields: loss terms, img_s, ...
         def done(self, summary=""): ...               # the task ended (summary: one line or "")
+        def status(self, message): ...                # optional: the task waits on other work (e.g. testing)
 
 ``RunClock`` turns the epochs of a run into an estimate of the time left, said after the first.
 """
@@ -34,6 +35,9 @@ class Reporter:
 
     def done(self, summary: str = "") -> None:
         """The current task ended."""
+
+    def status(self, message: str) -> None:
+        """The current task waits on other work (e.g. the test set after an epoch): say what, where it shows."""
 
 
 SILENT = Reporter()
@@ -71,6 +75,10 @@ class TextReporter(Reporter):
         self._task = None
         if summary:
             self._print(summary)
+
+    def status(self, message: str) -> None:
+        if self._task is not None:
+            self._print(f"  {self._task[0]}: {message}")
 
 
 def reporter_for(reporter: Reporter, progress: bool) -> Reporter:

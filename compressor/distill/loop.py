@@ -246,8 +246,8 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                     control = EpochControl(stop, lambda e, s, st: state.save(e - 1, s, asdict(st)))
                     stats = train_one_epoch(model, train_b, opt, phase, epoch + 1, teacher, beta_at(cfg, epoch), amp,
                                             stats, reporter, runtime, control)
-                    record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device, reporter,
-                                           f"{tag} after epoch {epoch + 1} on the test set".strip())
+                    reporter.status(f"testing on {len(test_b)} batches")  # the bar stays, saying what it waits for
+                    record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
                     graphs = runtime.step.status
                     record |= {"cuda_graphs": graphs.state, "cuda_graph_captures": graphs.captures}
                 state.epoch_done(record, time.perf_counter() - began)
@@ -338,16 +338,14 @@ def _place(student: nn.Module, teacher: Teacher | None, device: torch.device | N
     return channels_last
 
 
-def _end_of_epoch(epoch: int, student: nn.Module, stats: EpochStats, opt, sched, test_b, amp, device: torch.device,
-                  reporter: Reporter = SILENT, what: str = "") -> dict[str, float]:
-    """The epoch's record: training means over all ranks, the rate it trained at, test accuracy (evaluated
-    under ``reporter``'s progress bar, labelled ``what``)."""
+def _end_of_epoch(epoch: int, student: nn.Module, stats: EpochStats, opt, sched, test_b, amp, device: torch.device) -> dict[str, float]:
+    """The epoch's record: training means over all ranks, the rate it trained at, test accuracy."""
     stats = _global_stats(stats, device)
     distributed.sync_buffers(student)  # every rank evaluates and ends with rank 0's BN statistics
     lr = float(f"{float(opt.param_groups[0]['lr']):.8g}")  # the rate this epoch trained at (float32), before the scheduler moves it
     sched.step()
     return {"epoch": epoch + 1, "lr": lr, **stats.means(), "train_top1": 100.0 * stats.correct / max(stats.seen, 1),
-            **{f"test_{k}": v for k, v in evaluate(student, test_b, amp, reporter, what).to_dict().items()},
+            **{f"test_{k}": v for k, v in evaluate(student, test_b, amp).to_dict().items()},
             "images_per_s": stats.seen / max(stats.seconds, 1e-9)}
 
 

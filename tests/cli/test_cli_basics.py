@@ -25,6 +25,6 @@ def test_help_lists_every_command_with_a_whole_description():
     assert r.returncode == 0
     listing = r.stdout.split("Commands:\n", 1)[1].splitlines()
     names = [line.split()[0] for line in listing if line.strip()]
-    assert names == ["train", "compress", "derive", "profile", "export", "report", "demo", "attention", "sweep", "models"]
+    assert names == ["train", "compress", "derive", "profile", "export", "report", "demo", "attention", "sweep", "models", "inspect"]
     for line in listing:
         assert not line.rstrip().endswith("...") and line.rstrip()[-1] in ".)", line  # not cut mid-phrase

@@ -10,7 +10,7 @@ from compressor.export.onnx import export_checked
 from compressor.models.checkpoint import load_model
 from tests.helpers import assert_error
 
-COMMANDS = ["train", "compress", "derive", "profile", "export", "report", "demo", "attention", "sweep", "models"]
+COMMANDS = ["train", "compress", "derive", "profile", "export", "report", "demo", "attention", "sweep", "models", "inspect"]
 
 
 def test_compress_help_groups_its_options_and_shows_defaults(atc):

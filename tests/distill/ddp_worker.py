@@ -39,17 +39,11 @@ def state_hash(model: torch.nn.Module) -> str:
 
 
 class Steps(Reporter):
-    """Training steps: the advances of the epochs' tasks (the test-set evaluations have their own)."""
-
     def __init__(self):
-        self.steps, self.training = 0, True
-
-    def task(self, description: str, total: int) -> None:
-        self.training = not description.startswith("evaluating")
+        self.steps = 0
 
     def advance(self, steps: int = 1, **fields: float) -> None:
-        if self.training:
-            self.steps += steps
+        self.steps += steps
 
 
 def main() -> None:
