@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.progress import stderr
+from compressor.config import MAX_IMAGE_SIZE
 from compressor.errors import AtcError
 
 stdout = Console()
@@ -97,7 +98,9 @@ def parse_size(text: str) -> tuple[int, int, int]:
     except ValueError:
         parts = ()
     if len(parts) != 3 or min(parts) < 1:
-        raise AtcError(f"--input-size '{text}' must look like 3x32x32 (channels x height x width)")
+        raise AtcError(f"--input-size {text!r} must look like 3x32x32 (channels x height x width)")
+    if max(parts[1:]) > MAX_IMAGE_SIZE or parts[0] > 64:  # a forward pass at 99999x99999 would allocate ~120 GB
+        raise AtcError(f"--input-size {text!r} is larger than atc takes (at most 64 channels and {MAX_IMAGE_SIZE} pixels a side)")
     return parts  # type: ignore[return-value]
 
 
@@ -129,7 +132,7 @@ def parse_ints(text: str, option: str) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise AtcError(f"{option} '{text}' must be a comma list of positive whole numbers, e.g. 1,64")
+        raise AtcError(f"{option} {text!r} must be a comma list of positive whole numbers, e.g. 1,64")
     return values
 
 

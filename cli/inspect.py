@@ -83,6 +83,8 @@ def profile(
              ",".join(lat["providers"])] for lat in result["latency"]]
     stdout.print(table("latency", ["runtime", "batch", "threads", "median ms", "p90 ms", "p99 ms", "cold ms", "CV", "runs", "img/s",
                                    "providers"], rows))
+    for note in prof.notes:
+        stderr.print(f"note: {note}")
     if note := noisy_profile_note(result["latency"]):
         stderr.print(f"note: {note}")
     if prof.gpu_latency:
@@ -163,6 +165,8 @@ def models(
     from compressor.models.registry import describe_models
 
     entries = describe_models(pattern)
+    if pattern is not None and not entries:
+        raise AtcError(f"no architecture matches {pattern!r}; run `atc models` without a pattern for how to name models")
     if as_json:
         print(json.dumps(entries, indent=2))
         return

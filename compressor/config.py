@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import tomllib
 
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, shown
 
 # Distillation methods: at most one feature term (AT or FitNet hints) and at most one logit term
 # (KD or DKD), joined with "+"; "none" trains on the labels alone. METHODS lists every valid
@@ -23,6 +23,7 @@ from compressor.errors import ConfigError
 FEATURE_METHODS = ("at", "fitnet")
 LOGIT_METHODS = ("kd", "dkd")
 METHODS = ("none", *LOGIT_METHODS, *FEATURE_METHODS, *(f"{f}+{g}" for f in FEATURE_METHODS for g in LOGIT_METHODS))
+MAX_IMAGE_SIZE = 4096  # pixels per side; ImageNet-style training uses 224-512
 ATTENTIONS = ("sum-p", "max-p", "gradient")
 
 
@@ -106,25 +107,37 @@ def shipped_presets() -> list[str]:
 
 def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
     path = Path(preset)
+    if path.is_dir():
+        raise ConfigError(f"preset {shown(path)} is a folder; pass a preset file (.toml) or a shipped preset "
+                          f"({', '.join(shipped_presets())})")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"preset {shown(path)} is not a regular file; pass a preset file (.toml) or a shipped preset "
+                          f"({', '.join(shipped_presets())})")
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
-            raise ConfigError(f"preset file {path} does not exist; pass a shipped preset ({', '.join(shipped_presets())}) or a TOML path")
-        try:
-            text, name = path.read_text(encoding="utf-8"), path.stem
+            raise ConfigError(f"preset file {shown(path)} does not exist; pass a shipped preset ({', '.join(shipped_presets())}) "
+                              "or a TOML path")
+        try:  # utf-8-sig: a byte-order mark, as some Windows editors write, is not part of the TOML
+            text, name = path.read_text(encoding="utf-8-sig"), path.stem
         except UnicodeDecodeError:
-            raise ConfigError(f"preset file {path} is not UTF-8 text; save it as a UTF-8 TOML file") from None
+            raise ConfigError(f"preset file {shown(path)} is not UTF-8 text; save it as a UTF-8 TOML file") from None
+        except OSError as exc:
+            raise ConfigError(f"preset file {shown(path)} cannot be read ({exc.strerror or type(exc).__name__}); "
+                              "check its permissions") from None
     elif str(preset) in shipped_presets():
         text, name = resources.files("presets").joinpath(f"{preset}.toml").read_text(), str(preset)
     else:
-        raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(shipped_presets())} or pass a .toml path")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(shipped_presets())} or pass a .toml path")
     try:
         return name, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"preset {preset} is not valid TOML ({exc}); fix the file") from exc
+        raise ConfigError(f"preset {shown(preset)} is not valid TOML ({shown(exc)}); fix the file") from None
 
 
 # Integer keys where zero makes no sense; every other integer key accepts zero.
 _AT_LEAST_ONE = {"train.epochs": 1, "train.batch_size": 1, "student.blocks_per_stage": 1}
+# Upper bounds: a torch generator takes 64-bit seeds.
+_AT_MOST = {"train.seed": (1 << 64) - 1}
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -143,14 +156,16 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             out = int(value)
             least = _AT_LEAST_ONE.get(where, 0)
             if out < least:
-                raise ConfigError(f"{where} must be at least {least}, got {value}")
+                raise ConfigError(f"{where} must be at least {least}, got {shown(value)}")
+            if out > _AT_MOST.get(where, out):
+                raise ConfigError(f"{where} must be at most {_AT_MOST[where]}, got {shown(value)}")
             return out
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
             if out != out or out in (float("inf"), float("-inf")) or out < 0:
-                raise ConfigError(f"{where} must be a finite non-negative number, got {value}")
+                raise ConfigError(f"{where} must be a finite non-negative number, got {shown(value)}")
             return out
         if kind.startswith("tuple[float"):
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).strip("[]() ").split(",") if v.strip()]
@@ -160,7 +175,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             return floats
         if kind.startswith("tuple"):
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).strip("[] ").split(",") if v.strip()]
-            out_t = tuple(int(v) for v in items)
+            out_t = tuple(_whole(v) for v in items)
             if any(v < 0 for v in out_t):
                 raise ValueError
             return out_t
@@ -172,16 +187,30 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"{where} must be {wanted}, got {value!r}") from None
 
 
+def _whole(v: Any) -> int:
+    """A whole number from TOML or text; 60.5 is refused, not truncated to 60."""
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(v)
+    return int(v)
+
+
 def _merge(base: dict[str, dict[str, Any]], updates: Mapping[str, Any], origin: str) -> None:
     for section, values in updates.items():
         if section == "description":
-            continue
-        if section not in SECTIONS or not isinstance(values, Mapping):
-            raise ConfigError(f"{origin}: unknown section '{section}'; valid sections are {', '.join(SECTIONS)}")
+            if isinstance(values, str) and origin.startswith("preset"):
+                continue  # the preset's one line of text, kept by load_config
+            raise ConfigError(f"{origin}: description is a line of text, not a section with keys; write "
+                              "description = \"…\" at the top of a preset")
+        if section in SECTIONS and isinstance(values, list):
+            raise ConfigError(f"{origin}: [[{section}]] is an array of tables; write [{section}] (one table) instead")
+        if section in SECTIONS and not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: {section} must be a table ([{section}] with key = value lines), got {values!r}")
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {section!r}; valid sections are {', '.join(SECTIONS)}")
         valid = {f.name: f for f in fields(SECTIONS[section])}
         for key, value in values.items():
             if key not in valid:
-                raise ConfigError(f"{origin}: unknown key '{section}.{key}'; valid keys are {', '.join(valid)}")
+                raise ConfigError(f"{origin}: unknown key {f'{section}.{key}'!r}; valid keys are {', '.join(valid)}")
             base[section][key] = _coerce(section, valid[key], value)
 
 
@@ -189,13 +218,13 @@ def parse_attention(text: str) -> tuple[str, float | None]:
     """``sum-p:4`` → ("sum-p", 4.0); ``max-p`` → ("max-p", None); ``gradient`` → ("gradient", None)."""
     name, _, p = str(text).strip().partition(":")
     if name not in ATTENTIONS or (p and name == "gradient"):
-        raise ConfigError(f"attention '{text}' is unknown; use sum-p[:P], max-p[:P] or gradient, e.g. sum-p:2")
+        raise ConfigError(f"attention {text!r} is unknown; use sum-p[:P], max-p[:P] or gradient, e.g. sum-p:2")
     try:
         value = float(p) if p else None
     except ValueError:
         value = -1.0
     if value is not None and not 0 < value < float("inf"):
-        raise ConfigError(f"attention '{text}': p must be a positive number, e.g. {name}:2")
+        raise ConfigError(f"attention {text!r}: p must be a positive number, e.g. {name}:2")
     return name, value
 
 
@@ -205,10 +234,10 @@ def parse_method(text: str) -> tuple[str, ...]:
     and ``none`` combined with anything."""
     parts = [p.strip() for p in str(text).strip().lower().split("+")]
     names = ", ".join(("none", *LOGIT_METHODS, *FEATURE_METHODS))
-    where = f"method '{text}'"
+    where = f"method {text!r}"
     unknown = [p for p in parts if p not in ("none", *LOGIT_METHODS, *FEATURE_METHODS)]
     if unknown:
-        raise ConfigError(f"{where}: unknown name '{unknown[0]}'; combine {names} with +, e.g. at+kd")
+        raise ConfigError(f"{where}: unknown name {unknown[0]!r}; combine {names} with +, e.g. at+kd")
     if parts == ["none"]:
         return ()
     if "none" in parts:
@@ -236,7 +265,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
-            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=10")
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=10")
         out.setdefault(section, {})[name] = value.strip()
     return out
 
@@ -244,9 +273,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 def _validate(cfg: Config) -> None:
     d, t = cfg.distill, cfg.train
     if canonical_method(d.method) != d.method:
-        raise ConfigError(f"distill.method '{d.method}' is spelled differently; write {canonical_method(d.method)}")
+        raise ConfigError(f"distill.method {d.method!r} is spelled differently; write {canonical_method(d.method)}")
     if d.fitnet_regressor not in ("auto", "always"):
-        raise ConfigError(f"distill.fitnet_regressor '{d.fitnet_regressor}' is unknown; choose auto or always")
+        raise ConfigError(f"distill.fitnet_regressor {d.fitnet_regressor!r} is unknown; choose auto or always")
     if not d.fitnet_stage.strip():
         raise ConfigError("distill.fitnet_stage is empty; use middle, a pair index (0, 1, ...) or a stage's module name")
     if d.dkd_temperature <= 0:
@@ -255,11 +284,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"distill.fitnet_stage1_epochs {d.fitnet_stage1_epochs} leaves no epoch for the joint objective "
                           f"of {t.epochs} epochs; use fewer than train.epochs")
     if d.attention not in ATTENTIONS:
-        raise ConfigError(f"distill.attention '{d.attention}' is unknown; choose one of {', '.join(ATTENTIONS)}")
+        raise ConfigError(f"distill.attention {d.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
     if d.at_form not in ("code", "paper"):
-        raise ConfigError(f"distill.at_form '{d.at_form}' is unknown; choose code or paper")
+        raise ConfigError(f"distill.at_form {d.at_form!r} is unknown; choose code or paper")
     if d.beta_schedule not in ("constant", "decay"):
-        raise ConfigError(f"distill.beta_schedule '{d.beta_schedule}' is unknown; choose constant or decay")
+        raise ConfigError(f"distill.beta_schedule {d.beta_schedule!r} is unknown; choose constant or decay")
     if not 0 <= d.alpha <= 1:
         raise ConfigError(f"distill.alpha must lie in [0, 1], got {d.alpha}")
     if d.temperature <= 0 or d.p <= 0:
@@ -272,6 +301,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("student.blocks_per_stage must be >= 1 and student.width_ratio in (0, 1]")
     if cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size {cfg.data.image_size} is too small; use 8 or more")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"data.image_size {cfg.data.image_size} is larger than atc trains on (at most {MAX_IMAGE_SIZE}, "
+                          f"one image would take {3 * cfg.data.image_size ** 2 / 1e9:.1f} GB); use a smaller size")
     check_mean_std(cfg.data.mean, cfg.data.std, "data.mean/data.std")
 
 
@@ -320,7 +352,7 @@ def load_config(preset: str | Path = "cifar", overrides: Mapping[str, Any] | lis
     The method is stored in its canonical spelling (``kd+at`` → ``at+kd``)."""
     name, raw = _read_preset(preset)
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    _merge(values, raw, f"preset {name}")
+    _merge(values, raw, f"preset {shown(name)}")
     preset_epochs = values["train"].get("epochs", TrainConfig.epochs)
     preset_milestones = values["train"].get("milestones", TrainConfig.milestones)
     if isinstance(overrides, list):

@@ -57,7 +57,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise ConfigError(f"--device '{requested}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {requested} asked for but no CUDA device is available; use --device cpu or auto")
@@ -65,7 +65,7 @@ def pick_device(requested: str = "auto") -> torch.device:
             raise ConfigError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA devices; use cuda:0 to "
                               f"cuda:{torch.cuda.device_count() - 1}")
     elif device.type != "cpu":
-        raise ConfigError(f"--device '{requested}' is not supported; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"--device {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -129,6 +129,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def threads_note(threads: int | None) -> str | None:
+    """A note when more latency threads are asked for than the machine has cores: they take turns
+    on the cores, so the figures are those of an oversubscribed machine, not faster ones."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if threads is None or threads <= cores:
+        return None
+    return (f"--threads {threads} is more than the {cores} CPU core(s) here: the threads take turns on the cores, so the "
+            f"latency is no faster than with --threads {cores} (and noisier)")
 
 
 def ort_builds_installed() -> list[str]:

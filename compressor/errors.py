@@ -46,3 +46,10 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def shown(text: object) -> str:
+    """User text (a path, a value) as a message shows it: as typed when every character prints, else
+    quoted with escapes (``repr``), so that a message stays one line whatever the user typed."""
+    s = str(text)
+    return s if s.isprintable() else repr(s)

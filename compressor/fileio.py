@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,7 +46,8 @@ def check_writable(target: str | os.PathLike) -> None:
             return
         folder = folder.parent
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".atc-probe-"):
+        _remove_stale(folder)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f"{PROBE_PREFIX}{os.getpid()}-"):
             pass
     except OSError as exc:
         raise (output_error(exc, target) or OutputError(f"cannot write {target} ({exc.strerror}); choose a folder you can write to")) from None
@@ -96,12 +98,21 @@ def _same_file(fd: int, path: Path) -> bool:
 # ---------------------------------------------------------------- output-folder policy
 
 
+def check_not_dangling(out: Path) -> None:
+    """A symbolic link whose target is gone: writing through it would fail late (or replace the link),
+    so say so before any work."""
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; create it, remove the "
+                          "link, or pass another --out")
+
+
 def prepare_output(out_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False, create: bool = True) -> Path:
     """Refuse a non-empty ``out_dir`` unless the user said to overwrite or resume into it.
 
     ``create=False`` only checks, so that a run failing on its inputs leaves no empty folder behind.
     """
     out = Path(out_dir)
+    check_not_dangling(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
     check_writable(out)
@@ -110,6 +121,36 @@ def prepare_output(out_dir: str | os.PathLike, overwrite: bool = False, resume: 
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def check_file_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """A single output file (``atc export --out``): not a folder, not a dangling link, not an existing
+    file unless told to overwrite it, and writable; checked before any work."""
+    path = Path(path)
+    check_not_dangling(path)
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder; pass the file to write, e.g. {path / 'model.onnx'}")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
+    check_writable(path)
+
+
+@contextlib.contextmanager
+def kept_only_if_used(folder: str | os.PathLike) -> Iterator[Path]:
+    """``folder``, created if missing; when the block fails before anything was written into a folder
+    it created, the empty folder is removed again (a run refused at its first batch leaves nothing)."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # leaf first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()  # only succeeds when it is empty
+            except OSError:
+                break
+        raise
 
 
 def state_dir_for(checkpoint: str | os.PathLike) -> Path:
@@ -121,6 +162,9 @@ def state_dir_for(checkpoint: str | os.PathLike) -> Path:
 def check_train_output(out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
     """Refuse to replace a checkpoint or an unfinished run's state unless told to."""
     out = Path(out)
+    check_not_dangling(out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; pass the checkpoint file to write, e.g. {out / 'model.pt'}")
     check_writable(out)
     if out.exists() and not (overwrite or resume):
         raise OutputError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or another --out")
@@ -133,23 +177,84 @@ def check_train_output(out: str | os.PathLike, overwrite: bool = False, resume: 
 # ---------------------------------------------------------------- atomic writes
 
 
-def _remove_stale_temporaries(target: Path) -> None:
-    """Delete temporaries of ``target`` left by processes that no longer run (killed mid-write)."""
+PROBE_PREFIX = ".atc-probe-"
+SCRATCH_PREFIX = "atc-scratch-"
+
+
+def _stale_pid(name: str, target_name: str | None) -> int | None:
+    """The process id in the name of a temporary atc made, or None for other names: ``.<target>.<pid>.<random>.tmp…``
+    (also nested, ``..<target>.<pid>…``, from writers that once wrote a temporary through another),
+    ``.atc-probe-<pid>-…`` (writability probes) and ``atc-scratch-<pid>-…`` (scratch folders)."""
+    if target_name is not None:
+        m = re.match(r"\.+" + re.escape(target_name) + r"\.(\d+)\.[A-Za-z0-9_]+\.tmp", name)
+        if m:
+            return int(m.group(1))
+    m = re.match(re.escape(PROBE_PREFIX) + r"(\d+)-", name) or re.match(re.escape(SCRATCH_PREFIX) + r"(\d+)-", name)
+    return int(m.group(1)) if m else None
+
+
+def _remove_stale(folder: Path, target_name: str | None = None) -> None:
+    """Delete temporaries in ``folder`` left by processes that no longer run (killed mid-write)."""
     if os.name != "posix":
         return
-    pattern = re.compile(r"\." + re.escape(target.name) + r"\.(\d+)\.[A-Za-z0-9_]+\.tmp")
     with contextlib.suppress(OSError):
-        for entry in os.scandir(target.parent):
-            m = pattern.match(entry.name)
-            if not m or int(m.group(1)) == os.getpid():
+        for entry in os.scandir(folder):
+            pid = _stale_pid(entry.name, target_name)
+            if pid is None or pid == os.getpid():
                 continue
             try:
-                os.kill(int(m.group(1)), 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
             except OSError:  # alive but another user's: leave it
                 pass
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    _remove_stale(target.parent, target.name)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary folder (in the system's temporary directory) named so that one left by a killed
+    run is removed by the next run: ``atc-scratch-<pid>-<random>``."""
+    base = Path(tempfile.gettempdir())
+    _remove_stale(base)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
+        yield Path(tmp)
+
+
+class interruptible:
+    """Inside, SIGTERM interrupts as Ctrl-C does (``KeyboardInterrupt``), so every ``finally`` runs:
+    atomic writes remove their temporaries and scratch folders go. ``signum`` is the signal that
+    arrived (None: none, or Ctrl-C before the handler saw it). Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: Any = None
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "interruptible":
+        import signal
+
+        try:
+            self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in (self._old or {}).items():
+            signal.signal(sig, old)
 
 
 def _mode_for(target: Path) -> int:
@@ -232,6 +337,23 @@ def append_jsonl(target: str | os.PathLike, record: dict) -> None:
     target = Path(target)
     old = target.read_bytes() if target.exists() else b""
     write_bytes(target, old + (json.dumps(record) + "\n").encode("utf-8"))
+
+
+def damaged_record(path: str | os.PathLike) -> str | None:
+    """The first record of a zip archive (torch's checkpoint format) whose bytes fail their CRC-32,
+    or None when every record checks out or the file is no zip (legacy torch files carry no
+    checksum). torch itself reads tensors without checking, so a flipped byte would load silently.
+    It reads the whole file once; a 36 MB WRN-40-4 checkpoint takes about 30 ms (docs/reliability.md)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except zipfile.BadZipFile as exc:
+        # a zip whose directory is readable but a record header is not: damaged too
+        return None if not zipfile.is_zipfile(path) else f"(archive: {exc})"
+    except (OSError, EOFError, RuntimeError, ValueError, NotImplementedError) as exc:
+        return f"(archive: {type(exc).__name__})" if zipfile.is_zipfile(path) else None
 
 
 def torch_save(target: str | os.PathLike, obj: Any) -> None:

@@ -6,6 +6,7 @@ size), and the teacher's spec completed from the data where the checkpoint had n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from compressor.config import Config, check_mean_std
 from compressor.data.folders import find_layout
 from compressor.data.open import Dataset, open_dataset, open_for_device
 from compressor.device import example_input
-from compressor.errors import ConfigError, DataError
+from compressor.errors import ConfigError, DataError, shown
 from compressor.events import SILENT, Reporter
-from compressor.models.checkpoint import LoadedModel, read_model
+from compressor.models.checkpoint import LoadedModel, read_model, weights_digest
 from compressor.models.importers import not_rebuildable
 from compressor.models.outputs import ensure_logits
 from compressor.models.spec import ModelSpec
+from compressor.models.trust import NO_TRUST, Trust
 from compressor.options import RunOptions
 
 
@@ -54,6 +56,10 @@ def load_data(spec: str | Path, cfg: Config, strict: bool = False, reporter: Rep
         # The subset is part of the data, not of the run: the same images whatever the training seed.
         data = open_dataset(spec, image_size=image_size, strict=strict, reporter=reporter).subset(cfg.data.train_subset,
                                                                                                   cfg.data.test_subset, seed=0)
+    missing = data.num_classes - int(torch.unique(data.train_y).numel())
+    if missing > 0:
+        reporter.info(f"note: the training images cover {data.num_classes - missing} of the {data.num_classes} classes "
+                      f"(data.train_subset {cfg.data.train_subset or 'all'}); {missing} class(es) are never taught")
     if data.skipped_files:
         reporter.info(f"skipped {len(data.skipped_files)} unreadable image(s), e.g. {data.skipped_files[0]} (--strict-data makes this fatal)")
     for note in data.notes:
@@ -65,6 +71,9 @@ def check_compatible(spec: ModelSpec, data: Dataset, role: str = "teacher") -> N
     if spec.num_classes != data.num_classes:
         raise DataError(f"the {role} has {spec.num_classes} classes but the data has {data.num_classes}; "
                         "use data with the same classes or another checkpoint")
+    if spec.input_size[0] != data.input_size[0]:  # the image size can be changed, the channels cannot
+        raise DataError(f"the {role} takes {spec.input_size[0]}-channel images but the data is {data.input_size[0]}-channel "
+                        "(atc reads every image as RGB); use a model built for RGB input")
     if tuple(spec.input_size) != tuple(data.input_size):
         raise DataError(f"the {role} expects input {'x'.join(map(str, spec.input_size))} but the data is "
                         f"{'x'.join(map(str, data.input_size))}; set data.image_size in the preset or use matching data")
@@ -138,6 +147,13 @@ class TeacherAndData:
     spec: ModelSpec
     metrics: dict[str, Any]
     data: Dataset
+    trust: Trust = NO_TRUST  # what this command lets stored files import; reloading atc's own outputs takes it too
+
+    @cached_property
+    def teacher_digest(self) -> str:
+        """The teacher's weights digest (``models.checkpoint.weights_digest``), computed once: what a
+        resumed student must have been distilled from."""
+        return weights_digest(self.model)
 
     @property
     def mean_std(self) -> tuple[list[float], list[float]]:
@@ -152,7 +168,8 @@ def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: 
     ``options``: ``arch`` and ``trust`` (reading the checkpoint), ``strict_data`` and the DataLoader
     workers (``speed.workers``, for data streamed to ``device``). ``data``: already loaded by a
     caller that had to look at it first."""
-    loaded = read_model(teacher_path, arch=options.arch, trust=options.trust)
+    trust = Trust.given(options.trust, options.arch)
+    loaded = read_model(teacher_path, arch=options.arch, trust=trust)
     teacher, spec, metrics = loaded.model, loaded.spec, loaded.metrics
     if spec.family == "module":
         raise ConfigError(not_rebuildable(teacher_path, loaded.source))
@@ -171,11 +188,11 @@ def load_teacher_and_data(teacher_path: str | Path, data_spec: str | Path, cfg: 
     norm = choose_normalization(cfg, data, options, stated)
     reporter.info(norm.describe())
     spec = replace(spec, mean=norm.mean, std=norm.std, class_names=list(spec.class_names or data.class_names))
-    return TeacherAndData(teacher, spec, metrics, data)
+    return TeacherAndData(teacher, spec, metrics, data, trust)
 
 
 def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(map(str, names[:n])) + (", …" if len(names) > n else "")
+    return ", ".join(shown(x) for x in names[:n]) + (", …" if len(names) > n else "")
 
 
 @dataclass

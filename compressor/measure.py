@@ -20,16 +20,16 @@ Each student's entry also says what its training step ran as (``distill.cuda_gra
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from compressor import fileio
 from compressor.data.images import ImageData
 from compressor.derive.candidates import Candidate
-from compressor.device import Speed
+from compressor.device import Speed, threads_note
 from compressor.distill.student import DistilledStudent
 from compressor.entries import Int8Entry, Measurements, StudentEntry, TeacherEntry
 from compressor.events import SILENT, Reporter
@@ -61,10 +61,12 @@ def measure(teacher: nn.Module, t_spec: ModelSpec, t_top1: float, students: list
     ``int8_data`` (the training images that calibrate it) also quantize each student; with CUDA
     (``gpu``: None = detect) also time every model on the GPU, in the precision and memory format a
     run with ``speed`` trains in (None: fp32, contiguous). Paths in the entries are relative to ``out``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t_onnx = to_onnx(teacher, t_spec.input_size, Path(tmp) / "teacher.onnx")
+    with fileio.scratch_dir() as tmp:
+        t_onnx = to_onnx(teacher, t_spec.input_size, tmp / "teacher.onnx")
         t_count = count_macs(teacher, t_spec.input_size)
         t_params, t_macs = count_params(teacher)["total"], t_count.gmacs
+        if note := threads_note(threads):
+            reporter.info(f"note: {note}")
         reporter.info("measuring teacher latency alone (onnxruntime CPU, batch 1)")
         t_lat = measure_latency(teacher, t_spec.input_size, "ort-cpu", 1, threads, Timing(min_time_s=0.5), onnx_path=t_onnx)
         entries, speeds = [], []

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor.device import Speed
+from compressor.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,7 @@ class RunOptions:
     command: str = ""
     pick: str = "auto"
     keep_state: bool = False
+
+    def __post_init__(self):
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts it again from nothing; pass one of them")

@@ -57,7 +57,7 @@ def train(arch: str, data_spec: str | Path, cfg: Config, out: str | Path, option
     parse_arch(arch)
     fileio.check_train_output(out, options.overwrite, options.resume)
     if options.tensorboard is not None:
-        check_tensorboard()
+        check_tensorboard(options.tensorboard)
     dev = pick_device(options.device)
     data = load_data(data_spec, cfg, options.strict_data, reporter, device=dev, workers=options.speed.workers)
     check_input_fits(parse_arch(arch).build(data.num_classes), data.input_size, arch)
@@ -93,7 +93,7 @@ def compress(teacher_path: str | Path, data_spec: str | Path, cfg: Config, out_d
     parse_pick(options.pick)  # a bad rule fails now, not after training
     onnxruntime()  # the report needs it: a missing or mixed install fails now, not after training
     if options.tensorboard is not None:
-        check_tensorboard()
+        check_tensorboard(options.tensorboard)
     out = fileio.prepare_output(out_dir, options.overwrite, options.resume, create=False)
     method = canonical_method(method or cfg.distill.method)
     dev = pick_device(options.device)
@@ -142,23 +142,24 @@ def _measure_and_report(loaded: TeacherAndData, candidates: list[Candidate], don
                         out: Path, options: RunOptions, reporter: Reporter) -> Report:
     t_spec, data = loaded.spec, loaded.data
     try:
-        measured = measure(loaded.model, t_spec, done.teacher_top1, done.students, candidates, out, threads=options.threads,
-                           int8_data=data if options.int8 and isinstance(data, ImageData) else None, speed=options.speed,
-                           reporter=reporter)
-        report = build_report(measured, cfg, method, data, options.command)
-        chosen = pick_student([e.to_dict() for e in measured.students], options.pick)
-        report.published = {"name": chosen.name, "rule": chosen.rule, "reason": chosen.reason,
-                             "checkpoint": measured.students[chosen.index].checkpoint}
-        reporter.info(f"publishing {chosen.name} as {out / 'student.pt'}: {chosen.reason}")
-        _publish(out, done.students[chosen.index])
-        write_report(out, report)
-        plot_curves(out / "curves.png", (t_spec.name, loaded.metrics.get("history", [])),
-                    [(f"{c.name} ({method})", s.history) for c, s in zip(candidates, done.students)])
+        with fileio.interruptible() as stop:  # SIGTERM as Ctrl-C: temporaries and scratch folders are removed
+            measured = measure(loaded.model, t_spec, done.teacher_top1, done.students, candidates, out, threads=options.threads,
+                               int8_data=data if options.int8 and isinstance(data, ImageData) else None, speed=options.speed,
+                               reporter=reporter)
+            report = build_report(measured, cfg, method, data, options.command)
+            chosen = pick_student([e.to_dict() for e in measured.students], options.pick)
+            report.published = {"name": chosen.name, "rule": chosen.rule, "reason": chosen.reason,
+                                 "checkpoint": measured.students[chosen.index].checkpoint}
+            reporter.info(f"publishing {chosen.name} as {out / 'student.pt'}: {chosen.reason}")
+            _publish(out, done.students[chosen.index])
+            write_report(out, report)
+            plot_curves(out / "curves.png", (t_spec.name, loaded.metrics.get("history", [])),
+                        [(f"{c.name} ({method})", s.history) for c, s in zip(candidates, done.students)])
     except KeyboardInterrupt:
         reporter.done()
         raise Interrupted(f"stopped while exporting and measuring; the trained students are kept in {out / 'students'}; "
                           "run the same command with --resume to finish the report without training again",
-                          signal.SIGINT) from None
+                          stop.signum or signal.SIGINT) from None
     return report
 
 
@@ -201,23 +202,28 @@ def export(model_path: str | Path, out: str | Path, options: RunOptions = RunOpt
     if int8 and not calib_data:
         raise ConfigError("--int8 needs --calib-data DIR (a few hundred training images calibrate the activation ranges)")
     for path in (out, int8_out) if int8 else (out,):
-        if path.exists() and not overwrite:
-            raise OutputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
-    fileio.check_writable(out)
+        fileio.check_file_output(path, overwrite)
+        if Path(model_path).exists() and path.resolve() == Path(model_path).resolve():
+            raise OutputError(f"--out {path} is the checkpoint being exported; pass another --out (e.g. {path.with_suffix('.onnx')})")
     model, spec = open_model(model_path, arch, trust, input_size)
     data = None
     if int8:  # the calibration images are checked before anything is written
         data = open_dataset(calib_data, image_size=spec.input_size[1])
         check_compatible(replace(spec, input_size=tuple(spec.input_size)), data, "model")
-    parity = export_checked(model, spec, out, atol=atol, rtol=rtol)
-    if not int8:
-        return Exported(out, parity)
-    try:
-        mean, std = normalization(spec, data)
-        result = int8_with_evaluation(out, int8_out, data, mean, std, spec.input_size, calib_images, threads, reporter=reporter)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+    with fileio.interruptible() as stop:  # SIGTERM as Ctrl-C: the temporaries are removed, nothing half-written stays
+        try:
+            parity = export_checked(model, spec, out, atol=atol, rtol=rtol)
+            if not int8:
+                return Exported(out, parity)
+            try:
+                mean, std = normalization(spec, data)
+                result = int8_with_evaluation(out, int8_out, data, mean, std, spec.input_size, calib_images, threads, reporter=reporter)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+        except KeyboardInterrupt:
+            raise Interrupted(f"stopped while exporting; {out} was not written and its temporary files are removed",
+                              stop.signum or signal.SIGINT) from None
     return Exported(out, parity, result)
 
 

@@ -9,6 +9,7 @@ The environment variable ``ATC_DATA_BUDGET_MB`` replaces the budget, e.g. to for
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,13 @@ def memory_budget(device: torch.device, fraction: float = DEFAULT_FRACTION, deco
     env = os.environ.get(BUDGET_ENV)
     if env:
         try:
-            return int(float(env) * _MB), f"{BUDGET_ENV}={env}"
+            mb = float(env)
         except ValueError:
-            raise DataError(f"{BUDGET_ENV}={env!r} is not a number of megabytes; set it to e.g. 2048 or unset it") from None
+            mb = float("nan")
+        if not (math.isfinite(mb) and mb >= 0):  # inf would overflow int(), nan compares false, negative means nothing
+            raise DataError(f"{BUDGET_ENV}={env!r} is not a number of megabytes (finite, 0 or more); set it to e.g. 2048 "
+                            "or unset it") from None
+        return int(mb * _MB), f"{BUDGET_ENV}={env}"
     pct = f"{100 * fraction:.0f}%"
     ram = int(available_ram() * fraction)
     if device.type == "cuda":

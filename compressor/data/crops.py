@@ -55,25 +55,28 @@ class AugmentedSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """(pixels, label, skipped): an unreadable file is skipped for the next readable one, which
+        brings its own label; ``skipped`` is the unreadable file's index (-1 when none), for the count."""
         i, epoch = item
-        label = int(self.source.labels[i])
         if not self.train:
-            return self.source.image(i), label
+            j, x = self.source.readable(i)
+            return x, int(self.source.labels[j]), (i if j != i else -1)
         g = sample_generator(self.seed, epoch, i)
         if self.rrc:
-            x = self.source.image(i, native=True)
+            j, x = self.source.readable(i, native=True)
             top, left, ch, cw = random_resized_crop_box(x.shape[1], x.shape[2], g)
             x = x[None, :, top:top + ch, left:left + cw].float()
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
             x = x[0].round_().clamp_(0, 255).to(torch.uint8)
         else:
-            x = self.source.image(i)
+            j, x = self.source.readable(i)
             pad = self.augment.crop_padding
             if pad:
                 h, w = x.shape[1:]
                 dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
                 x = F.pad(x, (pad, pad, pad, pad))[:, dy:dy + h, dx:dx + w]
+        label, skipped = int(self.source.labels[j]), (i if j != i else -1)
         if self.augment.flip and float(torch.rand(1, generator=g)) < 0.5:
             x = x.flip(2)
-        return x.contiguous(), label
+        return x.contiguous(), label, skipped

@@ -12,7 +12,7 @@ import torch
 
 from compressor import fileio
 from compressor.data.images import ImageData, with_source
-from compressor.errors import DataError, OutputError
+from compressor.errors import DataError, OutputError, shown
 from compressor.events import SILENT, Reporter
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -82,6 +82,10 @@ def list_splits(root: Path) -> tuple[Path, tuple[list[Path], list[int], list[str
     if empty:
         raise DataError(f"class folders {_names(empty)} have no images; remove them or add images to them")
     train_classes, test_classes = listings[0][2], listings[1][2]
+    if len(train_classes) == 1 and train_classes == test_classes:
+        raise DataError(f"{root} has one class ({shown(train_classes[0])}); a classifier learns nothing from one class (every "
+                        "image is it, so top-1 is 100 %), so add at least one more class folder to train/ and "
+                        f"{test_dir.name}/")
     if train_classes != test_classes:
         only_train = [c for c in train_classes if c not in test_classes]
         only_test = [c for c in test_classes if c not in train_classes]
@@ -94,7 +98,8 @@ def list_splits(root: Path) -> tuple[Path, tuple[list[Path], list[int], list[str
 
 def _content_key(files: list[Path], image_size: int | None) -> str:
     # v2: 16-bit images are scaled to 8 bits (v1 clipped them) and the source modes/sizes are stored
-    h = hashlib.sha256(f"v2:{image_size}".encode())
+    # v3: photos are turned upright by their EXIF orientation, and how many were is stored
+    h = hashlib.sha256(f"v3:{image_size}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -102,7 +107,9 @@ def _content_key(files: list[Path], image_size: int | None) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ATC_CACHE_DIR", Path.home() / ".cache" / "atc"))
+    """Where decoded datasets are cached: ``ATC_CACHE_DIR``, else ``~/.cache/atc`` (an empty
+    ``ATC_CACHE_DIR=`` counts as unset: it would mean the current folder)."""
+    return Path(os.environ.get("ATC_CACHE_DIR") or Path.home() / ".cache" / "atc")
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -125,10 +132,28 @@ def to_rgb(im):
 
 
 def new_source_info() -> dict:
-    return {"channels": [], "wide": 0, "resized": 0, "sizes": []}
+    return {"channels": [], "wide": 0, "resized": 0, "sizes": [], "rotated": 0}
 
 
-def record_source(info: dict, im, resized: bool) -> None:
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im):
+    """``im`` turned as its EXIF orientation says (as photo viewers show it, and as PIL users expect
+    from ``ImageOps.exif_transpose``), and whether it had to be."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels are still good
+        return im, False
+    if orientation in (None, 1) or orientation not in range(2, 9):
+        return im, False
+    return ImageOps.exif_transpose(im), True
+
+
+def record_source(info: dict, im, resized: bool, rotated: bool = False) -> None:
+    info["rotated"] = info.get("rotated", 0) + int(rotated)
     c = source_channels(im)
     if c not in info["channels"]:
         info["channels"] = sorted(info["channels"] + [c])
@@ -153,13 +178,14 @@ def _decode(files: list[Path], image_size: int | None, strict: bool,
             reporter.advance(DECODE_REPORT_EVERY)
         try:
             with Image.open(f) as src:
-                im = to_rgb(src)
+                turned, rotated = upright(src)
+                im = to_rgb(turned)
                 resize = bool(image_size) and im.size != (image_size, image_size)
                 if resize:
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 arrays.append(np.asarray(im, dtype=np.uint8))
                 if info is not None:
-                    record_source(info, src, resize)
+                    record_source(info, src, resize, rotated)
             kept.append(i)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if strict:
@@ -180,10 +206,10 @@ def _load_split(split_dir: Path, image_size: int | None, strict: bool,
     cache = cache_dir() / f"{_content_key(files, image_size)}.pt"
     if cache.exists():
         try:
-            blob = torch.load(cache, weights_only=True)
-            blob = blob if all(k in blob for k in ("x", "y", "skipped", "info")) else None
+            blob = None if fileio.damaged_record(cache) else torch.load(cache, weights_only=True)
         except Exception:
             blob = None  # an unreadable cache is rebuilt below
+        blob = blob if cache_fits(blob, len(files), len(classes)) else None
         if blob is not None:
             if strict and blob["skipped"]:
                 raise DataError(f"corrupt image {blob['skipped'][0]} (one of {len(blob['skipped'])} in {split_dir}); remove it, "
@@ -206,10 +232,28 @@ def _load_split(split_dir: Path, image_size: int | None, strict: bool,
     return x, y, classes, bad, info
 
 
+def cache_fits(blob, files: int, classes: int) -> bool:
+    """Whether a decode cache's tensors agree with its header and with the folder it stands for:
+    N×3×H×W uint8 images, N labels among the classes, the skipped files' names, and N + skipped =
+    the files listed. A cache that does not is decoded again, never trusted."""
+    if not isinstance(blob, dict) or not all(k in blob for k in ("x", "y", "skipped", "info")):
+        return False
+    x, y, skipped, info = blob["x"], blob["y"], blob["skipped"], blob["info"]
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+        return False
+    if not (isinstance(y, torch.Tensor) and y.dtype == torch.long and y.dim() == 1 and len(y) == len(x)):
+        return False
+    if len(y) and not (0 <= int(y.min()) and int(y.max()) < classes):
+        return False
+    if not (isinstance(skipped, list) and all(isinstance(f, str) for f in skipped) and len(x) + len(skipped) == files):
+        return False
+    return isinstance(info, dict) and all(k in info for k in new_source_info())
+
+
 def _merge_info(a: dict, b: dict) -> dict:
     sizes = a["sizes"] + [s for s in b["sizes"] if s not in a["sizes"]]
     return {"channels": sorted(set(a["channels"]) | set(b["channels"])), "wide": a["wide"] + b["wide"],
-            "resized": a["resized"] + b["resized"], "sizes": sizes[:2]}
+            "resized": a["resized"] + b["resized"], "sizes": sizes[:2], "rotated": a["rotated"] + b["rotated"]}
 
 
 def load_image_folder(root: Path, image_size: int | None = None, strict: bool = False, reporter: Reporter = SILENT) -> ImageData:
@@ -218,4 +262,7 @@ def load_image_folder(root: Path, image_size: int | None = None, strict: bool = 
     vx, vy, _, bad_test, info_test = _load_split(test_dir, image_size, strict, test_listing, reporter)
     info = _merge_info(info_train, info_test)
     data = ImageData(root.name, tx, ty, vx, vy, classes, bad_train + bad_test)
-    return with_source(data, info["channels"], info["resized"], info["sizes"], info["wide"])
+    data = with_source(data, info["channels"], info["resized"], info["sizes"], info["wide"])
+    if info["rotated"]:
+        data.notes.append(f"{info['rotated']:,} photo(s) turned upright by their EXIF orientation (as photo viewers show them)")
+    return data

@@ -103,6 +103,16 @@ def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
+def batch_seed(seed: int, epoch: int, step: int | None = None) -> int:
+    """The generator seed of an epoch's order (``step=None``) or of one batch's augmentation: a pure
+    function of (seed, epoch, step), reduced into the 64 bits a torch generator takes (any seed works;
+    every value that fitted before is unchanged)."""
+    mixed = seed * 1_000_003 + epoch
+    if step is not None:
+        mixed = mixed * 1_000_003 + step
+    return mixed % (1 << 64)
+
+
 def subset_indices(total: int, n: int, g: torch.Generator) -> torch.Tensor | None:
     """``n`` sorted random indices out of ``total`` drawn with ``g``; None when all are kept (``n`` 0 or ≥ total).
     In-memory and streamed datasets both pick through here, so a subset is the same images either way."""
@@ -152,7 +162,7 @@ class Batches:
         if not self.train:
             idx = torch.arange(n, device=device)
         else:
-            g = device_generator(device).manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = device_generator(device).manual_seed(batch_seed(self.seed, self.epoch))
             idx = torch.randperm(n, generator=g, device=device)
         per_rank = len(idx) // self.world_size if self.world_size > 1 and self.train else None
         if per_rank is not None:
@@ -165,6 +175,11 @@ class Batches:
         n = len(self._order())
         # A dataset smaller than one batch still trains: dropping the last batch would drop everything.
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+
+    def skipped_files(self) -> list[str]:
+        """Unreadable files met while reading (streamed data finds them as it goes; in-memory data
+        skipped them when it was decoded)."""
+        return []
 
     def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = (x_uint8.float() - self.mean) / self.std
@@ -195,7 +210,7 @@ class DeviceBatches(Batches):
         # The generator seeded per (seed, epoch, step): any batch can be replayed without the ones before it.
         if self._gen is None:
             self._gen = device_generator(x.device)
-        g = self._gen.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + step)
+        g = self._gen.manual_seed(batch_seed(self.seed, self.epoch, step))
         b, _, h, w = x.shape
         pad = self.augment.crop_padding
         if pad:

@@ -87,15 +87,29 @@ def _load_torchvision_cifar(root: Path, hundred: bool) -> ImageData:
     return ImageData("cifar100" if hundred else "cifar10", tx, ty, vx, vy, list(train.classes))
 
 
+def check_generated_size(name: str, images: int, size: int) -> None:
+    """Refuse to make ``images`` RGB images of ``size``² in memory when they could not fit the RAM:
+    numpy or torch would otherwise try the allocation (terabytes, for a mistyped image size)."""
+    from compressor.data.budget import available_ram
+
+    need = images * 3 * size * size * 5  # uint8 images, and float working copies while they are made
+    if need > available_ram():
+        raise DataError(f"data.image_size {size} would make {name} take {need / 1e9:,.0f} GB while it is built ({images:,} images "
+                        f"of 3x{size}x{size}), more than the {available_ram() / 1e9:,.0f} GB of RAM available; "
+                        "use a smaller data.image_size")
+
+
 def open_dataset(spec: str | os.PathLike, image_size: int | None = None, strict: bool = False,
                  reporter: Reporter = SILENT) -> ImageData:
     """Load the dataset named by ``spec``: ``digits`` or a folder in a supported layout (``reporter``: the
     progress of decoding a folder's images the first time)."""
     if str(spec) == "digits":
+        check_generated_size("digits", 1797, image_size or 16)
         return load_digits(image_size or 16)
     if str(spec) == "shapes":  # generated shapes with object masks (compressor/data/shapes.py)
-        from compressor.data.shapes import load_shapes
+        from compressor.data.shapes import TEST_SIZE, TRAIN_SIZE, load_shapes
 
+        check_generated_size("shapes", TRAIN_SIZE + TEST_SIZE, image_size or 32)
         return load_shapes(image_size or 32)
     kind, root = find_layout(Path(spec).expanduser())
     if kind in ("cifar10", "cifar100"):

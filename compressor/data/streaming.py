@@ -25,7 +25,7 @@ import torch
 
 from compressor.data.budget import default_workers
 from compressor.data.crops import RRC_MIN_SIZE, AugmentedSplit
-from compressor.data.folders import list_splits, new_source_info, record_source, to_rgb
+from compressor.data.folders import list_splits, new_source_info, record_source, to_rgb, upright
 from compressor.data.images import Augment, Batches, ImageData, Shard, channel_stats, source_notes, subset_indices
 from compressor.errors import DataError
 
@@ -43,17 +43,24 @@ class FolderImages:
         return FolderImages([self.files[i] for i in idx.tolist()], self.labels[idx], self.size, self.strict)
 
     def image(self, i: int, native: bool = False) -> torch.Tensor:
-        """Image ``i``; an unreadable file is replaced by the next readable one unless ``strict``."""
+        """The pixels of image ``i``, or of the next readable one when it cannot be decoded (see ``readable``)."""
+        return self.readable(i, native)[1]
+
+    def readable(self, i: int, native: bool = False) -> tuple[int, torch.Tensor]:
+        """The first image from ``i`` on that decodes, as (its index, its pixels): a caller takes that
+        image's own label with it, so an unreadable file is skipped, never replaced by another file's
+        pixels under its label. With ``strict`` an unreadable file is fatal."""
         from PIL import Image, UnidentifiedImageError
 
         for k in range(min(len(self.files), 16)):
-            f = self.files[(i + k) % len(self.files)]
+            j = (i + k) % len(self.files)
+            f = self.files[j]
             try:
-                with Image.open(f) as im:
-                    im = to_rgb(im)  # 16-bit grayscale scaled to 8 bits, as the in-memory decode (compressor.data.folders)
+                with Image.open(f) as src:
+                    im = to_rgb(upright(src)[0])  # as the in-memory decode (compressor.data.folders): EXIF, 16-bit
                     if not native and im.size != (self.size, self.size):
                         im = im.resize((self.size, self.size), Image.BILINEAR)  # as the in-memory decode
-                    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+                    return j, torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 if self.strict:
                     raise DataError(f"corrupt image {f} ({type(exc).__name__}); remove it, or run without --strict-data to "
@@ -78,6 +85,9 @@ class TensorImages:
 
     def image(self, i: int, native: bool = False) -> torch.Tensor:
         return self.x[i]
+
+    def readable(self, i: int, native: bool = False) -> tuple[int, torch.Tensor]:
+        return i, self.x[i]
 
     def nbytes(self) -> int:
         return self.x.numel() * self.x.element_size()
@@ -157,13 +167,27 @@ class StreamingData:
 
 
 def decode_subset(lazy: StreamingData) -> ImageData:
-    """Decode only the picked files of a folder too large to decode whole (no disk cache: it is keyed by the whole split)."""
+    """Decode only the picked files of a folder too large to decode whole (no disk cache: it is keyed by
+    the whole split). Unreadable files are skipped and listed, as the in-memory decode does."""
+    skipped: list[str] = []
+
     def split(src: FolderImages | TensorImages) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([src.image(i) for i in range(len(src))]), src.labels
+        xs, keep = [], []
+        for i in range(len(src)):
+            j, x = src.readable(i)
+            if j != i:
+                skipped.append(str(src.files[i]) if isinstance(src, FolderImages) else str(i))
+                continue
+            xs.append(x)
+            keep.append(i)
+        if not xs:
+            raise DataError("no image of the picked subset could be decoded; check the files")
+        return torch.stack(xs), src.labels[torch.tensor(keep, dtype=torch.long)]
 
     (tx, ty), (vx, vy) = split(lazy.train), split(lazy.test)
-    return ImageData(lazy.name, tx, ty, vx, vy, lazy.class_names, source_channels=lazy.source_channels,
-                     resized_images=lazy.resized_images, resized_from=lazy.resized_from, notes=list(lazy.notes))
+    return ImageData(lazy.name, tx, ty, vx, vy, lazy.class_names, list(lazy.skipped_files) + skipped,
+                     source_channels=lazy.source_channels, resized_images=lazy.resized_images, resized_from=lazy.resized_from,
+                     notes=list(lazy.notes))
 
 
 PROBE_FILES = 64
@@ -179,11 +203,13 @@ def _probe(files: list[str], image_size: int, sample: int = PROBE_FILES) -> dict
     for i in idx:
         try:
             with Image.open(files[int(i)]) as im:
-                record_source(info, im, im.size != (image_size, image_size))
+                record_source(info, im, im.size != (image_size, image_size), upright(im)[1])
                 seen += 1
         except Exception:  # an unreadable file is dealt with (skipped or fatal) when it is decoded
             continue
     notes = source_notes(info["channels"], info["resized"], info["sizes"], seen, (image_size, image_size), info["wide"])
+    if info["rotated"]:
+        notes.append(f"{info['rotated']:,} photo(s) turned upright by their EXIF orientation (as photo viewers show them)")
     if notes and seen < len(files):
         notes = [f"{n} (in a sample of {seen:,} of {len(files):,} files)" for n in notes]
     return {"source_channels": tuple(info["channels"]), "resized_images": info["resized"],
@@ -229,6 +255,7 @@ class LoaderBatches(Batches):
                  loading: Loading = Loading()):
         super().__init__(source.labels, batch_size, mean, std, device, train, augment, seed, drop_last, shard, channels_last)
         self.source = source
+        self.skipped: set[int] = set()
         size = loading.image_size or int(source.image(0).shape[-1])
         rrc = train and augment.crop_padding == 0 and size >= RRC_MIN_SIZE
         self.workers = default_workers() if loading.workers is None else loading.workers
@@ -239,10 +266,17 @@ class LoaderBatches(Batches):
                                                   pin_memory=device.type == "cuda", **extra)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
+        for x, y, skipped in self.loader:
+            if bool((skipped >= 0).any()):
+                self.skipped.update(int(i) for i in skipped[skipped >= 0])
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield self._normalise(x), y
         self.start_step = 0
+
+    def skipped_files(self) -> list[str]:
+        """The unreadable files met so far (each replaced by the next readable image with its own label)."""
+        files = getattr(self.source, "files", None)
+        return [str(files[i]) if files is not None else f"image {i}" for i in sorted(self.skipped)]
 
 
 def make_streaming_batches(data: StreamingData, batch_size: int, test_batch_size: int, mean, std, device: torch.device,

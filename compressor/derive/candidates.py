@@ -134,6 +134,9 @@ class StudentChoice:
 
     def __post_init__(self):
         object.__setattr__(self, "names", tuple(self.names or ()))
+        twice = next((n for i, n in enumerate(self.names) if n.strip().lower() in [m.strip().lower() for m in self.names[:i]]), None)
+        if twice is not None:  # both would train into the same folder, the second over the first
+            raise ConfigError(f"--student {twice!r} is named twice; name each student once")
         if self.names and (self.width is not None or self.blocks_per_stage is not None or self.target is not None):
             raise ConfigError("--student names a zoo student; drop it to derive one with --width-ratio/--blocks-per-stage/--target-speedup")
         if self.target is not None and self.width is not None:

@@ -27,7 +27,7 @@ def _blocks_and_width(arch: Arch) -> tuple[list[int], float]:
         return [(k["depth"] - 2) // 6] * 3, float(k["k"])
     if arch.family == "resnet":
         return list(k["layers"]), float(k.get("width", 1.0))
-    raise ModelError(f"atc has no family rule for '{arch.name}'; pass --student NAME with a zoo architecture")
+    raise ModelError(f"atc has no family rule for {arch.name!r}; pass --student NAME with a zoo architecture")
 
 
 def _with(arch: Arch, blocks: list[int], width: float) -> Arch:

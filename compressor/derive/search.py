@@ -18,13 +18,13 @@ again with more rounds, and that measurement is what the report states.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from compressor import fileio
 from compressor.derive.thinning import ROUND_TO, Thinner
 from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
@@ -266,8 +266,8 @@ def search(teacher: nn.Module, input_size: tuple[int, int, int], target: Target,
            round_to: int = ROUND_TO, name: str | None = None, reporter: Reporter = SILENT) -> SearchResult:
     """Find the student of ``teacher`` that comes nearest ``target``; see the module docstring."""
     by, goal = target.by, target.speedup
-    with tempfile.TemporaryDirectory(prefix="atc-search-") as tmp:
-        evaluate = _Evaluator(teacher, input_size, target, Path(tmp), reporter)
+    with fileio.scratch_dir() as tmp:
+        evaluate = _Evaluator(teacher, input_size, target, tmp, reporter)
         first = Thinner(teacher, input_size, None, round_to=round_to, teacher_arch=teacher_arch)
         thinners: dict[int | None, Thinner] = {None: first}
         best: Trial | None = None

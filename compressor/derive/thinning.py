@@ -274,7 +274,7 @@ def parse_widths(width: float | str | Mapping[str, float]) -> dict[str, float]:
             try:
                 out[key.strip() if sep else ""] = float(value)
             except ValueError:
-                raise ConfigError(f"--width-ratio '{width}' must look like 0.5 or 0.75,layer4=0.5") from None
+                raise ConfigError(f"--width-ratio {width!r} must look like 0.5 or 0.75,layer4=0.5") from None
         width = out
     widths = {"": float(width)} if isinstance(width, (int, float)) else {str(k): float(v) for k, v in width.items()}
     if not widths:
@@ -355,7 +355,7 @@ class Thinner:
         for key in widths:
             if key and not any(n == key or n.startswith(key + ".") for n in self._names.values()):
                 stages = ", ".join(s.name for s in self.stages) or "the top-level module names"
-                raise ConfigError(f"--width-ratio names '{key}', which is no module of {type(self.teacher).__name__}; "
+                raise ConfigError(f"--width-ratio names {key!r}, which is no module of {type(self.teacher).__name__}; "
                                   f"use module-name prefixes such as {stages}")
         gone: dict[tuple[str, str], set[int]] = {}
         sizes: dict[tuple[str, str], int] = {}

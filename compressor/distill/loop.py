@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -178,12 +178,15 @@ def beta_at(cfg: Config, epoch: int) -> float:
 class FitOptions:
     """How ``fit`` runs: continue the saved state (``resume``), the tag progress lines carry, the speed
     options (precision, memory format, compilation, DataLoader workers; None: ``Speed()``), and
-    ``on_epoch``, which receives each epoch's metrics record (as written to metrics.jsonl) on rank 0."""
+    ``on_epoch``, which receives each epoch's metrics record (as written to metrics.jsonl) on rank 0.
+    ``run``: what else makes the run this run, for ``--resume`` to check (the student's name, the
+    teacher's weights digest); the recipe, the data and the student's layer shapes are added by ``fit``."""
 
     resume: bool = False
     tag: str = ""
     speed: Speed | None = None
     on_epoch: Callable[[dict[str, float]], None] | None = None
+    run: Mapping[str, Any] = field(default_factory=dict)
 
 
 def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mean, std, teacher: Teacher | None = None,
@@ -215,7 +218,8 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
     opt, sched = make_optimizer(trained, cfg, device, fused=amp != torch.float16)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     # Resume: the saved state, or a clean folder.
-    state = TrainingState(out_dir, student, opt, sched, scaler, run_identity(cfg, data), writes=rank.is_main, regressor=regressor)
+    state = TrainingState(out_dir, student, opt, sched, scaler, run_identity(cfg, data, student, options.run), writes=rank.is_main,
+                          regressor=regressor)
     at = state.start(resume, reporter, tag)
     stats = EpochStats(**at.stats) if at.stats else None
     example = torch.randn(2, *data.input_size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -250,6 +254,7 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
                     record = _end_of_epoch(epoch, student, stats, opt, sched, test_b, amp, device)
                     graphs = runtime.step.status
                     record |= {"cuda_graphs": graphs.state, "cuda_graph_captures": graphs.captures}
+                say_skipped(data, (train_b, test_b), reporter)
                 state.epoch_done(record, time.perf_counter() - began)
                 if on_epoch is not None and rank.is_main:
                     on_epoch(record)
@@ -317,6 +322,15 @@ def _hint_regressor(teacher: Teacher | None, objective: Objective, cfg: Config, 
         teacher.regressor = make_regressor(teacher.hint, cfg.distill.fitnet_regressor, cfg.train.seed)  # type: ignore[arg-type]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return teacher.regressor.to(device, memory_format=fmt).train()
+def say_skipped(data: Dataset, batches: tuple[Batches, ...], reporter: Reporter) -> None:
+    """Streamed data meets its unreadable files while it reads them: they join ``data.skipped_files``
+    (which the report counts) and are said once, in the epoch that found them."""
+    new = sorted({f for b in batches for f in b.skipped_files()} - set(data.skipped_files))
+    if new:
+        data.skipped_files.extend(new)
+        reporter.info(f"skipped {len(new)} unreadable image(s) of the streamed data, e.g. {new[0]}; each was replaced by the "
+                      f"next readable image with that image's own label ({len(data.skipped_files)} in all; --strict-data "
+                      "makes this fatal)")
 
 
 def _place(student: nn.Module, teacher: Teacher | None, device: torch.device | None, speed: Speed) -> bool:

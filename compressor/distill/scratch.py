@@ -18,7 +18,7 @@ from compressor.device import Speed, example_input, pick_device
 from compressor.distill.loop import FitOptions, fit, say_schedule
 from compressor.distill.tensorboard import epoch_logger
 from compressor.events import SILENT, Reporter, RunClock, calls_each
-from compressor.fileio import state_dir_for
+from compressor.fileio import kept_only_if_used, state_dir_for
 from compressor.load import Normalization, choose_normalization
 from compressor.models.checkpoint import save_checkpoint
 from compressor.models.outputs import ensure_logits
@@ -43,10 +43,11 @@ def train_model(arch: str, data: Dataset, cfg: Config, out_path: str | Path, dev
         reporter.info(note)
     say_schedule(cfg, reporter)
     clock = RunClock(cfg.train.epochs, reporter)
-    options = FitOptions(resume, spec.name, speed, calls_each(epoch_logger(tensorboard, spec.name), clock.epoch_done))
+    options = FitOptions(resume, spec.name, speed, calls_each(epoch_logger(tensorboard, spec.name), clock.epoch_done),
+                         run={"student": spec.name})
     clock.start()
-    result = fit(model, data, cfg, state_dir_for(out_path), mean, std, device=device or pick_device(), reporter=reporter,
-                 options=options)
+    with kept_only_if_used(state_dir_for(out_path)) as state_dir:
+        result = fit(model, data, cfg, state_dir, mean, std, device=device or pick_device(), reporter=reporter, options=options)
     metrics = {"top1": result.final["test_top1"], "history": result.history, "train_seconds": result.seconds,
                "data": data.name, "preset": cfg.preset, "epochs": cfg.train.epochs,
                "cuda_graphs": result.cuda_graphs.to_dict()}

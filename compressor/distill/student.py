@@ -3,6 +3,7 @@ reused on ``--resume``), saved with its metrics, returned as a ``DistilledStuden
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor import distributed
+from compressor import distributed, fileio
 from compressor.config import Config
 from compressor.derive.candidates import Candidate, resolve_init
 from compressor.derive.thinning import inherit
@@ -20,8 +21,9 @@ from compressor.distill.hints import make_regressor
 from compressor.distill.loop import FitOptions, fit, objective_from
 from compressor.distill.losses import Objective
 from compressor.distill.runtime import Teacher
-from compressor.distill.state import STATE_FILE
+from compressor.distill.state import METRICS_FILE, STATE_FILE, check_finished
 from compressor.distill.tensorboard import epoch_logger
+from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter, RunClock, calls_each
 from compressor.load import TeacherAndData, normalization
 from compressor.models.checkpoint import load_model, save_checkpoint
@@ -54,6 +56,7 @@ class DistilledStudent:
     compile_seconds: float = 0.0
     cuda_graphs: dict[str, Any] | None = None
     hint: str | None = None  # FitNet: the hint pair and its regressor (training machinery, not in the model)
+    teacher_digest: str | None = None  # the weights it was distilled from (models.checkpoint.weights_digest)
 
     def metrics(self) -> dict[str, Any]:
         d = {"top1": self.top1, "history": self.history, "train_seconds": self.train_seconds, "method": self.method,
@@ -64,6 +67,8 @@ class DistilledStudent:
             d["cuda_graphs"] = self.cuda_graphs
         if self.hint:
             d["hint"] = self.hint
+        if self.teacher_digest:
+            d["teacher_digest"] = self.teacher_digest
         return d
 
     @classmethod
@@ -73,7 +78,17 @@ class DistilledStudent:
         those of the run that reuses it."""
         return cls(model, spec, folder, float(metrics["top1"]), method, teacher, epochs, list(metrics.get("history", [])),
                    metrics.get("train_seconds"), metrics.get("init"), list(metrics.get("pairs", [])),
-                   float(metrics.get("compile_seconds", 0.0)), metrics.get("cuda_graphs"), metrics.get("hint"))
+                   float(metrics.get("compile_seconds", 0.0)), metrics.get("cuda_graphs"), metrics.get("hint"),
+                   metrics.get("teacher_digest"))
+
+
+def check_same_teacher(metrics: dict[str, Any], loaded: TeacherAndData, ckpt: Path) -> None:
+    """A finished student is reused only for the teacher it was distilled from (students of an atc
+    before the digest was stored are reused as before)."""
+    was = metrics.get("teacher_digest")
+    if was and was != loaded.teacher_digest:
+        raise ConfigError(f"{ckpt} was distilled from another teacher (weights {was[:12]}, now {loaded.teacher_digest[:12]} "
+                          f"of {loaded.spec.name}); pass --overwrite to train it again from this teacher, or use another --out")
 
 
 def teacher_ties(student: nn.Module, teacher: nn.Module, input_size, cfg: Config, objective: Objective) -> Teacher:
@@ -105,8 +120,8 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
                     init: str = "auto", options: RunOptions = RunOptions(), reporter: Reporter = SILENT,
                     clock: RunClock | None = None) -> DistilledStudent:
     """Train one student into ``out/students/NAME-METHOD`` (skipped when a finished checkpoint is already
-    there and ``options.resume``). A derived student starts from the teacher's surviving weights
-    (``init="inherit"``) or from a fresh initialisation. ``options``: ``resume``, ``speed`` and
+    there and ``options.resume``; reloading it takes the command's ``loaded.trust``). A derived student
+    starts from the teacher's surviving weights (``init="inherit"``) or from a fresh initialisation. ``options``: ``resume``, ``speed`` and
     ``tensorboard`` (a folder for per-epoch scalars)."""
     teacher, t_spec, data = loaded.model, loaded.spec, loaded.data
     mean, std = normalization(t_spec, data)
@@ -114,7 +129,11 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
     sdir = student_dir(out, cand, method)
     ckpt = sdir / "student.pt"
     if options.resume and ckpt.exists():
-        model, spec, metrics = load_model(ckpt)
+        model, spec, metrics = load_model(ckpt, trust=loaded.trust)
+        check_finished(metrics, ckpt)
+        check_same_teacher(metrics, loaded, ckpt)
+        if distributed.is_main() and not (sdir / METRICS_FILE).exists():  # removed by hand: the checkpoint has the history
+            fileio.write_text(sdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics.get("history", [])))
         ensure_logits(model, example_input(model, spec.input_size, batch=2), f"student {cand.name}")
         reporter.info(f"{cand.name} ({method}) already finished; reusing {ckpt}")
         return DistilledStudent.from_checkpoint(model, spec, metrics, sdir, method=method, teacher=t_spec.name,
@@ -130,14 +149,16 @@ def distill_student(cand: Candidate, loaded: TeacherAndData, cfg: Config, method
     objective = objective_from(cfg, method)
     ties = teacher_ties(model, teacher, spec.input_size, cfg, objective)
     on_epoch = calls_each(epoch_logger(options.tensorboard, sdir.name), clock.epoch_done if clock else None)
-    fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, on_epoch)
+    fit_options = FitOptions(options.resume, f"{cand.name} ({method})", options.speed, on_epoch,
+                             run={"student": cand.name, "teacher": loaded.teacher_digest})
     if clock is not None:
         clock.start()
-    result = fit(model, data, cfg, sdir, mean, std, ties, objective, device, reporter, fit_options)
+    with fileio.kept_only_if_used(sdir):
+        result = fit(model, data, cfg, sdir, mean, std, ties, objective, device, reporter, fit_options)
     done = DistilledStudent(model.cpu(), spec, sdir, result.final["test_top1"], method, t_spec.name, cfg.train.epochs,
                             result.history, result.seconds, init,
                             ["input gradient dL/dx"] if cfg.distill.attention == "gradient" else [p.describe() for p in ties.pairs],
-                            result.compile_seconds, result.cuda_graphs.to_dict(), describe_hint(ties))
+                            result.compile_seconds, result.cuda_graphs.to_dict(), describe_hint(ties), loaded.teacher_digest)
     if distributed.is_main():
         save_checkpoint(ckpt, done.model, spec, done.metrics())
         if not options.keep_state:  # a finished student resumes from its checkpoint; the state only took space

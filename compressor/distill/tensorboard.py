@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
-from compressor.errors import ConfigError
+from compressor import fileio
+from compressor.errors import ConfigError, OutputError
 
 Record = dict[str, float]
 
@@ -21,11 +23,39 @@ def _tag(key: str) -> str:
     return key
 
 
-def check_tensorboard() -> None:
+def _unwritable(exc: OSError, folder: Path, kept: str) -> OutputError:
+    why = fileio.output_error(exc, folder)
+    reason = str(why).split("; ")[0] if why is not None else f"cannot write TensorBoard scalars to {folder} ({exc.strerror or exc})"
+    return OutputError(f"{reason}; {kept}")
+
+
+def check_tensorboard(log_dir: str | Path | None = None) -> None:
+    """Before any training: the package is installed and ``log_dir`` is a folder that can be written."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
         raise ConfigError("--tensorboard needs the tensorboard package; pip install 'atc[tensorboard]'") from None
+    if log_dir is not None:
+        if Path(log_dir).exists() and not Path(log_dir).is_dir():
+            raise OutputError(f"--tensorboard {log_dir} is a file; pass a folder")
+        fileio.check_writable(log_dir)
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes in a background thread that, when a write fails (a full disk), prints its
+    traceback and re-raises the error at the next write in the main thread. The main thread's
+    one-line error is enough: the writer threads' own tracebacks are not printed (other threads'
+    are, as before)."""
+    previous = threading.excepthook
+    if getattr(previous, "atc_quiet_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.atc_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def epoch_logger(log_dir: str | Path | None, run: str) -> Callable[[Record], None] | None:
@@ -35,13 +65,22 @@ def epoch_logger(log_dir: str | Path | None, run: str) -> Callable[[Record], Non
     check_tensorboard()
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(Path(log_dir) / run.replace(" ", "_").replace("+", "_")))
+    folder = Path(log_dir) / run.replace(" ", "_").replace("+", "_")
+    _quiet_writer_threads()
+    try:
+        writer = SummaryWriter(str(folder))
+    except OSError as exc:  # it writes the event file's header at once
+        raise _unwritable(exc, folder, "nothing was trained yet") from None
 
     def log(record: Record) -> None:
         step = int(record["epoch"])
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                writer.add_scalar(_tag(key), float(value), step)
-        writer.flush()
+        try:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    writer.add_scalar(_tag(key), float(value), step)
+            writer.flush()
+        except OSError as exc:
+            raise _unwritable(exc, folder, f"the training state of epoch {step} is saved, so --resume continues "
+                                           "(with another --tensorboard folder, or without it)") from None
 
     return log

@@ -18,7 +18,6 @@ model is touched, so none is moved."""
 from __future__ import annotations
 
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,8 +90,8 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, calibration: np.ndarra
             return next(self._batches, None)
 
     out = Path(out)
-    with tempfile.TemporaryDirectory() as scratch, fileio.atomic_path(out, suffix=".onnx") as tmp:
-        prepared = Path(scratch) / "prepared.onnx"
+    with fileio.scratch_dir() as scratch, fileio.atomic_path(out, suffix=".onnx") as tmp:
+        prepared = scratch / "prepared.onnx"
         with quiet(EXPORT_LOGGERS):
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,

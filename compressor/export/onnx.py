@@ -101,27 +101,55 @@ def metadata_for(spec: ModelSpec) -> dict[str, str]:
 def to_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path, metadata: dict[str, str] | None = None,
             opset: int | None = None) -> Path:
     """Export ``model`` to one ONNX file with a dynamic batch axis; written atomically."""
+    out = Path(out)
+    with fileio.atomic_path(out, suffix=".onnx") as tmp:
+        write_onnx(model, input_size, tmp, metadata, opset)
+    return out
+
+
+def write_onnx(model: nn.Module, input_size: tuple[int, int, int], tmp: Path, metadata: dict[str, str] | None = None,
+               opset: int | None = None) -> None:
+    """The export itself, into ``tmp``: a path the caller's one atomic write owns (``fileio.atomic_path``),
+    so no temporary is ever written through another."""
     import onnx
 
     model = cpu_copy(model)  # device rule: export from a CPU copy; the caller's model stays where it is
     example = torch.randn(2, *input_size)
-    out = Path(out)
-    with fileio.atomic_path(out, suffix=".onnx") as tmp:
-        try:
-            with quiet(EXPORT_LOGGERS):
-                torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
-                                  opset_version=opset, dynamo=True, verbose=False)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"ONNX export failed ({first}); the model may use an operation the exporter cannot trace") from exc
-        proto = onnx.load(str(tmp))
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(tmp))
-    return out
+    try:
+        with quiet(EXPORT_LOGGERS):
+            torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
+                              opset_version=opset, dynamo=True, verbose=False)
+    except Exception as exc:
+        disk = _disk_error(exc)
+        if disk is not None:  # a full disk is the machine's problem, not the model's
+            raise disk from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export failed ({first}); the model may use an operation the exporter cannot trace") from exc
+    proto = onnx.load(str(tmp))
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp))
+
+
+def _disk_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an export that failed because the disk is full or unwritable (the exporter
+    wraps it, or keeps only its words, so the whole chain is searched); re-raised as an OSError, the
+    caller's atomic write turns it into the one-line message naming the real output file."""
+    import errno
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and fileio.output_error(seen, "") is not None:
+            return seen
+        if "No space left on device" in str(seen):
+            return OSError(errno.ENOSPC, "No space left on device")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, input_size: tuple[int, int, int], batch_sizes=(1, 8),
@@ -154,7 +182,7 @@ def export_checked(model: nn.Module, spec: ModelSpec, out: str | Path, atol: flo
                    batch_sizes=(1, 8), rtol: float | None = None) -> Parity:
     """Export with metadata and verify parity before the file takes its place; a miss leaves nothing behind."""
     with fileio.atomic_path(out, suffix=".onnx") as tmp:
-        to_onnx(model, spec.input_size, tmp, metadata_for(spec))
+        write_onnx(model, spec.input_size, tmp, metadata_for(spec))
         parity = check_parity(model, tmp, spec.input_size, batch_sizes, atol, rtol=rtol)
         if not parity.ok:
             raise ExportError(parity.failure())

@@ -9,6 +9,7 @@ execution to unpickle loads only when the caller says it trusts it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import pickletools
 import warnings
@@ -22,11 +23,12 @@ from torch import nn
 
 from compressor import fileio
 from compressor.device import example_input
-from compressor.errors import CheckpointError, ModelError
+from compressor.errors import CheckpointError, ModelError, shown
 from compressor.models import importers
 from compressor.models.outputs import ensure_logits
 from compressor.models.registry import parse_arch
 from compressor.models.spec import ModelSpec
+from compressor.models.trust import Trust
 
 FORMAT = "atc-checkpoint/1"
 ATC_SOURCE = "an atc checkpoint"
@@ -83,13 +85,19 @@ def _pickles_code(path: Path) -> bool:
     return False
 
 
-def read_file(path: str | Path, trust: bool = False) -> Any:
-    """Load a checkpoint file safely; arbitrary pickles only with ``trust=True``."""
+def read_file(path: str | Path, trust: bool | Trust = False) -> Any:
+    """Load a checkpoint file safely: its zip records' checksums first, then ``torch.load(weights_only=True)``;
+    a pickle that runs code only with ``trust`` (``--trust-checkpoint``)."""
     path = Path(path)
+    trust = Trust.given(trust)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path}/student.pt)")
+    damaged = fileio.damaged_record(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: its record {damaged} fails the archive's CRC check (the bytes changed "
+                              "after it was saved); re-save or re-download it")
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():
@@ -111,7 +119,7 @@ def read_file(path: str | Path, trust: bool = False) -> Any:
         if not needs_code:
             kind = "is empty" if path.stat().st_size == 0 else f"is not a PyTorch checkpoint or is truncated ({type(exc).__name__})"
             raise CheckpointError(f"{path} {kind}; pass a file saved by atc or torch.save, re-saved or re-downloaded if damaged") from None
-        if not trust:
+        if not trust.code:
             raise CheckpointError(f"{path} needs code execution to load (it pickles Python objects, e.g. a whole nn.Module); "
                                   "pass --trust-checkpoint only if you trust its source") from None
     try:
@@ -191,21 +199,88 @@ class LoadedModel:
         return self.source == ATC_SOURCE
 
 
-def read_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-               input_size: tuple[int, int, int] | None = None, trust: bool = False) -> LoadedModel:
-    """Rebuild a model from an atc checkpoint, another project's checkpoint or state_dict (the
-    architecture from ``arch``, the file or the weights) or, when trusted, a pickled module."""
-    obj = read_file(path, trust=trust)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        raw = dict(obj["spec"])
-        raw["input_size"] = tuple(raw["input_size"])
-        spec = ModelSpec(**raw)
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter or floating-point buffer holding NaN or infinity, or None.
+    A tensor's sum is finite when all its values are (a cheap first look; a sum that overflows is checked element by element)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach().sum())) and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "infinity"
+            return f"{name} holds {kind}"
+    return None
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A content hash (SHA-256, hex) of a model's parameters and buffers: names, dtypes, shapes and
+    bytes. It identifies the weights that teach, wherever the file lies and whatever its mtime; for
+    WRN-40-4 (36 MB) it takes about 50 ms on a 2-core CPU (docs/reliability.md)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse a model whose weights are not finite: it would make training diverge at once, or an
+    export fail its parity check, with a message that points at the wrong cause."""
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise CheckpointError(f"{where} has non-finite weights ({bad}); it cannot be used; take an earlier or another checkpoint")
+
+
+def _stored_model(obj: dict, path: Path, trust: Trust) -> LoadedModel:
+    """An atc checkpoint's model: the spec checked field by field and admitted by ``trust``, built, its weights loaded."""
+    where = str(path)
+    spec = ModelSpec.from_stored(obj.get("spec"), where, trust)
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{where}: field 'state_dict' must map names to tensors; the file is damaged, re-save it with atc")
+    metrics = obj.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{where}: field 'metrics' must be a dict, got {type(metrics).__name__}; re-save it with atc")
+    history = metrics.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"{where}: field 'metrics.history' must be a list of epoch records, got {type(history).__name__}; "
+                              "re-save it with atc")
+    top1 = metrics.get("top1")
+    if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float))):
+        raise CheckpointError(f"{where}: field 'metrics.top1' must be a number, got {type(top1).__name__}; re-save it with atc")
+    try:
         model = spec.build()
-        try:
-            model.load_state_dict(obj["state_dict"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path} is damaged: its weights do not fit its own architecture ({str(exc).splitlines()[0][:100]})") from exc
-        return LoadedModel(model, spec, dict(obj.get("metrics", {})))
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: its spec does not build a model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); re-save it with atc") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} is damaged: its weights do not fit its own architecture ({str(exc).splitlines()[0][:100]})") from exc
+    return LoadedModel(model, spec, dict(metrics))
+
+
+def read_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+               input_size: tuple[int, int, int] | None = None, trust: bool | Trust = False) -> LoadedModel:
+    """Rebuild a model from an atc checkpoint, another project's checkpoint or state_dict (the
+    architecture from ``arch``, the file or the weights) or, when trusted, a pickled module.
+
+    Every stored file passes here: ``trust`` (``--trust-checkpoint``, or a ``Trust``) and an ``arch``
+    naming a Python file decide what the file may make atc import (``models/trust.py``), for atc's
+    own specs and for architectures other projects' files name alike; weights that are not finite
+    are refused."""
+    path = Path(path)
+    trust = Trust.given(trust, arch)
+    obj = read_file(path, trust=trust)
+    loaded = _loaded_from(obj, path, arch, num_classes, input_size, trust)
+    check_finite(loaded.model, str(path))
+    return loaded
+
+
+def _loaded_from(obj: Any, path: Path, arch: str | None, num_classes: int | None,
+                 input_size: tuple[int, int, int] | None, trust: Trust) -> LoadedModel:
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _stored_model(obj, path, trust)
     if isinstance(obj, nn.Module):  # TorchScript, or a whole pickled module (trusted): it runs, but cannot be rebuilt by name
         linears = [m for m in obj.modules() if isinstance(m, nn.Linear)]
         classes = num_classes or (linears[-1].out_features if linears else 0)
@@ -215,6 +290,7 @@ def read_model(path: str | Path, arch: str | None = None, num_classes: int | Non
     if weights is None:
         raise CheckpointError(f"{path} is not an atc checkpoint or a state_dict; pass a file saved by atc or torch.save(model.state_dict())")
     chosen, notes = importers.choose_arch(weights, arch, str(path))
+    chosen = trust.admit(chosen, str(path))  # an architecture the file names passes the same gate as atc's own specs
     classes = num_classes or importers.classes_in(weights.state_dict) or 10
     spec = ModelSpec(chosen.family, dict(chosen.kwargs), classes, input_size=input_size or (3, 32, 32))
     if weights.stats is not None:  # the source project's code fixes its normalisation
@@ -225,7 +301,7 @@ def read_model(path: str | Path, arch: str | None = None, num_classes: int | Non
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-               input_size: tuple[int, int, int] | None = None, trust: bool = False) -> tuple[nn.Module, ModelSpec, dict]:
+               input_size: tuple[int, int, int] | None = None, trust: bool | Trust = False) -> tuple[nn.Module, ModelSpec, dict]:
     """``read_model`` as (model, spec, metrics)."""
     loaded = read_model(path, arch=arch, num_classes=num_classes, input_size=input_size, trust=trust)
     return loaded.model, loaded.spec, loaded.metrics
@@ -244,12 +320,15 @@ def check_model_source(model: str | Path) -> None:
         raise CheckpointError(f"checkpoint {text} does not exist; check the path (or pass an architecture name, see `atc models`)")
 
 
-def open_model(model: str | Path, arch: str | None = None, trust: bool = False, input_size: tuple[int, int, int] | None = None,
+def open_model(model: str | Path, arch: str | None = None, trust: bool | Trust = False, input_size: tuple[int, int, int] | None = None,
                num_classes: int = 10) -> tuple[nn.Module, ModelSpec]:
     """A model to profile or export: a checkpoint file, or a zoo name built fresh. ``input_size``
     overrides the checkpoint's; a zoo ImageNet ResNet defaults to 1000 classes at 224x224. The model
     is in eval mode and checked to accept its input size."""
     size = tuple(input_size) if input_size else None
+    if Path(model).is_symlink() and not Path(model).exists():
+        raise CheckpointError(f"{shown(model)} is a symbolic link to {shown(os.readlink(model))}, which does not exist; "
+                              "pass the checkpoint itself")
     check_model_source(model)
     if Path(model).exists():
         m, spec, _ = load_model(model, arch=arch, trust=trust, input_size=size)

@@ -166,7 +166,7 @@ def module_source(module: nn.Module) -> str:
 
 def not_rebuildable(path: str | Path, source: str) -> str:
     """Why a TorchScript file or pickled module cannot be a teacher to distil from, and the one line that fixes it."""
-    loader = f"torch.jit.load('{path}')" if source.startswith("a TorchScript") else f"torch.load('{path}', weights_only=False)"
+    loader = f"torch.jit.load({str(path)!r})" if source.startswith("a TorchScript") else f"torch.load({str(path)!r}, weights_only=False)"
     return (f"{path} is {source}: atc can run it but not rebuild its architecture by name; save its weights with "
             f"python -c \"import torch; torch.save({loader}.state_dict(), 'teacher_sd.pt')\" and pass --teacher teacher_sd.pt "
             "(with --arch NAME if atc cannot infer the architecture from the weights)")
@@ -421,7 +421,7 @@ def _hint(mismatch: Mismatch, arch_name: str, weights: Weights) -> str:
         rest = [k for k in mismatch.unexpected if not k.startswith(prefix)]
         beside = f", next to {len(rest)} other keys ({_few(rest, 2)})" if rest else ""
         return (f"its weights sit under the prefix {prefix} ({prefix}{mismatch.missing[0]} …){beside}: strip the prefix {prefix}, "
-                f"e.g. torch.save({{k.removeprefix('{prefix}'): v for k, v in sd.items() if k.startswith('{prefix}')}}, 'fixed.pt')")
+                f"e.g. torch.save({{k.removeprefix({prefix!r}): v for k, v in sd.items() if k.startswith({prefix!r})}}, 'fixed.pt')")
     inferred = infer_arch(weights)
     if inferred is not None and inferred.name != arch_name:
         return f"the weights are {inferred.name}: pass --arch {inferred.name}, or leave --arch out"

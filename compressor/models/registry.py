@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from compressor.errors import ModelError
+from compressor.errors import ModelError, shown
 from compressor.models.resnet import CifarResNet, KdCifarResNet, ScalableResNet, kd_resnet_stem
 from compressor.models.wrn import RawShortcutWideResNet, WideResNet
 
@@ -55,7 +55,7 @@ class Arch:
 
     def build(self, num_classes: int) -> nn.Module:
         if self.family not in FAMILIES:
-            raise ModelError(f"this checkpoint's model family '{self.family}' is unknown to this atc; upgrade atc")
+            raise ModelError(f"this checkpoint's model family {self.family!r} is unknown to this atc; upgrade atc")
         return FAMILIES[self.family].build(num_classes=num_classes, **self.kwargs)
 
 
@@ -141,9 +141,42 @@ class Family:
     names: Callable[[str], list[str]] = lambda glob: []
     prefixes: tuple[str, ...] = ()
     derive: str = "thinning"
+    vet: Callable[[dict[str, Any]], str | None] = lambda kwargs: None
+
+    def vet_stored(self, kwargs: Any) -> str | None:
+        """Check builder arguments read from a file (``models/trust.py`` decides on what this returns):
+        plain data, accepted by the builder, none naming a file, a folder or a download, and the
+        family's own check (``vet``: a known torchvision/timm name, a Python file's path). Returns the
+        Python file the builder would import, or None. Raises a one-line ``ModelError``."""
+        if not isinstance(kwargs, dict) or not plain_data(kwargs):
+            raise ModelError(f"arch_kwargs must be a dict of plain values, got {type(kwargs).__name__}")
+        source = self.vet(kwargs)
+        reaching = [k for k in kwargs if SOURCE_KEY.search(k) and not (source is not None and k == "path")]
+        if reaching:
+            raise ModelError(f"the {self.name} builder argument {reaching[0]!r} would read a file or download weights")
+        try:
+            inspect.signature(self.build).bind(num_classes=1, **kwargs)
+        except TypeError as exc:
+            raise ModelError(f"arch_kwargs {sorted(kwargs)} do not fit the {self.name} builder ({exc})") from None
+        return source
 
 
 FAMILIES: dict[str, Family] = {}
+
+# Builder arguments that would make a builder read a file or download something (timm's
+# checkpoint_path, pretrained_cfg_overlay=dict(file=…); torchvision's weights, weights_backbone).
+SOURCE_KEY = re.compile(r"path|file|dir|url|uri|checkpoint|pretrained|weights|hub|cache|download|repo|source", re.I)
+
+
+def plain_data(value: Any) -> bool:
+    """Whether ``value`` is plain data: numbers, strings, None, and lists or string-keyed dicts of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain_data(v) for k, v in value.items())
+    return False
 
 
 def register(family: Family) -> Family:
@@ -284,7 +317,7 @@ def _parse_torchvision(name: str) -> dict[str, Any] | None:
         if key in names:
             return {"name": key}
         close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-        raise _unknown(f"torchvision has no classification model '{rest}'", ["tv:" + c for c in close],
+        raise _unknown(f"torchvision has no classification model {rest!r}", ["tv:" + c for c in close],
                        "(torchvision.models.list_models(module=torchvision.models) lists torchvision's)")
     return {"name": name.lower()} if name.lower() in TORCHVISION_GENERIC else None
 
@@ -296,6 +329,14 @@ def _torchvision_rows() -> list[dict[str, str]]:
                  f"any of torchvision's {len(tv)} classification models, no weights, e.g. tv:resnet18, tv:convnext_tiny")]
 
 
+def _vet_torchvision(kwargs: dict[str, Any]) -> None:
+    """A stored torchvision name must be one of its classification builders: ``get_model`` would
+    also build detection models, whose default backbone weights are downloaded."""
+    name = kwargs.get("name")
+    if not isinstance(name, str) or name not in torchvision_names():
+        raise ModelError(f"torchvision name {name!r} is not one of torchvision's classification models")
+
+
 register(Family(
     "torchvision", _torchvision_model, _parse_torchvision,
     # a bare name only where it parses back to torchvision (not resnet18: that is the zoo's)
@@ -303,7 +344,7 @@ register(Family(
     _torchvision_rows,
     lambda glob: _matching(list(TORCHVISION_GENERIC), glob)
     + [f"tv:{n}" for n in _matching(torchvision_names(), glob) if n not in TORCHVISION_GENERIC],
-    prefixes=("tv", "torchvision")))
+    prefixes=("tv", "torchvision"), vet=_vet_torchvision))
 
 
 def _parse_timm(name: str) -> dict[str, Any] | None:
@@ -318,7 +359,7 @@ def _parse_timm(name: str) -> dict[str, Any] | None:
     if timm.is_model(key):
         return {"name": key}
     close = difflib.get_close_matches(key, timm.list_models(), n=3, cutoff=0.6)
-    raise _unknown(f"timm has no model '{rest}'", ["timm:" + c for c in close], f"(timm.list_models('*{key}*') lists timm's)")
+    raise _unknown(f"timm has no model {rest!r}", ["timm:" + c for c in close], f"(timm.list_models('*{key}*') lists timm's)")
 
 
 def _timm_names(pattern: str) -> list[str] | None:
@@ -336,21 +377,45 @@ def _timm_rows() -> list[dict[str, str]]:
     return [_row("timm:NAME", "timm", "thinning", about)]
 
 
+def _vet_timm(kwargs: dict[str, Any]) -> None:
+    """A stored timm name must be a plain architecture name (``hf-hub:``/``local-dir:`` names read a
+    config from the Hub or a folder even without weights)."""
+    name = kwargs.get("name")
+    try:
+        known = isinstance(name, str) and _parse_timm(f"timm:{name}") == {"name": name}
+    except ModelError:
+        known = False
+    if not known:
+        raise ModelError(f"timm name {name!r} is not one of timm's architectures" if "timm" in sys.modules or name else TIMM_MISSING)
+
+
 register(Family("timm", _timm_model, _parse_timm, lambda kw: f"timm:{kw['name']}", _timm_rows,
-                lambda glob: [f"timm:{n}" for n in _timm_names(glob) or []], prefixes=("timm",)))
+                lambda glob: [f"timm:{n}" for n in _timm_names(glob) or []], prefixes=("timm",), vet=_vet_timm))
 
 
 def _parse_file(name: str) -> dict[str, Any] | None:
     if not (m := re.fullmatch(r"(.+\.py):([A-Za-z_]\w*)", name)):
         return None
     file = Path(m.group(1)).expanduser()
+    if file.exists() and not file.is_file():
+        raise ModelError(f"model file {shown(file)} is a folder, not a Python file; pass --arch path/to/file.py:ClassName")
     if not file.is_file():
-        raise ModelError(f"model file {file} does not exist; pass --arch path/to/file.py:ClassName")
+        raise ModelError(f"model file {shown(file)} does not exist; pass --arch path/to/file.py:ClassName")
     return {"path": str(file.resolve()), "class_name": m.group(2)}
 
 
-register(Family("file", _file_model, _parse_file, lambda kw: kw["class_name"],
-                lambda: [_row("path/to/file.py:ClassName", "file", "thinning", "your nn.Module, built with num_classes=N when it takes it")]))
+def _vet_file(kwargs: dict[str, Any]) -> str:
+    """The Python file a stored ``file`` spec imports (whether it may is ``models/trust.py``'s question)."""
+    path, class_name = kwargs.get("path"), kwargs.get("class_name")
+    if not isinstance(path, str) or not path.endswith(".py"):
+        raise ModelError(f"the file family needs arch_kwargs.path, a .py file, got {path!r}")
+    if not isinstance(class_name, str) or not class_name.isidentifier():
+        raise ModelError(f"the file family needs arch_kwargs.class_name, a Python class name, got {class_name!r}")
+    return path
+
+
+register(Family("file", _file_model, _parse_file, lambda kw: kw["class_name"], vet=_vet_file,
+                rows=lambda: [_row("path/to/file.py:ClassName", "file", "thinning", "your nn.Module, built with num_classes=N when it takes it")]))
 
 
 # ---------------------------------------------------------------- names
@@ -390,7 +455,7 @@ def parse_arch(name: str) -> Arch:
         if kwargs is not None:
             return Arch(family.name, kwargs)
     close = difflib.get_close_matches(text.lower(), known_names(), n=3, cutoff=0.5)
-    raise _unknown(f"unknown architecture '{name}'", close,
+    raise _unknown(f"unknown architecture {name!r}", close,
                    "(tv:NAME for torchvision's, timm:NAME for timm's, path/to/file.py:ClassName for your own)")
 
 

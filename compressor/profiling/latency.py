@@ -142,7 +142,7 @@ class Runner:
                  threads: int, onnx_path: Path | None = None, fmt: GpuFormat = GpuFormat(),
                  device: torch.device | None = None):
         if runtime not in RUNTIMES:
-            raise ConfigError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+            raise ConfigError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
         self.runtime, self.batch_size, self.threads, self.fmt = runtime, batch_size, threads, fmt
         self.graph = None
         if runtime.startswith("ort"):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from compressor.device import threads_note
 from compressor.errors import ConfigError
 from compressor.profiling.counts import MAC_UNIT, count_macs, count_params
 from compressor.profiling.latency import GPU_BATCH_SIZES, Latency, Timing, environment, gpu_latency, gpu_status, measure_latency
@@ -38,6 +39,7 @@ class Profile:
     gpu_latency: dict[str, Any] | None = None  # GpuLatency.to_dict() without its notes; with CUDA only
     gpu_notes: list[str] = field(default_factory=list)
     gmacs_conv_linear: float = 0.0  # convolutions and matrix products alone, as torchvision counts
+    notes: list[str] = field(default_factory=list)  # about the timing conditions (e.g. more threads than cores)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,7 +69,8 @@ def profile_model(model: nn.Module, name: str, input_size: tuple[int, int, int],
                             threads=threads, measure=measure, device_name=device_name)
             gpu_entry, notes = {"device": g.device, "runs": [r.to_dict() for r in g.runs]}, notes + g.notes
     return Profile(name, list(input_size), count_params(model), macs.gmacs, macs.gflops, macs.skipped_ops, lat,
-                   by_module_gmacs=by_module, gpu_latency=gpu_entry, gpu_notes=notes, gmacs_conv_linear=macs.conv_linear_gmacs)
+                   by_module_gmacs=by_module, gpu_latency=gpu_entry, gpu_notes=notes, gmacs_conv_linear=macs.conv_linear_gmacs,
+                   notes=[n for n in [threads_note(threads)] if n])
 
 
 def onnx_input_size(model) -> tuple[int, int, int] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,50 @@ def read_report(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AtcError(f"{run_dir} holds no report.json; pass the --out folder of an atc compress run")
     try:
-        return upgrade_report(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise AtcError(f"{path} is not valid JSON ({exc.msg}); re-run atc compress to rebuild it") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AtcError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); re-run atc compress to rebuild it") from None
+    if isinstance(data, dict):
+        data = upgrade_report(data)  # old key names first: the check is against today's fields
+    check_report(data, path)
+    return data
+
+
+def check_report(data: Any, path: str | Path) -> None:
+    """report.json read back, field by field against the dataclasses that wrote it (``Report``,
+    ``TeacherEntry``, ``StudentEntry``): a missing or mistyped field is named with the file."""
+    _check_fields(data, Report, path, "", skip=("teacher", "students"))
+    _check_fields(data["teacher"], TeacherEntry, path, "teacher.")
+    if not isinstance(data["students"], list) or not data["students"]:
+        raise AtcError(f"{path}: field 'students' must be a non-empty list; re-run atc compress to rebuild it")
+    for i, student in enumerate(data["students"]):
+        _check_fields(student, StudentEntry, path, f"students[{i}].")
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "list": (list,), "dict": (dict,)}
+
+
+def _check_fields(d: Any, cls: type, path: str | Path, prefix: str, skip: tuple[str, ...] = ()) -> None:
+    if not isinstance(d, dict):
+        what = prefix.rstrip(".") or "the report"
+        raise AtcError(f"{path}: {what} must be a JSON object, got {type(d).__name__}; re-run atc compress to rebuild it")
+    for f in fields(cls):
+        required = f.default is MISSING and f.default_factory is MISSING
+        if f.name not in d:
+            if required:
+                raise AtcError(f"{path}: field '{prefix}{f.name}' is missing; re-run atc compress to rebuild it")
+            continue
+        if f.name in skip:
+            continue
+        kind = str(f.type).split("[")[0].split(" ")[0]
+        value = d[f.name]
+        if value is None:
+            ok = "None" in str(f.type)
+        else:
+            ok = kind not in _KINDS or (isinstance(value, _KINDS[kind]) and not isinstance(value, bool))
+        if not ok:
+            raise AtcError(f"{path}: field '{prefix}{f.name}' must be {kind}, got {type(value).__name__}; "
+                           "re-run atc compress to rebuild it")
 
 
 # report.json keys renamed since report_version 1 first shipped: old name → new name (latency section)

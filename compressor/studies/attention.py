@@ -327,7 +327,6 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
     """``atc attention``: load the models and data, compute the per-stage numbers, write the map grid.
     From ``options``: ``device`` and how to read the checkpoints (``arch``, ``trust``)."""
     images, test_images, localization, dilate_px = view.images, view.test_images, view.localization, view.dilate_px
-    trust = options.trust
     attention = view.attention or cfg.distill.attention
     p = view.p if view.p is not None else (1.0 if attention == "gradient" else cfg.distill.p)
     layers = view.layers or cfg.distill.at_layers
@@ -338,7 +337,7 @@ def attention_report(teacher_path: str | Path, data_spec: str | Path, out_png: s
     loaded = load_teacher_and_data(teacher_path, data_spec, cfg, options, reporter=reporter, data=data)
     teacher, student = Net(loaded.spec.name, loaded.model, *loaded.mean_std), None
     if student_path is not None:
-        model, spec, _ = load_model(student_path, trust=trust)
+        model, spec, _ = load_model(student_path, trust=loaded.trust)
         check_compatible(spec, data, "student")
         student = Net(spec.name, model, *normalization(spec, data))
     if student is not None and student.name == teacher.name:

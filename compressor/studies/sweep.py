@@ -80,11 +80,13 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
         key = key.strip()
         vals = tuple(v.strip() for v in values.split(",") if v.strip())
         if not sep or not key or not vals:
-            raise ConfigError(f"--grid '{item}' must look like key=v1,v2, e.g. beta=0,1e3 or attention=sum-p:2,gradient")
+            raise ConfigError(f"--grid {item!r} must look like key=v1,v2, e.g. beta=0,1e3 or attention=sum-p:2,gradient")
         if any(a.key == key for a in axes):
-            raise ConfigError(f"--grid names '{key}' twice; give all its values in one --grid {key}=…")
-        if len(set(vals)) != len(vals):
-            raise ConfigError(f"--grid {key} repeats a value; list each value once")
+            raise ConfigError(f"--grid names {key!r} twice; give all its values in one --grid {key}=…")
+        same = _repeated(vals)
+        if same:
+            raise ConfigError(f"--grid {key} repeats a value ({' and '.join(map(repr, same))} are the same setting); "
+                              "list each value once")
         for v in vals:
             overrides_for(key, v)  # validates the key and, for attention, the value
             if SHORTHAND.get(key, key) == "distill.method":
@@ -95,6 +97,22 @@ def parse_grid(items: Sequence[str]) -> list[Axis]:
     return axes
 
 
+def _repeated(values: Sequence[str]) -> tuple[str, ...]:
+    """The first two values that mean the same setting (``1e3`` and ``1000``, ``sum-p:2`` and
+    ``sum-p:2.0``): two cells would train the same student."""
+    seen: dict[str, str] = {}
+    for v in values:
+        try:
+            name, _, p = v.partition(":")
+            key = f"{name}:{float(p)!r}" if p else repr(float(v))
+        except ValueError:
+            key = v
+        if key in seen:
+            return seen[key], v
+        seen[key] = v
+    return ()
+
+
 def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
     """One grid setting as config overrides."""
     if key == "attention":
@@ -103,7 +121,7 @@ def overrides_for(key: str, value: str) -> dict[str, dict[str, Any]]:
     dotted = SHORTHAND.get(key, key)
     section, dot, name = dotted.partition(".")
     if not dot or section not in SECTIONS:
-        raise ConfigError(f"--grid key '{key}' is unknown; use attention, {', '.join(SHORTHAND)} or section.key (e.g. train.lr)")
+        raise ConfigError(f"--grid key {key!r} is unknown; use attention, {', '.join(SHORTHAND)} or section.key (e.g. train.lr)")
     if section == "data":
         raise ConfigError(f"--grid {key}: data settings cannot vary within a sweep (every cell trains on the same images); "
                           "set them with --set for the whole sweep")
@@ -192,6 +210,7 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
+    fileio.check_writable(out)
     loaded = load_teacher_and_data(teacher_path, data_spec, base_cfg, options, reporter=reporter)
     teacher_bytes = Blob.read(teacher_path)  # what every run trains against, even if the file changes meanwhile
     t_spec, data = loaded.spec, loaded.data
@@ -217,7 +236,7 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
             tasks[key] = Task(key, run_dir, SweepRun(spec, cfg, s))
     reporter.info(f"{len(cells)} cells x {seeds} seeds = {len(schedule)} runs, {len(tasks)} distinct (β = 0 cells share theirs); "
                   f"student {cand.name}, method {method}")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a sweep refused on its grid, teacher or data leaves no folder
     cache_teacher(spec, teacher_bytes.sha256, loaded)  # runs in this process reuse the teacher and data loaded here
     engine = replace(engine, gpus=0) if dev.type == "cpu" else engine
     outcomes = {o.key: o for o in run_cells(train_run, list(tasks.values()), engine, resume=options.resume,
@@ -297,7 +316,15 @@ def _check_run_config(run_dir: Path, cfg: Config, method: str, student: str, wri
     want = {"config": cfg.to_dict(), "method": method, "student": student}
     path = run_dir / "run.json"
     if path.exists():
-        have = json.loads(path.read_text())
+        try:
+            have = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OutputError(f"{path} is damaged ({type(exc).__name__}); delete that run folder (it is trained again) "
+                              "or use another --out") from None
+        if not isinstance(have, dict) or not all(k in have for k in want):
+            missing = next((k for k in want if not isinstance(have, dict) or k not in have), "config")
+            raise OutputError(f"{path}: field {missing!r} is missing; delete that run folder (it is trained again) "
+                              "or use another --out")
         if have != json.loads(json.dumps(want)):
             raise OutputError(f"{run_dir} was trained with other settings (preset, --set, --method or --student changed); "
                               "use another --out for this sweep or delete that folder")

@@ -9,7 +9,7 @@ from torch import nn
 
 from compressor.derive.candidates import derived_candidate, ladder
 from compressor.derive.thinning import Thinner, block_stages, check_traceable, inherit, keep_count, parse_widths, thin
-from compressor.errors import ConfigError, ModelError
+from compressor.errors import CheckpointError, ConfigError, ModelError
 from compressor.export.onnx import check_parity, to_onnx
 from compressor.models.checkpoint import load_model, save_checkpoint
 from compressor.models.plan import apply_plan
@@ -143,7 +143,10 @@ def test_checkpoint_reloads_with_weights_only(derived):
     save_checkpoint(path, student, cand.spec, {"top1": 1.0})
     blob = torch.load(path, map_location="cpu", weights_only=True)  # plain data only: no pickled code
     assert blob["spec"]["plan"]["removed_blocks"] == removed
-    model, spec2, _ = load_model(path)
+    if spec.family == "file":  # rebuilding imports the model's file: only with the user's word (issue 21)
+        with pytest.raises(CheckpointError, match="rebuilds its model by importing the Python file"):
+            load_model(path)
+    model, spec2, _ = load_model(path, arch=CASES[name][0] if spec.family == "file" else None)
     assert spec2.plan == cand.spec.plan and spec2.name == cand.name
     x = torch.randn(4, *SIZE)
     with torch.no_grad():

@@ -145,12 +145,10 @@ def _check_invariants(cfg: Config) -> None:
 
 
 def _is_one_line(exc: ConfigError, *user_text) -> bool:
-    """One line of atc's own words; the user's text that a message quotes verbatim is taken out first
-    (it may hold a newline; the CLI flattens the whole message onto one line)."""
+    """One line, the user's text included: a message quotes it with escapes (``repr``), so a newline
+    the user typed shows as ``\\n`` (issue 21, point 11)."""
     message = str(exc)
-    for text in sorted((str(t) for t in user_text), key=len, reverse=True):
-        message = message.replace(text, "").replace(text.strip(), "") if text.strip() else message
-    return "\n" not in message and len(message.strip()) > 10
+    return "\n" not in message and "\r" not in message and len(message.strip()) > 10
 
 
 @SETTINGS
