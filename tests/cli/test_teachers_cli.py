@@ -131,7 +131,7 @@ def test_train_and_export_a_model_returning_logits_and_features(atc, folder32, t
     r = atc("train", "--arch", arch, "--data", str(folder32), "--preset", "demo", "--epochs", "1", "--out", str(tmp_path / "m.pt"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "ResNet8x4 returns a tuple of 2; atc uses its first element" in r.stderr
-    r = atc("export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.onnx"))
+    r = atc("export", str(tmp_path / "m.pt"), "--arch", arch, "--out", str(tmp_path / "m.onnx"))  # its file: named again (issue 21)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     import onnx
 
