@@ -3,6 +3,8 @@ folder holds what the README lists and no lock or finished training state, the P
 unless asked, the run says how long it will take, the report carries one teacher latency with each
 model's CV and the load average."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -21,12 +23,14 @@ def run(tmp_path_factory, tiny_teacher):
     teacher = tiny_teacher("wrn-10-2")
     cfg = load_config("demo", {"train": {"epochs": 1}})
     out = base / "run"
-    report = compress(teacher, str(data), cfg, out, StudentChoice(names=("wrn-10-1", "wrn-10-0.5")), RunOptions(pick="accurate"))
-    return out, report.to_dict()
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+        report = compress(teacher, str(data), cfg, out, StudentChoice(names=("wrn-10-1", "wrn-10-0.5")), RunOptions(pick="accurate"))
+    return out, report.to_dict(), said.getvalue()
 
 
 def test_the_published_student_follows_the_rule_and_its_files_are_at_the_top(run):
-    out, report = run
+    out, report, _ = run
     chosen = pick_student(report["students"], "accurate")
     assert report["published"]["name"] == chosen.name and report["published"]["rule"] == "accurate"
     assert report["published"]["reason"] == chosen.reason
@@ -37,7 +41,7 @@ def test_the_published_student_follows_the_rule_and_its_files_are_at_the_top(run
 
 
 def test_the_output_folder_holds_the_listed_files_and_no_lock_or_finished_state(run):
-    out, report = run
+    out, report, _ = run
     assert json.loads((out / "report.json").read_text())["published"] == report["published"]
     top = {p.name for p in out.iterdir()}
     assert top == {"report.json", "report.md", "tradeoff.png", "curves.png", "student.pt", "student.onnx", "metrics.jsonl", "students"}
@@ -47,7 +51,7 @@ def test_the_output_folder_holds_the_listed_files_and_no_lock_or_finished_state(
 
 
 def test_one_teacher_latency_with_cvs_and_the_load(run):
-    _, report = run
+    _, report, _ = run
     lat, t = report["latency"], report["teacher"]
     assert "teacher_median_ms" not in lat and lat["teacher_solo_median_ms"] > 0  # the other one, renamed
     assert t["latency_ms"] > 0 and t["latency_cv"] >= 0
@@ -56,24 +60,24 @@ def test_one_teacher_latency_with_cvs_and_the_load(run):
     assert lat["threads"] == 1  # the one default
 
 
-def test_keep_state_keeps_the_training_state(tmp_path, tiny_teacher, tiny_folder):
-    cfg = load_config("demo", {"train": {"epochs": 1}})
-    compress(tiny_teacher(), str(tiny_folder), cfg, tmp_path / "kept", StudentChoice(names=("wrn-10-0.5",)), RunOptions(keep_state=True))
-    assert (tmp_path / "kept" / "students" / "wrn-10-0.5-at_kd" / "train_state.pt").is_file()
-    assert not (tmp_path / "kept" / ".atc.lock").exists()
-
-
-def test_the_api_is_quiet_by_default_and_progress_prints_lines(tmp_path, tiny_teacher, tiny_folder, capsys):
-    from compressor import dry_run
-
+def test_progress_prints_lines_and_keep_state_keeps_the_state(tmp_path, tiny_teacher, tiny_folder, capsys):
     cfg = load_config("demo", {"train": {"epochs": 2}})
-    dry_run(tiny_teacher(), str(tiny_folder), cfg, StudentChoice(names=("wrn-10-0.5",)))
-    assert capsys.readouterr().err == ""
-    compress(tiny_teacher(), str(tiny_folder), cfg, tmp_path / "loud", StudentChoice(names=("wrn-10-0.5",)), progress=True)
+    compress(tiny_teacher(), str(tiny_folder), cfg, tmp_path / "loud", StudentChoice(names=("wrn-10-0.5",)), RunOptions(keep_state=True),
+             progress=True)
     err = capsys.readouterr().err
     assert "evaluating teacher wrn-10-1 on the" in err and "schedule: 2 epochs" in err
     assert "run: 2 epochs in all, 1 done; after epoch 1: about" in err  # the estimate, after the first epoch
     assert "export, check and time each student against the teacher" in err and "publishing wrn-10-0.5" in err
+    assert (tmp_path / "loud" / "students" / "wrn-10-0.5-at_kd" / "train_state.pt").is_file()  # --keep-state
+    assert not (tmp_path / "loud" / ".atc.lock").exists()
+
+
+def test_the_api_is_quiet_by_default(run, tiny_teacher, tiny_folder, capsys):
+    from compressor import dry_run
+
+    assert run[2] == ""  # the module's compress() printed nothing
+    dry_run(tiny_teacher(), str(tiny_folder), load_config("demo"), StudentChoice(names=("wrn-10-0.5",)))
+    assert capsys.readouterr().err == ""
 
 
 def test_text_reporter_throttles_progress(tmp_path):
