@@ -12,13 +12,22 @@ from compressor.report.tables import columns, markdown, report_notes, rows
 from tests.helpers import assert_error, run_atc
 
 
+def _student(name: str) -> dict:
+    return {"name": name, "method": "at+kd", "params": 10, "gmacs": 0.002, "gflops": 0.004, "top1": 97.0, "top1_delta": -2.4,
+            "param_ratio": 8.9, "mac_ratio": 8.0, "latency_ms": 0.04, "latency_speedup": 5.5, "latency_speedup_spread": [5.0, 6.0],
+            "latency_speedup_quartiles": [5.2, 5.8], "checkpoint": f"students/{name}/student.pt", "onnx": f"students/{name}/student.onnx",
+            "onnx_parity_max_abs_diff": {}, "onnx_parity_max_rel_diff": {}, "train_seconds": 1.0, "epochs": 12,
+            "attention_pairs": [], "init": None, "latency_cv": 0.031}
+
+
 def _report(teacher="wrn-16-2", data="digits", threads=1, students=("a",), params=691_674):
-    return {"teacher": {"name": teacher, "params": params, "gmacs": 0.0254, "top1": 99.4, "latency_ms": 0.22, "latency_cv": 0.05},
-            "students": [{"name": s, "params": 10, "gmacs": 0.002, "top1": 97.0, "top1_delta": -2.4, "latency_ms": 0.04,
-                          "param_ratio": 8.9, "mac_ratio": 8.0, "latency_speedup": 5.5, "latency_cv": 0.031} for s in students],
+    """A report.json that read_report accepts field by field (issue 21), with the values these tests vary."""
+    return {"teacher": {"name": teacher, "params": params, "gmacs": 0.0254, "gflops": 0.0508, "top1": 99.4, "latency_ms": 0.22,
+                        "latency_cv": 0.05},
+            "students": [_student(s) for s in students],
             "data": {"name": data, "train": 1437, "test": 360, "classes": 10, "input_size": [3, 16, 16]},
             "latency": {"runtime": "ort-cpu", "batch_size": 1, "threads": threads, "rounds": 15}, "preset": "demo", "epochs": 12,
-            "method": "at+kd"}
+            "method": "at+kd", "command": "atc demo", "config": {}}
 
 
 def test_runs_of_other_data_are_refused_in_one_line():
