@@ -165,6 +165,9 @@ def _print_derived(student, init: str) -> None:
         stderr.print(f"  init: {resolve_init(init, c.spec)} (--init)")
 
 
+DEMO_TRAINING_THREADS = 1  # the same sums on every machine, so the README's demo figures hold whatever the cores
+
+
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
@@ -176,7 +179,7 @@ def demo(
     from compressor import fileio, pipeline
     from compressor.config import load_config
     from compressor.derive.candidates import StudentChoice
-    from compressor.device import pick_device
+    from compressor.device import pick_device, torch_threads
     from compressor.distill.scratch import train_model
     from compressor.load import load_data
     from compressor.options import RunOptions
@@ -188,11 +191,13 @@ def demo(
     cfg = load_config("demo")
     dev = pick_device(device)
     ds = load_data("digits", cfg, reporter=reporter)
-    reporter.info(f"1/2 training a wrn-16-2 teacher on the bundled digits ({len(ds.train_y)} train / {len(ds.test_y)} test, 16x16) on {dev}")
-    train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
-    reporter.info(f"2/2 deriving {students} student(s) and distilling them with AT+KD")
     options = RunOptions(device=device, threads=threads, overwrite=True, command=command_line(), pick=pick)
-    rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, StudentChoice(count=students), options, reporter=reporter)
+    with torch_threads(DEMO_TRAINING_THREADS):  # the README's figures on any machine, whatever its cores
+        reporter.info(f"1/2 training a wrn-16-2 teacher on the bundled digits ({len(ds.train_y)} train / {len(ds.test_y)} test, "
+                      f"16x16) on {dev}, {DEMO_TRAINING_THREADS} thread")
+        train_model("wrn-16-2", ds, cfg, out / "teacher.pt", dev, reporter)
+        reporter.info(f"2/2 deriving {students} student(s) and distilling them with AT+KD")
+        rep = pipeline.compress(out / "teacher.pt", "digits", cfg, out, StudentChoice(count=students), options, reporter=reporter)
     assert rep is not None  # one process: this is rank 0
     print_report(rep.to_dict(), False)
     stderr.print(wrote_line(out, rep.to_dict(), extra=("teacher.pt",)))

@@ -11,11 +11,25 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from compressor.errors import ConfigError
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Compute with ``threads`` intra-op threads inside the block, then restore the count set before.
+    Sums over threads are ordered differently for each count, so a run meant to give the same
+    figures on every machine fixes it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -156,6 +156,9 @@ class Batches:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
+    def close(self) -> None:
+        """Release what reading needs beyond the tensors (the streamed loader's worker processes)."""
+
     def _order(self, device: torch.device | None = None) -> torch.Tensor:
         """This epoch's indices for this rank, made on ``device`` (the CPU by default)."""
         n, device = len(self.y), device or torch.device("cpu")

@@ -273,6 +273,12 @@ class LoaderBatches(Batches):
             yield self._normalise(x), y
         self.start_step = 0
 
+    def close(self) -> None:
+        """Stop the persistent DataLoader workers now. Left to the garbage collector (the loader and these
+        batches refer to each other through the batch sampler), torch's shutdown then waits out each
+        worker's poll interval: 10 s of nothing after a streamed run with two workers."""
+        self.loader = None
+
     def skipped_files(self) -> list[str]:
         """The unreadable files met so far (each replaced by the next readable image with its own label)."""
         files = getattr(self.source, "files", None)

@@ -265,6 +265,8 @@ def fit(student: nn.Module, data: Dataset, cfg: Config, out_dir: str | Path, mea
     finally:
         if runtime is not None:
             runtime.close()  # the hooks, where stage outputs were taken with them
+        train_b.close()
+        test_b.close()
     graphs = runtime.step.status if runtime is not None else GraphStatus("off", why="no epoch left to train")
     if graphs.state != "off" or graph_device(device):  # a CPU run has nothing to say
         reporter.info(f"{tag}: {graphs.line()}" if tag else graphs.line())

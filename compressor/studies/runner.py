@@ -313,16 +313,13 @@ def execute(work: Work, task: Task, blobs: Mapping[str, Blob], resume: bool, thr
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """Run with ``threads`` torch threads where torch is loaded already (a worker that imports it later
     reads ``OMP_NUM_THREADS``, which its engine set)."""
-    torch = sys.modules.get("torch")
-    if threads is None or torch is None:
+    if threads is None or "torch" not in sys.modules:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    from compressor.device import torch_threads
+
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _slot_init(env: dict[str, str], blobs: Mapping[str, Blob], threads: int) -> None:

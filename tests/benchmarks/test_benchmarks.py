@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, make_image_folder
 
 
@@ -18,6 +20,7 @@ def _table(data, out, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
 
 
+@pytest.mark.slow
 def test_table_runs_skips_finished_cells_and_writes_json(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=16, size=32)
     first = _table(data, tmp_path / "t")

@@ -145,6 +145,7 @@ def _check_paired(table):
     assert methods["at+kd"]["diff_vs_none"]["mean"] == pytest.approx(statistics.fmean(diffs))
 
 
+@pytest.mark.slow
 def test_script_end_to_end_budget_then_finish_then_reuse(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=16, size=32)
     out = tmp_path / "pg"

@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from compressor.models.checkpoint import load_model
 from tests.helpers import run_atc
 
 
+@pytest.mark.slow
 def test_train_then_compress_writes_full_output_set(tiny_folder, tmp_path):
     teacher = tmp_path / "teacher.pt"
     r = run_atc("train", "--arch", "wrn-10-1", "--data", str(tiny_folder), "--preset", "demo", "--epochs", "2",
@@ -50,6 +52,7 @@ def test_train_then_compress_writes_full_output_set(tiny_folder, tmp_path):
     assert np.abs(got - model.eval()(x).detach().numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_non_empty_out_is_refused(tiny_folder, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
@@ -60,6 +63,7 @@ def test_non_empty_out_is_refused(tiny_folder, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cuda_graphs_asked_for_where_they_cannot_run_is_a_one_line_error(tiny_folder, tmp_path):
     out = tmp_path / "teacher.pt"
     r = run_atc("train", "--arch", "wrn-10-1", "--data", str(tiny_folder), "--preset", "demo", "--epochs", "1",

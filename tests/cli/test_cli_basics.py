@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from compressor import __version__
 from tests.helpers import run_atc
 
@@ -28,3 +30,34 @@ def test_help_lists_every_command_with_a_whole_description():
     assert names == ["train", "compress", "derive", "profile", "export", "report", "demo", "attention", "sweep", "models", "inspect"]
     for line in listing:
         assert not line.rstrip().endswith("...") and line.rstrip()[-1] in ".)", line  # not cut mid-phrase
+
+
+def test_the_demo_trains_on_one_thread_whatever_the_machine_has(tmp_path, monkeypatch):
+    # thread counts order the sums differently: on more threads the demo's accuracies would not be the README's
+    import torch
+
+    import cli.compress as commands
+    from compressor import pipeline
+    from compressor.distill import scratch
+
+    seen: list[tuple[str, int]] = []
+
+    class Enough(Exception):
+        pass
+
+    monkeypatch.setattr(scratch, "train_model", lambda *a, **k: seen.append(("teacher", torch.get_num_threads())))
+
+    def compress(*a, **k):
+        seen.append(("students", torch.get_num_threads()))
+        raise Enough
+
+    monkeypatch.setattr(pipeline, "compress", compress)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Enough):
+            commands.demo(out=tmp_path / "demo", overwrite=False, students=1, threads=1, pick="auto", device="cpu")
+        assert seen == [("teacher", 1), ("students", 1)]
+        assert torch.get_num_threads() == 2  # restored for whatever the caller does next
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,7 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("names") / "d", classes=3, per_class=6, size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_model_by_name_goes_through_every_command(atc, data, tmp_path, name):
     teacher = tmp_path / "t.pt"

@@ -54,6 +54,7 @@ def folder32(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("d") / "tiny32", classes=3, per_class=6, size=32)
 
 
+@pytest.mark.slow
 def test_repdistiller_teacher_without_arch_is_inferred_and_paired_at_its_stages(atc, folder32, tmp_path):
     torch.save({"epoch": 240, "model": create_model("resnet8x4", 3).state_dict(), "accuracy": 70.0}, tmp_path / "ckpt.pth")
     r = atc("compress", "--teacher", str(tmp_path / "ckpt.pth"), "--data", str(folder32), "--preset", "cifar",
@@ -125,6 +126,7 @@ def test_inspect_refuses_what_it_cannot_rebuild_in_one_line(atc, tmp_path):
     assert_error(atc("inspect", str(tmp_path / "ts.pt"), "--mean", "0.5"), "--mean/--std: give both the mean and the std")
 
 
+@pytest.mark.slow
 def test_train_and_export_a_model_returning_logits_and_features(atc, folder32, tmp_path):
     (tmp_path / "md.py").write_text(MDISTILLER_FILE)
     arch = f"{tmp_path / 'md.py'}:ResNet8x4"

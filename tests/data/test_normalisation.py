@@ -86,6 +86,7 @@ def to_paper_key(key: str) -> str:
     return re.sub(r"(^|\.)(conv\d+)\.weight$", r"\1\2", key)
 
 
+@pytest.mark.slow
 def test_formats_whose_code_fixes_the_statistics(tmp_path):
     paper = {to_paper_key(k): v for k, v in create_model("wrn-10-1", 10).state_dict().items() if "num_batches" not in k}
     torch.save({"params": paper, "epoch": 1, "optimizer": {}}, tmp_path / "model.pt7")

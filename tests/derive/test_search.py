@@ -110,6 +110,7 @@ def test_target_validation():
         Target(3, "latency", runtime="tpu")
 
 
+@pytest.mark.slow
 def test_cli_dry_run_shows_stages_pairs_and_speedups(tmp_path, tiny_teacher):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=6, size=16)
     tiny_teacher("mobilenet_v2", 3, 16, path=tmp_path / "teacher.pt", mean=None, std=None)

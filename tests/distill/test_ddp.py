@@ -17,6 +17,7 @@ def _env(tmp_path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "ATC_CACHE_DIR": str(tmp_path / "cache")}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_end_with_identical_students(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=16)  # 36 train, 12 test images
     out = tmp_path / "out"
@@ -40,6 +41,7 @@ def test_two_gloo_ranks_end_with_identical_students(tmp_path):
     assert sorted(p.name for p in (out / "run").iterdir()) == ["metrics.jsonl", "train_state.pt"]
 
 
+@pytest.mark.slow
 def test_atc_compress_nproc_2_writes_one_report(tmp_path, tiny_teacher):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=16)
     # untrained: what is checked does not need a good teacher
@@ -68,6 +70,7 @@ def test_launch_command_passes_multi_node_flags_to_torchrun():
     assert "--standalone" in single and single[-2:] == ["cli", "train"]
 
 
+@pytest.mark.slow
 def test_a_failing_nproc_run_exits_2_with_the_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli", "train", "--arch", "wrn-10-1", "--data", str(tmp_path / "missing"),
                         "--out", str(tmp_path / "t.pt"), "--device", "cpu", "--nproc", "2"],

@@ -86,6 +86,7 @@ def reference(tiny, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tiny, reference, tmp_path):
     out = tmp_path / "t.pt"
@@ -105,6 +106,7 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tiny, refere
     _assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_sigterm_saves_at_a_step_boundary_and_resume_ends_the_same(tiny, reference, tmp_path):
     out = tmp_path / "t.pt"

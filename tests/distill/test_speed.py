@@ -41,6 +41,7 @@ def _distil(tmp_path, name: str, speed: Speed | None, reporter: Reporter = Repor
     return student, result
 
 
+@pytest.mark.slow
 def test_compiled_channels_last_run_matches_the_plain_run(tmp_path):
     plain, _ = _distil(tmp_path, "plain", None)
     msgs = Messages()
@@ -84,6 +85,7 @@ def _bench(*args: str):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""})
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_runs_every_part_on_the_cpu(tmp_path):
     import json
 
@@ -99,6 +101,7 @@ def test_throughput_benchmark_runs_every_part_on_the_cpu(tmp_path):
     assert "CPU: sync-free loop" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("throughput: atc ")
 
 
+@pytest.mark.slow
 def test_speed_parity_benchmark_runs_on_the_cpu(tmp_path):
     import json
 

@@ -22,6 +22,7 @@ def _scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_teacher_and_student_runs_write_one_point_per_epoch(tmp_path):
     from compressor import pipeline
     from compressor.derive.candidates import StudentChoice

@@ -28,6 +28,7 @@ def pair():
     return create_model("wrn-16-1", num_classes=3).eval(), create_model("wrn-10-1", num_classes=3).eval()
 
 
+@pytest.mark.slow
 def test_interleaved_timing_keeps_each_models_cv_and_the_load(pair, monkeypatch):
     loads = iter([0.5, 7.5])
     monkeypatch.setattr(latency, "load_average", lambda: next(loads))
@@ -40,6 +41,7 @@ def test_interleaved_timing_keeps_each_models_cv_and_the_load(pair, monkeypatch)
     assert ("7.5 on" in speed.load_note) == (7.5 > usable_cores())
 
 
+@pytest.mark.slow
 def test_a_quiet_machine_gives_no_note(pair, monkeypatch):
     monkeypatch.setattr(latency, "load_average", lambda: 0.0)
     assert compare_latency(*pair, (3, 16, 16), rounds=2, runs_per_round=2).load_note == ""

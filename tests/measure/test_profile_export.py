@@ -10,6 +10,7 @@ from compressor.models.spec import ModelSpec
 from tests.helpers import run_atc
 
 
+@pytest.mark.slow
 def test_profile_json_resnet18():
     r = run_atc("profile", "resnet18", "--input-size", "3x224x224", "--min-time", "0.05", "--runtimes", "ort-cpu,torch-cpu",
                 "--batch-sizes", "1,2", "--threads", "1", "--json")
@@ -25,6 +26,7 @@ def test_profile_json_resnet18():
     assert out["environment"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,classes,size", [("wrn-16-1", 10, 32), ("resnet18", 10, 64)])
 def test_export_parity_and_metadata(tmp_path, name, classes, size):
     spec = ModelSpec.for_arch(name, classes, class_names=[f"c{i}" for i in range(classes)], input_size=(3, size, size),
@@ -38,6 +40,7 @@ def test_export_parity_and_metadata(tmp_path, name, classes, size):
     assert check_parity(model, tmp_path / "m.onnx", spec.input_size, batch_sizes=(5,)).worst <= 1e-4  # dynamic batch
 
 
+@pytest.mark.slow
 def test_export_cli_zero_tolerance_fails_and_leaves_nothing(tmp_path, tiny_teacher):
     tiny_teacher("wrn-10-1", 10, 16, path=tmp_path / "s.pt", mean=0.5, std=0.25, class_names=())
     ok = run_atc("export", str(tmp_path / "s.pt"), "--out", str(tmp_path / "ok.onnx"))
@@ -47,6 +50,7 @@ def test_export_cli_zero_tolerance_fails_and_leaves_nothing(tmp_path, tiny_teach
     assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.glob(".bad.onnx*"))
 
 
+@pytest.mark.slow
 def test_int8_export_reports_accuracy_and_speed(tmp_path, tiny_folder, tiny_teacher):
     tiny_teacher("wrn-10-1", 3, 16, path=tmp_path / "s.pt", mean=0.1, std=0.3, class_names=())
     r = run_atc("export", str(tmp_path / "s.pt"), "--out", str(tmp_path / "s.onnx"), "--int8", "--calib-data", str(tiny_folder),

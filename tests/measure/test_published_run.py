@@ -29,6 +29,7 @@ def run(tmp_path_factory, tiny_teacher):
     return out, report.to_dict(), said.getvalue()
 
 
+@pytest.mark.slow
 def test_the_published_student_follows_the_rule_and_its_files_are_at_the_top(run):
     out, report, _ = run
     chosen = pick_student(report["students"], "accurate")
@@ -60,6 +61,7 @@ def test_one_teacher_latency_with_cvs_and_the_load(run):
     assert lat["threads"] == 1  # the one default
 
 
+@pytest.mark.slow
 def test_progress_prints_lines_and_keep_state_keeps_the_state(tmp_path, tiny_teacher, tiny_folder, capsys):
     cfg = load_config("demo", {"train": {"epochs": 2}})
     compress(tiny_teacher(), str(tiny_folder), cfg, tmp_path / "loud", StudentChoice(names=("wrn-10-0.5",)), RunOptions(keep_state=True),

@@ -123,7 +123,7 @@ def sgd_state(model: nn.Module) -> dict:
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4).state_dict()
 
 
-@pytest.mark.parametrize("name", list(LIT_RESNETS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if LIT_RESNETS[n][0] > 20 else n for n in LIT_RESNETS])  # deep ones: slow set
 def test_repdistiller_cifar_resnets_load_exactly_without_arch(tmp_path, name):
     src = lit_resnet(name)
     assert sum(p.numel() for p in src.parameters()) == sum(p.numel() for p in create_model(ATC_NAME[name], 100).parameters())
@@ -177,6 +177,7 @@ def test_mdistiller_model_returning_logits_and_feats_loads_and_pairs_at_stage_ou
     assert "layer1[0]" in pairs[0].describe() and "first tensor" in pairs[0].describe()
 
 
+@pytest.mark.slow
 def test_tuple_stage_outputs_equal_the_atc_models_stage_outputs():
     src = lit_resnet("resnet8x4")
     ours = create_model("resnet8x4", 100).eval()
@@ -339,7 +340,7 @@ def torchdistill_ckpt(model: nn.Module, path) -> None:
                 "lr_scheduler": sched.state_dict(), "args": args}, path)
 
 
-@pytest.mark.parametrize("depth", [20, 56])
+@pytest.mark.parametrize("depth", [20, pytest.param(56, marks=pytest.mark.slow)])
 def test_torchdistill_cifar_resnet_loads_exactly(tmp_path, depth):
     torch.manual_seed(3)
     src = randomise_bn(TdResNet(depth, 10))
@@ -350,6 +351,7 @@ def test_torchdistill_cifar_resnet_loads_exactly(tmp_path, depth):
     assert_same_logits(logits_of(loaded.model, x), logits_of(src, x))
 
 
+@pytest.mark.slow
 def test_torchdistill_wrn_needs_its_own_block_and_loads_exactly(tmp_path):
     torch.manual_seed(4)
     src = randomise_bn(TdWrn(16, 2, 10))
@@ -428,7 +430,7 @@ def paper_forward(x: torch.Tensor, params: dict[str, torch.Tensor], depth: int) 
     return F.linear(o, params["fc.weight"], params["fc.bias"])
 
 
-@pytest.mark.parametrize("depth,width", [(16, 2), (40, 1)])
+@pytest.mark.parametrize("depth,width", [(16, 2), pytest.param(40, 1, marks=pytest.mark.slow)])
 def test_the_papers_functional_wrn_loads_exactly(tmp_path, depth, width):
     params = paper_params(depth, width, 10)
     opt = torch.optim.SGD([p.requires_grad_() for p in params.values()], lr=0.1, momentum=0.9)
@@ -589,6 +591,7 @@ class NoLogits(nn.Module):
         return {"features": self.conv(x)}
 
 
+@pytest.mark.slow
 def test_tuple_and_dict_outputs_become_logits_with_a_note():
     from compressor.models.outputs import ensure_logits
 

@@ -102,6 +102,7 @@ def test_thinning_traces_follow_the_model():
     assert [(r.blocks, r.teacher_blocks, r.width, r.teacher_width) for r in rows] == [(1, 2, 16, 32), (1, 2, 32, 64), (1, 2, 64, 128)]
 
 
+@pytest.mark.slow
 def test_describe_stages_with_teacher_and_student_on_different_devices():
     """The dry run after a --by latency search: the thinner's teacher is elsewhere, the new student on the CPU."""
     from compressor.derive.thinning import Thinner

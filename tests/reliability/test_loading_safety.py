@@ -119,6 +119,7 @@ def test_another_file_named_with_arch_does_not_allow_the_stored_one(atc, clean, 
     assert not clean["marker"].exists()
 
 
+@pytest.mark.slow
 def test_a_planted_student_is_not_imported_on_resume_and_trust_passes_on(atc, clean, tmp_path):
     out = tmp_path / "run"
     student = out / "students" / "wrn-10-1-at_kd" / "student.pt"

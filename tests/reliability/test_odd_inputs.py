@@ -21,6 +21,7 @@ from tests.helpers import assert_error, make_image_folder
 # --- point 8: seeds ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_unix_timestamp_seed_trains(atc, tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=4)
     out = tmp_path / "t.pt"

@@ -71,7 +71,8 @@ class NoLogits(Net):
 '''
 
 
-@pytest.mark.parametrize("cls, what", [("Net", "a tuple of 2; atc uses its first element (a 2×3 tensor) as the logits"),
+@pytest.mark.parametrize("cls, what", [pytest.param("Net", "a tuple of 2; atc uses its first element (a 2×3 tensor) as the logits",
+                                                    marks=pytest.mark.slow),
                                        ("DictNet", "a dict with keys logits, features; atc uses its 'logits' entry")])
 def test_a_model_returning_logits_in_a_tuple_or_a_dict_trains_and_exports_on_them(atc, world, tmp_path, cls, what):
     arch = f"{world / 'nets.py'}:{cls}"
@@ -210,6 +211,7 @@ def test_a_grid_with_one_value_twice_in_two_spellings_is_refused(grid):
         parse_grid(grid)
 
 
+@pytest.mark.slow
 def test_more_threads_than_cores_gets_a_note(atc, world):
     r = atc("profile", str(world / "teacher.pt"), "--threads", "1000", "--min-time", "0", "--runtimes", "torch-cpu")
     assert r.returncode == 0, r.stderr
@@ -241,6 +243,7 @@ def test_sigterm_while_exporting_is_one_line_and_leaves_nothing(atc, world, tmp_
     assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(scratch) == []
 
 
+@pytest.mark.slow
 def test_sigterm_while_measuring_is_handled_like_ctrl_c(atc, world, tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -34,6 +34,7 @@ def temporaries(folder: Path) -> list[Path]:
 # --- teacher file -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_teacher_missing(files, tmp_path):
     r = run_atc("compress", "--teacher", str(tmp_path / "nope.pt"), "--data", str(files["tiny"]), "--preset", "demo",
                 "--out", str(tmp_path / "out"))
@@ -42,6 +43,7 @@ def test_teacher_missing(files, tmp_path):
     assert no_files_under(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_teacher_truncated(atc, files, tmp_path):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(files["teacher"].read_bytes()[:2000])
@@ -61,6 +63,7 @@ def test_teacher_not_a_checkpoint(atc, files, tmp_path, content):
 # --- model ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unknown_architecture_names_closest(files, tmp_path):
     r = run_atc("train", "--arch", "wrn-16-3x", "--data", str(files["tiny"]), "--out", str(tmp_path / "t.pt"))
     line = assert_error(r, "unknown architecture 'wrn-16-3x'; did you mean")
@@ -205,6 +208,7 @@ def test_out_holds_an_unfinished_run(atc, files, tmp_path):
 # --- device -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_but_absent(files, tmp_path):
     r = run_atc("train", "--arch", "wrn-10-1", "--data", str(files["tiny"]), "--device", "cuda", "--out", str(tmp_path / "t.pt"))

@@ -116,6 +116,7 @@ def test_different_class_folders_are_named(tmp_path):
         assert str(exc.value) == expected
 
 
+@pytest.mark.slow
 def test_empty_class_and_class_mismatch_through_the_cli(tmp_path):
     from tests.helpers import assert_error, run_atc
 

@@ -30,6 +30,7 @@ def _grey_folder(root, size=28, classes=3, per_class=4):
     return root
 
 
+@pytest.mark.slow
 def test_int8_export_resizes_calibration_images_to_the_model_input(atc, files, tmp_path):
     grey = _grey_folder(tmp_path / "grey")
     out = tmp_path / "s.onnx"
@@ -98,6 +99,7 @@ measure.measure_latency = _interrupted
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_measuring_says_what_was_kept_and_resume_finishes(atc, files, tmp_path):
     out = tmp_path / "run"
     args = ["compress", "--teacher", str(files["teacher"]), "--data", str(files["tiny"]), "--preset", "demo", "--student", "wrn-10-1",
@@ -112,6 +114,7 @@ def test_ctrl_c_while_measuring_says_what_was_kept_and_resume_finishes(atc, file
     assert student.stat().st_mtime_ns == trained and (out / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_a_student_larger_than_its_teacher_gets_a_note(files, tmp_path):
     from compressor.derive.candidates import StudentChoice
     from compressor.dryrun import dry_run
@@ -180,6 +183,7 @@ def test_the_schedule_says_which_milestones_a_short_run_uses():
     assert msgs.lines == ["schedule: 1 epoch, lr 0.1, no drops"]
 
 
+@pytest.mark.slow
 def test_blocks_per_stage_alone_keeps_the_full_width():
     from compressor.derive.candidates import StudentChoice, choose_students
 

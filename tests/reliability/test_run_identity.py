@@ -37,6 +37,7 @@ def _compress(teacher, data, out, *more):
             "--epochs", "2", "--threads", "1", "--out", str(out), *more]
 
 
+@pytest.mark.slow
 def test_resuming_a_half_trained_student_with_another_teacher_is_refused(atc, two_teachers, tmp_path):
     data, a, b = two_teachers
     out = tmp_path / "run"
@@ -50,6 +51,7 @@ def test_resuming_a_half_trained_student_with_another_teacher_is_refused(atc, tw
     assert state.read_bytes() == before and not (out / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_student_of_another_teacher_is_not_reused(atc, two_teachers, tmp_path):
     data, a, b = two_teachers
     out = tmp_path / "run"

@@ -61,6 +61,7 @@ def test_malicious_pickle_is_refused_without_the_flag(malicious):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_malicious_pickle_through_the_cli(tmp_path):
     marker = tmp_path / "pwned.txt"
     evil = tmp_path / "teacher.pt"
@@ -91,6 +92,7 @@ def test_torchscript_loads_as_such(tmp_path):
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_profiling_torchscript_is_a_one_line_refusal(tmp_path):
     torch.jit.script(create_model("wrn-10-1", 3).eval()).save(str(tmp_path / "scripted.pt"))
     r = run_atc("profile", str(tmp_path / "scripted.pt"), "--input-size", "3x16x16")

@@ -50,6 +50,7 @@ def test_strict_streamed_data_still_fails_on_it(folder_with_a_corrupt_image):
         images.readable(0)
 
 
+@pytest.mark.slow
 def test_training_on_streamed_data_prints_the_count(atc, folder_with_a_corrupt_image, tmp_path, monkeypatch):
     root, bad = folder_with_a_corrupt_image
     monkeypatch.setenv("ATC_DATA_BUDGET_MB", "0")  # too small for anything: the folder is streamed

@@ -31,6 +31,7 @@ def _sweep(*more):
             "--grid", "beta=1e2,1e3", "--out", "sw", *more]
 
 
+@pytest.mark.slow
 def test_a_teacher_replaced_during_a_parallel_sweep_does_not_mix_two_teachers(atc, sweep_world):
     """Point 4, done by the sweep runner (issue 24): the teacher is read once and every worker gets
     those bytes, so replacing the file mid-sweep changes nothing; checked here from the outside."""

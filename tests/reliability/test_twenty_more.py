@@ -28,6 +28,7 @@ def world(tmp_path_factory, tiny_teacher):
 
 
 # 1, 2, 3: a folder where a file is written (it failed only after the work: IsADirectoryError)
+@pytest.mark.slow
 def test_1_2_3_a_folder_as_a_file_output_is_refused_before_any_work(atc, world, tmp_path):
     (tmp_path / "d").mkdir()
     assert_error(atc("train", "--arch", "wrn-10-1", "--data", str(world / "tiny"), "--overwrite", "--out", str(tmp_path / "d")),
@@ -151,6 +152,7 @@ def test_16_17_stored_normalisation_and_names_are_checked(tmp_path, change, phra
 
 
 # 18: a finished student whose metrics.jsonl was removed: compress --resume died in a FileNotFoundError
+@pytest.mark.slow
 def test_18_a_finished_student_without_its_metrics_file_resumes(atc, world, tmp_path):
     out = tmp_path / "run"
     args = ["compress", "--teacher", str(world / "teacher.pt"), "--data", str(world / "tiny"), "--preset", "demo",

@@ -128,6 +128,7 @@ def shape_checkpoints(tmp_path_factory, tiny_teacher):
             for seed, name in ((0, "t.pt"), (1, "s.pt"))]
 
 
+@pytest.mark.slow
 def test_attention_cli_writes_png_and_numbers(shape_checkpoints, tmp_path):
     t, s = shape_checkpoints
     png = tmp_path / "maps.png"

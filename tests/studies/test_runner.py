@@ -169,6 +169,7 @@ def _driver(root: Path, resume: bool, release: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_only_the_missing_cells(tmp_path):
     """The driver and its workers are killed (SIGKILL, as a lost machine) while cells 2 and 3 run; the rerun
     with --resume trains only those two."""

@@ -41,6 +41,7 @@ DIGITS = dict(overrides={"train": {"epochs": 1, "batch_size": 64}, "data": {"tra
               seeds=1, method="at", student="wrn-10-1", options=RunOptions(device="cpu"))
 
 
+@pytest.mark.slow
 def test_a_four_cell_digits_sweep_on_ray_matches_jobs_1(local_ray, digits_teacher, tmp_path, monkeypatch):
     """``atc sweep --ray`` against ``--jobs 1``, one torch thread per run in both (on the CPU the thread count
     changes the rounding): the same per-cell top-1, and the teacher put into the object store once."""

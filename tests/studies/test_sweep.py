@@ -61,6 +61,7 @@ def teacher_and_data(tmp_path_factory, tiny_teacher):
     return tiny_teacher("wrn-10-1", 3, 16, path=d / "t.pt", mean=0.2, std=0.3), data
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_rerun(teacher_and_data, tmp_path):
     from typer.testing import CliRunner
 
@@ -109,6 +110,7 @@ def test_tiny_sweep_end_to_end_and_rerun(teacher_and_data, tmp_path):
                   method="at", student="wrn-10-1", options=RunOptions(resume=True))
 
 
+@pytest.mark.slow
 def test_jobs_train_runs_in_processes_with_the_same_results(teacher_and_data, tmp_path):
     from compressor.studies.sweep import run_sweep
 
