@@ -83,7 +83,8 @@ def initial_terms(student: nn.Module, teacher: nn.Module, pairs: list[AttentionP
     training computes them (FitNet's hint through ``regressor``, fresh and in training mode, as the
     first step sees it). The batch is made on the teacher's device; the student must be there too."""
     train_b, _ = make_batches(data, cfg, mean, std, model_device(teacher))
-    x, y = next(iter(train_b))
+    with train_b:
+        x, y = next(iter(train_b))
     obj, grads, hinted = objective_from(cfg, method), None, None
     if obj.uses_fitnet:
         if hint is None or regressor is None:

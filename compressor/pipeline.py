@@ -127,8 +127,9 @@ def _distil(loaded: TeacherAndData, candidates: list[Candidate], cfg: Config, me
     mean, std = loaded.mean_std
     _, test_b = make_batches(data, cfg, mean, std, dev, workers=options.speed.workers)
     teacher.to(dev)
-    t_top1 = evaluate(teacher, test_b, autocast_dtype(options.speed.precision, dev), reporter,
-                      f"teacher {t_spec.name} on the {len(data.test_y):,} test images").top1
+    with test_b:
+        t_top1 = evaluate(teacher, test_b, autocast_dtype(options.speed.precision, dev), reporter,
+                          f"teacher {t_spec.name} on the {len(data.test_y):,} test images").top1
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name}")
     say_schedule(cfg, reporter)
     clock = RunClock(cfg.train.epochs * len(candidates), reporter)

@@ -159,6 +159,12 @@ class Batches:
     def close(self) -> None:
         """Release what reading needs beyond the tensors (the streamed loader's worker processes)."""
 
+    def __enter__(self) -> "Batches":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _order(self, device: torch.device | None = None) -> torch.Tensor:
         """This epoch's indices for this rank, made on ``device`` (the CPU by default)."""
         n, device = len(self.y), device or torch.device("cpu")

@@ -218,7 +218,8 @@ def run_sweep(teacher_path: str | Path, data_spec: str | Path, out_dir: str | Pa
     dev = pick_device(options.device)
     cand = choose(loaded, base_cfg, StudentChoice(names=(student,) if student else ()), reporter)[0]
     _, test_b = make_batches(data, base_cfg, mean, std, dev)
-    t_top1 = evaluate(loaded.model.to(dev), test_b).top1
+    with test_b:
+        t_top1 = evaluate(loaded.model.to(dev), test_b).top1
     reporter.info(f"teacher {t_spec.name}: test top-1 {t_top1:.2f}% on {data.name} ({len(data.test_y)} test images)")
     cells = expand(axes)
     seed_list = [base_cfg.train.seed + i for i in range(seeds)]

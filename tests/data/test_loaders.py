@@ -12,9 +12,9 @@ from compressor.config import load_config
 from compressor.data.budget import memory_budget
 from compressor.data.crops import random_resized_crop_box
 from compressor.data.folders import cache_dir
-from compressor.data.images import ImageData
+from compressor.data.images import Augment, ImageData
 from compressor.data.open import open_dataset, open_for_device
-from compressor.data.streaming import LoaderBatches, Loading, StreamingData
+from compressor.data.streaming import LoaderBatches, Loading, StreamingData, make_streaming_batches
 from compressor.distill.loop import fit, make_batches
 from compressor.models import create_model
 from tests.helpers import Messages, make_image_folder, run_atc
@@ -75,9 +75,9 @@ def test_streamed_augmentation_is_a_pad_crop_and_flip_independent_of_workers(tmp
     mean, std = [0.0] * 3, [1 / 255] * 3  # normalisation that leaves the uint8 values
     runs = []
     for workers in (0, 2):
-        b = LoaderBatches(lazy.train, 4, mean, std, CPU, True, seed=5, loading=Loading(workers=workers))
-        b.set_epoch(1, start_step=1)  # resume inside the epoch: steps 1..3
-        runs.append(list(b))
+        with LoaderBatches(lazy.train, 4, mean, std, CPU, True, seed=5, loading=Loading(workers=workers)) as b:
+            b.set_epoch(1, start_step=1)  # resume inside the epoch: steps 1..3
+            runs.append(list(b))
     assert len(runs[0]) == 3 and all(torch.equal(x0, x1) and torch.equal(y0, y1) for (x0, y0), (x1, y1) in zip(*runs))
     order = b._order()
     x, _ = runs[0][0]
@@ -107,11 +107,12 @@ def test_fit_trains_from_a_stream_with_persistent_workers(tmp_path):
     data = StreamingData.from_folder(root, 16)
     mean, std = data.channel_stats()
     torch.manual_seed(0)
+    before = set(multiprocessing.active_children())  # other tests' processes, if any
     result = fit(create_model("wrn-10-1", 3), data, _cfg(epochs=2), tmp_path / "run", mean, std, device=CPU)
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     # the persistent workers stop with fit, not when the garbage collector finds the loader (10 s later)
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def test_memory_budget_env_override(monkeypatch):
@@ -132,3 +133,15 @@ def test_cli_reports_the_fallback(tmp_path, monkeypatch):
     text = " ".join(r.stderr.split())
     assert "too large to keep on cpu, streaming with a DataLoader (1 worker)" in text
     assert (tmp_path / "t.pt").exists()
+
+
+def test_streamed_batches_used_as_a_context_stop_their_workers(tmp_path):
+    # how the teacher's evaluation, the dry run and the sweep read a stream: the workers end with the block
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=12, size=16)
+    data = StreamingData.from_folder(root, 16)
+    before = set(multiprocessing.active_children())
+    _, test_b = make_streaming_batches(data, 8, 8, *data.channel_stats(), CPU, Augment(), 0, workers=2)
+    with test_b:
+        next(iter(test_b))
+        assert set(multiprocessing.active_children()) - before  # the loader's workers run inside
+    assert set(multiprocessing.active_children()) - before == set()
