@@ -52,19 +52,24 @@ class CifarBasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    def __init__(self, depth: int = 20, width: int = 16, num_classes: int = 10, in_channels: int = 3):
-        super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
-        n = (depth - 2) // 6
-        widths = [width, 2 * width, 4 * width]
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        stages, in_ch = [], width
+def blocks_per_stage(depth: int) -> int:
+    """n of a CIFAR ResNet of depth 6n+2."""
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+    return (depth - 2) // 6
+
+
+class _ThreeStageNet(nn.Module):
+    """What both CIFAR ResNets share: a 3x3 stem, three stages of ``n`` blocks (strides 1/2/2), global
+    average pooling and a linear head, under the module names ``conv1 bn1 layer1-3 fc``."""
+
+    def _build(self, block: type[nn.Module], in_channels: int, stem: int, widths: list[int], n: int, num_classes: int) -> None:
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        stages, in_ch = [], stem
         for i, w in enumerate(widths):
-            blocks = [CifarBasicBlock(in_ch if b == 0 else w, w, (1 if i == 0 else 2) if b == 0 else 1) for b in range(n)]
-            stages.append(nn.Sequential(*blocks))
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(*[block(in_ch if b == 0 else w, w, stride if b == 0 else 1) for b in range(n)]))
             in_ch = w
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(widths[-1], num_classes)
@@ -76,6 +81,12 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class CifarResNet(_ThreeStageNet):
+    def __init__(self, depth: int = 20, width: int = 16, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self._build(CifarBasicBlock, in_channels, width, [width, 2 * width, 4 * width], blocks_per_stage(depth), num_classes)
 
 
 class ScalableResNet(tv.ResNet):
@@ -135,31 +146,11 @@ class ProjectionBlock(nn.Module):
         return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
 
 
-class KdCifarResNet(nn.Module):
+class KdCifarResNet(_ThreeStageNet):
     """``resnetDxK``: depth D = 6n+2, three stages of n blocks with 16K/32K/64K channels (strides
     1/2/2) after a 3x3 stem of ``stem`` channels (default ``kd_resnet_stem(K)``)."""
 
     def __init__(self, depth: int = 56, k: float = 1, stem: int | None = None, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
-        n = (depth - 2) // 6
-        stem = stem or kd_resnet_stem(k)
         widths = [max(1, int(round(c * k))) for c in (16, 32, 64)]
-        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        stages, in_ch = [], stem
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[ProjectionBlock(in_ch if b == 0 else w, w, stride if b == 0 else 1) for b in range(n)]))
-            in_ch = w
-        self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Linear(widths[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        self._build(ProjectionBlock, in_channels, stem or kd_resnet_stem(k), widths, blocks_per_stage(depth), num_classes)
