@@ -120,13 +120,13 @@ def _pytest_summary(text: str) -> str:
 def tests(args) -> dict:
     env = {"PYTHONWARNINGS": "ignore"}
     quick, quick_s = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], "pytest", env)
-    slow, slow_s = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow"], "pytest -m slow", env)
+    slow, slow_s = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "-n", "2"], "pytest -m slow -n 2", env)
     block = "\n".join([
         f"Measured on {environment_line()}, with no other job running:", "",
         markdown_table(["set", "command", "what", "wall time"], [
             ["default", "`pytest`", _pytest_summary(quick.stdout), f"{quick_s / 60:.1f} min"],
-            ["slow", "`pytest -m slow`", _pytest_summary(slow.stdout), f"{slow_s / 60:.1f} min"]])])
-    return {"command": "pytest; pytest -m slow", "seconds": quick_s + slow_s, "markdown": block,
+            ["slow", "`pytest -m slow -n 2`", _pytest_summary(slow.stdout), f"{slow_s / 60:.1f} min"]])])
+    return {"command": "pytest; pytest -m slow -n 2", "seconds": quick_s + slow_s, "markdown": block,
             "default_seconds": quick_s, "slow_seconds": slow_s}
 
 
