@@ -107,13 +107,16 @@ def shipped_presets() -> list[str]:
 
 def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
     path = Path(preset)
-    if path.is_dir():
+    # a shipped preset's bare name is that preset, whatever the current folder holds: `atc demo --out demo` makes
+    # ./demo before reading the preset, and a run folder named after its preset is common; ./demo names the path
+    shipped = isinstance(preset, str) and preset in shipped_presets()
+    if not shipped and path.is_dir():
         raise ConfigError(f"preset {shown(path)} is a folder; pass a preset file (.toml) or a shipped preset "
                           f"({', '.join(shipped_presets())})")
-    if path.exists() and not path.is_file():
+    if not shipped and path.exists() and not path.is_file():
         raise ConfigError(f"preset {shown(path)} is not a regular file; pass a preset file (.toml) or a shipped preset "
                           f"({', '.join(shipped_presets())})")
-    if path.suffix == ".toml" or path.exists():
+    if not shipped and (path.suffix == ".toml" or path.exists()):
         if not path.is_file():
             raise ConfigError(f"preset file {shown(path)} does not exist; pass a shipped preset ({', '.join(shipped_presets())}) "
                               "or a TOML path")
@@ -124,7 +127,7 @@ def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
         except OSError as exc:
             raise ConfigError(f"preset file {shown(path)} cannot be read ({exc.strerror or type(exc).__name__}); "
                               "check its permissions") from None
-    elif str(preset) in shipped_presets():
+    elif shipped:
         text, name = resources.files("presets").joinpath(f"{preset}.toml").read_text(), str(preset)
     else:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(shipped_presets())} or pass a .toml path")

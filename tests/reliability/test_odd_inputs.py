@@ -103,6 +103,18 @@ def test_a_folder_given_as_preset_is_named_a_folder(atc, tmp_path):
     assert_error(r, f"preset {tmp_path / 'presets'} is a folder; pass a preset file (.toml) or a shipped preset", only_line=False)
 
 
+def test_a_shipped_preset_name_is_the_shipped_preset_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    # `atc demo --out demo` creates ./demo before it reads the demo preset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "cifar").write_text("not toml [")
+    assert load_config("demo").preset == "demo" and load_config("cifar").preset == "cifar"
+    with pytest.raises(ConfigError, match=r"preset demo is a folder"):
+        load_config(Path("demo"))  # a path is a path
+    with pytest.raises(ConfigError, match=r"preset \./demo is a folder|preset demo is a folder"):
+        load_config("./demo")
+
+
 def test_unknown_sections_in_overrides_are_refused_not_dropped():
     with pytest.raises(ConfigError, match="override: description is a line of text"):
         load_config("cifar", ["description.note=hello"])
