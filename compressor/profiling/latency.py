@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.device import Speed, autocast, autocast_dtype, channels_last_for, cpu_copy, onnxruntime, ort_session
+from compressor.device import Speed, autocast, autocast_dtype, channels_last_for, cpu_copy, onnxruntime, ort_session, torch_threads
 from compressor.errors import ConfigError
 
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda", "torch-cuda-graph")
@@ -236,25 +236,12 @@ def timing_threads(threads: int | None) -> int:
     return threads or DEFAULT_THREADS
 
 
-class _torch_threads:
-    """torch's intra-op thread count set for the timing and restored after it."""
-
-    def __init__(self, threads: int):
-        self.threads, self.before = threads, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.before)
-
-
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], runtime: str = "ort-cpu", batch_size: int = 1,
                     threads: int | None = None, timing: Timing = Timing(), onnx_path: Path | None = None,
                     fmt: GpuFormat = GpuFormat(), device: torch.device | None = None) -> Latency:
     """``fmt`` and ``device`` apply to the PyTorch CUDA runtimes (see ``Runner``)."""
     threads = timing_threads(threads)
-    with _torch_threads(threads), _onnx_for(model, input_size, runtime, onnx_path) as path:
+    with torch_threads(threads), _onnx_for(model, input_size, runtime, onnx_path) as path:
         runner = Runner(model, input_size, runtime, batch_size, threads, path, fmt, device)
         cold, samples = time_runs(runner, timing.warmup, timing.min_runs, timing.min_time_s)
     return _summarise(samples, cold, runtime, batch_size, threads, runner.providers, fmt)
@@ -345,7 +332,7 @@ def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[in
     ``runs_per_round`` is a minimum: fast models get more runs, up to ``ROUND_S`` seconds a round."""
     threads = timing_threads(threads)
     before = load_average()
-    with _torch_threads(threads), _onnx_for(teacher, input_size, runtime, teacher_onnx) as tp, \
+    with torch_threads(threads), _onnx_for(teacher, input_size, runtime, teacher_onnx) as tp, \
             _onnx_for(student, input_size, runtime, student_onnx) as sp:
         runners = [Runner(teacher, input_size, runtime, batch_size, threads, tp), Runner(student, input_size, runtime, batch_size, threads, sp)]
         fastest = min(statistics.median(time_runs(r, warmup=5, min_runs=5, min_time_s=0)[1]) for r in runners)
