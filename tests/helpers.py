@@ -85,3 +85,34 @@ def assert_error(r: subprocess.CompletedProcess, phrase: str, code: int = 2, onl
         assert len(lines) == 1, r.stderr
     assert phrase in lines[-1], lines[-1]
     return lines[-1]
+
+
+def hooked_env(folder: Path, code: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment whose Python processes (a `python -m cli` child and the workers it spawns) first run
+    ``code``, as a ``sitecustomize`` found through PYTHONPATH: the tests that kill a run use it to hold the
+    run at a known point, so the kill never races a run that finishes first on a fast or a loaded machine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def late_epochs_hook(seconds: float) -> str:
+    """``hooked_env`` code: every epoch after a process's first ends ``seconds`` late (before its state is
+    saved), so the state of epoch 1 is on disk for that long while the run is still going."""
+    return f"""
+import time
+from compressor.distill.state import TrainingState
+
+real = TrainingState.epoch_done
+ended = []
+
+def epoch_done_late(self, record, seconds):
+    if ended:
+        time.sleep({seconds!r})
+    ended.append(record["epoch"])
+    return real(self, record, seconds)
+
+TrainingState.epoch_done = epoch_done_late
+"""

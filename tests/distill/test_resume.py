@@ -27,7 +27,7 @@ from compressor.distill.state import STATE_FILE
 from compressor.errors import ConfigError
 from compressor.events import SILENT, Reporter
 from compressor.models import create_model
-from tests.helpers import ROOT, make_image_folder
+from tests.helpers import ROOT, hooked_env, late_epochs_hook, make_image_folder
 
 TIMING = {"images_per_s", "train_seconds", "seconds"}
 EPOCHS = 4
@@ -38,9 +38,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _start(*args: str, late: float, hook: Path) -> subprocess.Popen:
+    """A run whose epochs after the first end ``late`` seconds late, so that the signal sent once epoch 1's
+    state is saved always finds it still running."""
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=hooked_env(hook, late_epochs_hook(late), _env()),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _atc(*args: str) -> subprocess.CompletedProcess:
@@ -91,14 +93,14 @@ def reference(tiny, tmp_path_factory) -> Path:
 def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tiny, reference, tmp_path):
     out = tmp_path / "t.pt"
     state = tmp_path / "t.pt.state" / STATE_FILE
-    proc = _start(*TRAIN, "--data", str(tiny), "--out", str(out))
+    proc = _start(*TRAIN, "--data", str(tiny), "--out", str(out), late=3600, hook=tmp_path / "hook")
     _wait_for(state, proc)  # epoch 1 is done; epoch 2 is under way
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # really interrupted before the end
     saved = torch.load(state, weights_only=True)
-    assert 1 <= saved["epoch"] < EPOCHS and saved["step"] == 0  # SIGKILL: only epoch-end states survive
+    assert (saved["epoch"], saved["step"]) == (1, 0)  # SIGKILL: only epoch-end states survive
 
     r = _atc(*TRAIN, "--data", str(tiny), "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
@@ -111,7 +113,7 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tiny, refere
 def test_sigterm_saves_at_a_step_boundary_and_resume_ends_the_same(tiny, reference, tmp_path):
     out = tmp_path / "t.pt"
     state = tmp_path / "t.pt.state" / STATE_FILE
-    proc = _start(*TRAIN, "--data", str(tiny), "--out", str(out))
+    proc = _start(*TRAIN, "--data", str(tiny), "--out", str(out), late=3, hook=tmp_path / "hook")
     _wait_for(state, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -204,7 +206,7 @@ def test_sigkill_then_resume_of_atc_compress(tiny, tmp_path, tiny_teacher):
     assert r.returncode == 0, r.stderr
 
     out = tmp_path / "run"
-    proc = _start(*args, "--out", str(out))
+    proc = _start(*args, "--out", str(out), late=3600, hook=tmp_path / "hook")
     end = time.monotonic() + 300
     while not list(out.glob(f"students/*/{STATE_FILE}")):
         assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1] if proc.poll() is not None else "timeout"

@@ -18,7 +18,7 @@ from cli.common import fill_optional_values
 from compressor.errors import ConfigError
 from compressor.studies import sweep
 from compressor.studies.runner import CELL_FILE, ERROR_FILE, Engine
-from tests.helpers import ROOT, make_image_folder
+from tests.helpers import ROOT, hooked_env, make_image_folder
 
 BASE = {"train": {"epochs": 1, "batch_size": 8}}
 
@@ -77,6 +77,24 @@ def test_ray_without_an_address_means_a_local_ray():
     assert fill_optional_values(["--jobs", "2"]) == ["--jobs", "2"]
 
 
+# Run by every process of the first sweep (the driver and its spawned workers; tests.helpers.hooked_env): runs
+# with β ≥ 3e3 never end, so the kill always lands with exactly the two others finished, however loaded the
+# machine is (a kill timed on the first finished run raced the second pair, 0.4 s each here).
+HANG_LATE_RUNS = """
+import time
+from compressor.studies import sweep
+
+real = sweep.distill_student
+
+def hang_late_runs(cand, loaded, cfg, *args, **kwargs):
+    if cfg.distill.beta >= 3e3:
+        time.sleep(3600)
+    return real(cand, loaded, cfg, *args, **kwargs)
+
+sweep.distill_student = hang_late_runs
+"""
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_and_trains_only_the_missing_runs(teacher_and_data, tmp_path):
     teacher, data = teacher_and_data
@@ -86,21 +104,25 @@ def test_a_killed_sweep_resumes_and_trains_only_the_missing_runs(teacher_and_dat
         argv = ["sweep", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--preset", "demo", "--grid",
                 "beta=1e2,1e3,3e3,1e4", "--method", "at", "--student", "wrn-10-1", "--epochs", "3", "--set", "train.batch_size=8",
                 "--device", "cpu", "--jobs", "2", *(["--resume"] if resume else [])]
+        env = {**os.environ, "COLUMNS": "200"}
+        if not resume:
+            env = hooked_env(tmp_path / "hook", HANG_LATE_RUNS, env)
         return subprocess.Popen([sys.executable, "-m", "cli", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+                                text=True, start_new_session=True, env=env)
 
     proc = start(False)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob(f"runs/*/seed-0/{CELL_FILE}")):
+    while time.time() < deadline and len(list(out.glob(f"runs/*/seed-0/{CELL_FILE}"))) < 2 and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as a lost machine
     proc.wait(timeout=60)
     done_before = {p.parent: p.stat().st_mtime_ns for p in out.glob(f"runs/*/seed-0/{CELL_FILE}")}
-    assert 1 <= len(done_before) < 4
+    assert sorted(d.parent.name for d in done_before) == ["beta=1e2", "beta=1e3"], proc.stdout.read()
+    assert not (out / "sweep.json").exists()
     again = start(True)
     log = again.communicate(timeout=600)[0]
     assert again.returncode == 0, log
     result = json.loads((out / "sweep.json").read_text())
     assert [c["n"] for c in result["cells"]] == [1, 1, 1, 1] and result["failed"] == []
     assert {d: (d / CELL_FILE).stat().st_mtime_ns for d in done_before} == done_before  # finished runs were not trained again
-    assert f"{len(done_before)} of 4 cells finished earlier (reused)" in log
+    assert "2 of 4 cells finished earlier (reused)" in log
