@@ -8,18 +8,18 @@ it, headed by the machine and the versions (CPU, cores, Python, torch, onnxrunti
 go to ``OUT/readme_figures.md`` and ``OUT/readme_figures.json``; ``--write-readme`` puts each one
 into README.md between its markers ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``.
 
-Sections, with their cost on a 2-core CPU:
+Sections, with their cost on a 2-core CPU (as measured on 2026-12-01):
 
     demo        atc demo                                                   about 1–2 min
-    tests       the default pytest set, then the slow set (-m slow)         about 3 + 10 min
+    tests       the default pytest set, then the slow set (-m slow -n 2)    about 2 + 8 min
     profile     benchmarks/profile_check.py --threads 1                     about 1 min
     thin_zoo    benchmarks/thin_zoo.py                                      about 1 min
     cifar10     benchmarks/cifar10_table.py (needs --data)                  about 1.5 h
-    sweep       atc sweep β × mechanism (needs --data and cifar10's teacher) about 35 min
-    int8        atc export --int8 of cifar10's student and teacher          about 2 min
-    target      atc compress --target-speedup 3, --init inherit vs scratch  about 15 min
+    sweep       atc sweep β × mechanism (needs --data and cifar10's teacher) about 10 min
+    int8        atc export --int8 of cifar10's student and teacher          about 1 min
+    target      atc compress --target-speedup 3, --init inherit vs scratch  about 4 min
                 (needs --data, and cifar10's teacher for the --init runs)
-    localisation  atc train/attention --localization on shapes               about 15 min
+    localisation  atc train/attention --localization on shapes               about 6 min
 
 The default (no ``--only``) runs the sections that need no data set: demo, profile, thin_zoo.
 """
@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -164,11 +165,14 @@ def sweep(args) -> dict:
     if not teacher.exists():
         raise SystemExit("readme_figures: section sweep needs the cifar10 section's teacher; run --only cifar10 first")
     out = args.out / "sweep"
+    shutil.rmtree(out, ignore_errors=True)  # a whole sweep each time (sweep refuses a used --out), so its time is a whole one
     cmd = ["sweep", "--teacher", str(teacher), "--data", str(args.data), "--preset", "cifar", "--student", "wrn-16-1",
            "--method", "at", "--grid", "beta=0,1e3,1e4", "--grid", "attention=sum-p:2,max-p:2", "--seeds", "2", "--epochs", "5",
            "--train-subset", "5000", "--out", str(out)]
     _, seconds = run(ATC + cmd, "atc " + " ".join(cmd))
     md = (out / "sweep.md").read_text().strip()
+    if md.startswith("# "):  # sweep.md's own title: the README's heading stands above the block
+        md = md.split("\n", 1)[1].strip()
     return {"command": "atc " + " ".join(cmd), "seconds": seconds, "markdown": f"On {environment_line()} ({seconds / 60:.0f} min):\n\n{md}"}
 
 
@@ -178,7 +182,7 @@ def int8(args) -> dict:
     cells = sorted((base / "cells").glob("wrn-16-2__wrn-16-1__at_kd__s0"))
     if not cells:
         raise SystemExit("readme_figures: section int8 needs the cifar10 section's AT+KD student; run --only cifar10 first")
-    rows, seconds = [], 0.0
+    rows, seconds, how = [], 0.0, set()
     for label, model in (("wrn-16-1 (AT+KD student, seed 0)", cells[0] / "student.pt"), ("wrn-16-2 (teacher)", base / "teachers" / "wrn-16-2.pt")):
         out = args.out / "int8" / (model.parent.name + ".onnx")
         cmd = ["export", str(model), "--out", str(out), "--int8", "--calib-data", str(args.data), "--threads", "1", "--overwrite", "--json"]
@@ -186,10 +190,14 @@ def int8(args) -> dict:
         seconds += s
         r = json.loads(proc.stdout)["int8"]
         agree = r.get("agreement") or {}
+        bits = "7-bit (reduce_range)" if (r.get("weights") or {}).get("reduce_range") else "8-bit"
+        how.add(f"Static QDQ quantization: U8 activations, S8 per-channel {bits} weights, {r['calibration_images']} calibration "
+                "images; top-1 on the whole test set, agreement with the QDQ graph on test images spread over it.")
         rows.append([label, f"{r['top1_fp32']:.2f} %", f"{r['top1_int8']:.2f} %", f"{agree.get('agree', '?')}/{agree.get('images', '?')}",
                      f"{r['fp32_ms']:.3f}", f"{r['int8_ms']:.3f}", f"{r['speedup']:.2f}× [{r['spread'][0]:.2f}–{r['spread'][1]:.2f}]"])
     table = markdown_table(["model", "FP32 top-1", "INT8 top-1", "INT8 = QDQ graph (top-1)", "FP32 ms", "INT8 ms", "speed-up"], rows)
-    return {"command": "atc export … --int8", "seconds": seconds, "markdown": f"On {environment_line()}:\n\n{table}"}
+    return {"command": "atc export … --int8", "seconds": seconds,
+            "markdown": f"On {environment_line()}:\n\n{table}\n\n" + " ".join(sorted(how))}
 
 
 def target(args) -> dict:
@@ -216,7 +224,7 @@ def target(args) -> dict:
             _, s = run(ATC + cmd, "atc " + " ".join(cmd))
             seconds += s
             r = json.loads((run_dir / "report.json").read_text())["students"][0]
-            lines.append(f"`--init {init}`: {r['name']} ({r['params']:,} params, {r['mac_ratio']:.2f}× fewer GMACs), "
+            lines.append(f"- `--init {init}`: {r['name']} ({r['params']:,} params, {r['mac_ratio']:.2f}× fewer GMACs), "
                          f"top-1 {r['top1']:.2f} % after 3 epochs on 5,000 images ({s / 60:.0f} min).")
     return {"command": "atc compress --target-speedup 3 …; --init inherit|scratch", "seconds": seconds,
             "markdown": f"On {environment_line()}:\n\n" + "\n".join(lines)}
@@ -230,8 +238,8 @@ def localisation(args) -> dict:
         if epochs:
             cmd = ["train", "--arch", "wrn-16-2", "--data", "shapes", "--preset", "cifar", "--epochs", str(epochs), "--out", str(teacher),
                    "--overwrite"]
-        else:  # untrained: one epoch at lr 0 keeps the initial weights
-            cmd = ["train", "--arch", "wrn-16-2", "--data", "shapes", "--preset", "cifar", "--epochs", "1", "--lr", "0", "--out",
+        else:  # untrained: one epoch at lr 1e-9 (train.lr must be positive) moves no weight visibly; BN's statistics see the data
+            cmd = ["train", "--arch", "wrn-16-2", "--data", "shapes", "--preset", "cifar", "--epochs", "1", "--lr", "1e-9", "--out",
                    str(teacher), "--overwrite"]
         _, s = run(ATC + cmd, "atc " + " ".join(cmd))
         seconds += s

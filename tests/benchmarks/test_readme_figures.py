@@ -27,6 +27,13 @@ def test_every_section_has_a_marked_block_in_the_readme():
         assert figures.read_block(README, name) is not None, f"README.md has no <!-- figures:{name} --> block"
 
 
+def test_every_block_is_one_the_script_wrote_naming_machine_and_versions():
+    """A block the script did not write (pasted, or left from before it existed) has no such first line."""
+    for name in figures.SECTIONS:
+        first = figures.read_block(README, name).splitlines()[0]
+        assert re.match(r"(Measured on|On) .+ \(\d+ cores, (no GPU|GPU .+)\), Python \S+, torch \S+, onnxruntime \S+", first), (name, first)
+
+
 def test_blocks_are_replaced_in_place_and_missing_markers_refused():
     text = "a\n<!-- figures:x -->\nold\n<!-- /figures:x -->\nb\n"
     new = figures.replace_block(text, "x", "new\nlines\n")
