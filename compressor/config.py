@@ -106,35 +106,37 @@ def shipped_presets() -> list[str]:
 
 
 def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
-    path = Path(preset)
     # a shipped preset's bare name is that preset, whatever the current folder holds: `atc demo --out demo` makes
     # ./demo before reading the preset, and a run folder named after its preset is common; ./demo names the path
-    shipped = isinstance(preset, str) and preset in shipped_presets()
-    if not shipped and path.is_dir():
-        raise ConfigError(f"preset {shown(path)} is a folder; pass a preset file (.toml) or a shipped preset "
-                          f"({', '.join(shipped_presets())})")
-    if not shipped and path.exists() and not path.is_file():
-        raise ConfigError(f"preset {shown(path)} is not a regular file; pass a preset file (.toml) or a shipped preset "
-                          f"({', '.join(shipped_presets())})")
-    if not shipped and (path.suffix == ".toml" or path.exists()):
-        if not path.is_file():
-            raise ConfigError(f"preset file {shown(path)} does not exist; pass a shipped preset ({', '.join(shipped_presets())}) "
-                              "or a TOML path")
-        try:  # utf-8-sig: a byte-order mark, as some Windows editors write, is not part of the TOML
-            text, name = path.read_text(encoding="utf-8-sig"), path.stem
-        except UnicodeDecodeError:
-            raise ConfigError(f"preset file {shown(path)} is not UTF-8 text; save it as a UTF-8 TOML file") from None
-        except OSError as exc:
-            raise ConfigError(f"preset file {shown(path)} cannot be read ({exc.strerror or type(exc).__name__}); "
-                              "check its permissions") from None
-    elif shipped:
-        text, name = resources.files("presets").joinpath(f"{preset}.toml").read_text(), str(preset)
+    shipped = shipped_presets()
+    if isinstance(preset, str) and preset in shipped:
+        name, text = preset, resources.files("presets").joinpath(f"{preset}.toml").read_text()
     else:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(shipped_presets())} or pass a .toml path")
+        name, text = _preset_file(preset, shipped)
     try:
         return name, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"preset {shown(preset)} is not valid TOML ({shown(exc)}); fix the file") from None
+
+
+def _preset_file(preset: str | Path, shipped: list[str]) -> tuple[str, str]:
+    """The name and text of a preset given as a path, or a one-line refusal of what it is instead."""
+    path, choices = Path(preset), ", ".join(shipped)
+    if path.is_dir():
+        raise ConfigError(f"preset {shown(path)} is a folder; pass a preset file (.toml) or a shipped preset ({choices})")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"preset {shown(path)} is not a regular file; pass a preset file (.toml) or a shipped preset ({choices})")
+    if not path.exists():
+        if path.suffix == ".toml":
+            raise ConfigError(f"preset file {shown(path)} does not exist; pass a shipped preset ({choices}) or a TOML path")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {choices} or pass a .toml path")
+    try:  # utf-8-sig: a byte-order mark, as some Windows editors write, is not part of the TOML
+        return path.stem, path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"preset file {shown(path)} is not UTF-8 text; save it as a UTF-8 TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"preset file {shown(path)} cannot be read ({exc.strerror or type(exc).__name__}); "
+                          "check its permissions") from None
 
 
 # Integer keys where zero makes no sense; every other integer key accepts zero.

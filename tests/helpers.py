@@ -98,21 +98,29 @@ def hooked_env(folder: Path, code: str, env: dict[str, str] | None = None) -> di
     return env
 
 
+def slowed_call_hook(module: str, owner: str, attr: str, seconds: float, when: str) -> str:
+    """``hooked_env`` code: ``owner.attr`` (``owner`` imported from ``module``) sleeps ``seconds`` before each
+    call for which the expression ``when`` holds; ``when`` sees the call's ``args`` and ``calls``, the number
+    of calls this process made before it."""
+    return f"""
+import time
+from {module} import {owner}
+
+_real = {owner}.{attr}
+_calls = [0]
+
+def _slowed(*args, **kwargs):
+    calls = _calls[0]
+    _calls[0] += 1
+    if {when}:
+        time.sleep({seconds!r})
+    return _real(*args, **kwargs)
+
+{owner}.{attr} = _slowed
+"""
+
+
 def late_epochs_hook(seconds: float) -> str:
     """``hooked_env`` code: every epoch after a process's first ends ``seconds`` late (before its state is
     saved), so the state of epoch 1 is on disk for that long while the run is still going."""
-    return f"""
-import time
-from compressor.distill.state import TrainingState
-
-real = TrainingState.epoch_done
-ended = []
-
-def epoch_done_late(self, record, seconds):
-    if ended:
-        time.sleep({seconds!r})
-    ended.append(record["epoch"])
-    return real(self, record, seconds)
-
-TrainingState.epoch_done = epoch_done_late
-"""
+    return slowed_call_hook("compressor.distill.state", "TrainingState", "epoch_done", seconds, when="calls > 0")

@@ -18,7 +18,7 @@ from cli.common import fill_optional_values
 from compressor.errors import ConfigError
 from compressor.studies import sweep
 from compressor.studies.runner import CELL_FILE, ERROR_FILE, Engine
-from tests.helpers import ROOT, hooked_env, make_image_folder
+from tests.helpers import ROOT, hooked_env, make_image_folder, slowed_call_hook
 
 BASE = {"train": {"epochs": 1, "batch_size": 8}}
 
@@ -79,20 +79,9 @@ def test_ray_without_an_address_means_a_local_ray():
 
 # Run by every process of the first sweep (the driver and its spawned workers; tests.helpers.hooked_env): runs
 # with β ≥ 3e3 never end, so the kill always lands with exactly the two others finished, however loaded the
-# machine is (a kill timed on the first finished run raced the second pair, 0.4 s each here).
-HANG_LATE_RUNS = """
-import time
-from compressor.studies import sweep
-
-real = sweep.distill_student
-
-def hang_late_runs(cand, loaded, cfg, *args, **kwargs):
-    if cfg.distill.beta >= 3e3:
-        time.sleep(3600)
-    return real(cand, loaded, cfg, *args, **kwargs)
-
-sweep.distill_student = hang_late_runs
-"""
+# machine is (a kill timed on the first finished run raced the second pair, 0.4 s each here). The run's
+# config is distill_student's third argument.
+HANG_LATE_RUNS = slowed_call_hook("compressor.studies", "sweep", "distill_student", 3600, when="args[2].distill.beta >= 3e3")
 
 
 @pytest.mark.slow
